@@ -1,0 +1,32 @@
+# Two commands: `make train` and `make test`. Both create .venv (Python 3.11) and install the
+# project with its pinned dependencies when missing or when pyproject.toml changed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: train test test-all patches demo clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) train.py --params params.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+patches: $(STAMP)
+	$(PY) patches/patchtool.py refresh
+
+demo: $(STAMP)
+	$(PY) -m DOSnet.demo
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache
