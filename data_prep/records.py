@@ -100,20 +100,22 @@ class Spectrum:
                 raise RecordError(f"CompleteDos projects on a site not in the structure: {site}")
             for orb, by_spin in orb_dict.items():
                 dens = sum(np.asarray(v, dtype=float) for v in by_spin.values()) * de
-                if isinstance(orb, Orbital) and orb.name in ORBITALS:
-                    weights[:, i, ORBITALS.index(orb.name)] += dens
+                # match by the enum's value (0..8 = layout.ORBITALS order), not its name: pymatgen
+                # renamed dx2 to dx2_y2 in 2026 releases
+                if isinstance(orb, Orbital) and 0 <= orb.value < N_ORBITALS:
+                    weights[:, i, orb.value] += dens
                 elif getattr(orb, "orbital_type", None) == OrbitalType.f or str(orb).startswith("f"):
                     f_weight[i] += dens.sum()
                 elif isinstance(orb, OrbitalType):
                     raise RecordError(
                         "CompleteDos is only l-resolved (s/p/d); m-resolved projections are needed "
                         "for the 9 channels")
-        gap = float(cdos.get_gap())
         efermi = float(cdos.efermi)
         try:
+            gap = float(cdos.get_gap())
             cbm, vbm = cdos.get_cbm_vbm()
-        except Exception:  # pragma: no cover - pymatgen edge cases
-            vbm = efermi
+        except (ValueError, IndexError):  # pymatgen cannot find band edges: treat as a metal
+            gap, vbm = 0.0, efermi
         return cls(energies, weights, cls.reference_from(vbm, efermi, gap), efermi, gap, f_weight)
 
 
