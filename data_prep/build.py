@@ -118,7 +118,7 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         return mid, f"invalid record: {exc}"
     s = record.structure
     try:
-        valences = record.provenance.get("valences")
+        valences = record.provenance.get("bv_valences")  # BVAnalyzer valences stored by the source
         if valences is None or len(valences) != len(s):
             valences = assign_valences(s)
         t = compute_targets(s, cfg.bv_cutoff_ang, valences=valences)

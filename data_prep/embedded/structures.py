@@ -1,9 +1,56 @@
-"""Structures of the embedded dataset (collected from packages the project already installs)."""
+"""Structures of the embedded dataset (collected from packages the project already installs).
+
+Sources, in order of preference when two of them hold the same structure:
+
+1. ``mineral``: emmet-core's robocrys mineral database (``condense/mineral_db.json.gz``);
+2. ``prototype``: pymatgen's AFLOW prototype library (``pymatgen.analysis.prototypes``);
+3. ``pymatgen-example``: the example structures pymatgen ships in ``pymatgen/util/structures``;
+4. ``substituted``: hypothetical, unrelaxed analogues of the kept real structures, made with
+   pymatgen's data-mined ionic substitution probabilities (Hautier et al., Inorg. Chem. 50, 656
+   (2011)), restricted to substitutions that keep every ion's oxidation state (so the result is
+   charge neutral), and rescaled with pymatgen's ``DLSVolumePredictor``.
+
+Every kept structure
+
+- is ordered and has at most ``max_sites`` sites in its primitive standard cell
+  (``SpacegroupAnalyzer``; real structures are stored in that cell, substituted ones keep their
+  parent's);
+- contains only elements GFN1-xTB parametrises (Z <= 86) and no lanthanoid or actinoid (f states
+  are not a channel); substitutions also never introduce H or noble gases;
+- is assigned oxidation states by pymatgen's ``BVAnalyzer`` (its bond valence sums must be
+  computable later); for a substituted structure they must equal the substituted ions' states;
+- has a geometry pymatgen's DLS volume predictor accepts: the volume change it asks for lies in its
+  own guard range [0.5, 1.5] (this drops a few defective source entries, e.g. a GeS2 with an S-S
+  contact of 1.28 A, and substituted cells DLS would have to clamp);
+- duplicates no structure kept before it (``StructureMatcher``, grouped by reduced formula).
+
+Substituted structures are picked deterministically: every parent's substitutions are ranked by
+probability; the parents (order shuffled once with ``seed``) take turns, each contributing its next
+acceptable candidate, until ``n_substituted`` are kept. Ids: ``min-<formula>-<mineral>``,
+``proto-<formula>-<aflow label>``, ``ex-<file stem>``, ``sub-<parent id>-<formula>`` (a numeric
+suffix resolves the rare clash).
+
+Stored structures carry plain elements (no oxidation states); the ``BVAnalyzer`` valences of the
+sites are kept in ``provenance["bv_valences"]``.
+"""
 from __future__ import annotations
 
+import gzip
+import json
+import math
+import os
+import random
+import re
+import warnings
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
 
-from pymatgen.core import Structure
+from pymatgen.core import Element, Species, Structure
+
+from data_prep.records import atomic_write_bytes
 
 
 @dataclass
@@ -15,3 +62,675 @@ class StructureEntry:
     origin: str
     structure: Structure
     provenance: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# constants and small helpers
+# --------------------------------------------------------------------------------------------
+
+#: Highest atomic number GFN1-xTB parametrises.
+MAX_Z = 86
+#: Probability threshold of the substitution model (pymatgen's default for its predictors).
+SUBSTITUTION_THRESHOLD = 1e-3
+#: pymatgen's guard range for a DLS volume change (its ``DLSVolumePredictor`` defaults).
+DLS_MIN_SCALE, DLS_MAX_SCALE = 0.5, 1.5
+#: Order of preference of the real sources when deduplicating.
+REAL_ORIGINS = ("mineral", "prototype", "pymatgen-example")
+HALOGENS = frozenset({"F", "Cl", "Br", "I"})
+CHALCOGENS = frozenset({"S", "Se", "Te"})
+STRUCTURES_JSON_FORMAT_VERSION = 1
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def is_safe_id(material_id: str) -> bool:
+    """True when ``material_id`` can be used as a file name on every common file system."""
+    return bool(_SAFE_ID.match(material_id)) and len(material_id) <= 200
+
+
+def _slug(text: str) -> str:
+    """File-name safe form of a name or formula (letters, digits and single dashes)."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-")
+
+
+def element_allowed(el: Element) -> bool:
+    """An element the embedded set may contain: Z <= 86 (GFN1-xTB), no lanthanoid or actinoid."""
+    return el.Z <= MAX_Z and not el.is_lanthanoid and not el.is_actinoid
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:  # pragma: no cover - both packages are installed
+        return "unknown"
+
+
+def _plain(structure: Structure) -> Structure:
+    """Copy with plain elements: no oxidation states, no site properties."""
+    return Structure(structure.lattice, [site.specie.symbol for site in structure],
+                     structure.frac_coords, coords_are_cartesian=False)
+
+
+def _bv_valences(structure: Structure) -> list[int] | None:
+    """``BVAnalyzer`` valences per site, or None when it cannot assign them."""
+    from pymatgen.analysis.bond_valence import BVAnalyzer
+
+    try:
+        return [int(round(v)) for v in BVAnalyzer().get_valences(structure)]
+    except Exception:  # BVAnalyzer raises ValueError, but also other errors on odd cells
+        return None
+
+
+def _decorated(structure: Structure, valences: list[int]) -> Structure:
+    s = structure.copy()
+    s.add_oxidation_state_by_site(valences)
+    return s
+
+
+def _check_basic(structure: Structure, max_sites: int):
+    """(primitive structure, spacegroup info) or (None, reason)."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    if not structure.is_ordered:
+        return None, "disordered"
+    bad = sorted({el.symbol for el in structure.composition.elements if not element_allowed(el)})
+    if bad:
+        return None, "element not allowed (Z > 86 or f-block): " + ",".join(bad)
+    try:
+        sga = SpacegroupAnalyzer(_plain(structure))
+        prim = _plain(sga.get_primitive_standard_structure())
+        info = {"spacegroup": sga.get_space_group_symbol(), "spacegroup_number": int(sga.get_space_group_number())}
+    except Exception as exc:
+        return None, f"symmetry analysis failed: {type(exc).__name__}"
+    if len(prim) > max_sites:
+        return None, f"more than {max_sites} sites in the primitive cell"
+    return (prim, info), None
+
+
+# --------------------------------------------------------------------------------------------
+# raw sources
+# --------------------------------------------------------------------------------------------
+
+def _package_dir(module: str) -> Path:
+    """Folder of an installed (sub)package, found without importing it."""
+    from importlib.util import find_spec
+
+    spec = find_spec(module)
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover - installed packages
+        raise FileNotFoundError(f"package {module} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _mineral_db_path() -> Path:
+    # located from emmet.core: importing the robocrys package itself takes several seconds
+    path = _package_dir("emmet.core") / "featurization" / "robocrys" / "condense" / "mineral_db.json.gz"
+    if not path.is_file():  # pragma: no cover - depends on the installed emmet-core
+        raise FileNotFoundError(f"emmet-core's robocrys mineral database not found at {path}")
+    return path
+
+
+def _load_json(path: Path):
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _structure_from(d: dict) -> Structure:
+    """A ``Structure`` from a serialised Structure, StructureNL or TransformedStructure dict (all
+    three keep the (final) structure's lattice and sites at the top level)."""
+    return Structure.from_dict({"lattice": d["lattice"], "sites": d["sites"], "charge": None})
+
+
+def _raw_minerals():
+    """(mineral name, aflow label, structure, provenance) of every entry of the robocrys mineral
+    database (a pandas table in "split" orientation; read as plain JSON, without pandas)."""
+    path = _mineral_db_path()
+    table = _load_json(path)
+    cols = table["columns"]
+    version = _package_version("emmet-core")
+    out = []
+    for i, (label, row) in enumerate(zip(table["index"], table["data"])):
+        rec = dict(zip(cols, row))
+        mineral = str(rec.get("mineral") or "")
+        prov = {"source": "emmet-core robocrys mineral database", "package": "emmet-core",
+                "package_version": version, "file": "emmet/core/featurization/robocrys/condense/mineral_db.json.gz",
+                "row": i, "aflow_label": str(label), "mineral": mineral,
+                "pearson": str(rec.get("pearson") or ""), "strukturbericht": str(rec.get("strukturbericht") or "")}
+        out.append((mineral, str(label), _structure_from(rec["structure"]), prov))
+    return out
+
+
+def _raw_prototypes():
+    """(mineral name, aflow label, structure, provenance) of every AFLOW prototype pymatgen ships.
+
+    Read as plain JSON: importing ``pymatgen.analysis.prototypes`` would build 288 StructureNL
+    objects and parse their BibTeX (about 5 s).
+    """
+    path = _package_dir("pymatgen.analysis.prototypes") / "aflow_prototypes.json.gz"
+    version = _package_version("pymatgen")
+    out = []
+    for i, entry in enumerate(_load_json(path)):
+        tags = entry.get("tags") or {}
+        prov = {"source": "pymatgen AFLOW prototype library (Mehl et al., Comput. Mater. Sci. 136, S1 (2017))",
+                "package": "pymatgen", "package_version": version,
+                "file": "pymatgen/analysis/prototypes/aflow_prototypes.json.gz", "row": i,
+                "aflow_label": str(tags.get("aflow") or ""), "mineral": str(tags.get("mineral") or ""),
+                "pearson": str(tags.get("pearson") or ""), "strukturbericht": str(tags.get("strukturbericht") or "")}
+        out.append((prov["mineral"], prov["aflow_label"], _structure_from(entry["snl"]), prov))
+    return out
+
+
+def _raw_examples():
+    """(file stem, structure, provenance) of the example structures in ``pymatgen/util/structures``
+    (Structure or TransformedStructure JSON files; the final structure is used)."""
+    folder = _package_dir("pymatgen.util") / "structures"
+    version = _package_version("pymatgen")
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            d = _load_json(path)
+            structure = _structure_from(d)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        prov = {"source": "pymatgen example structures", "package": "pymatgen", "package_version": version,
+                "file": f"pymatgen/util/structures/{path.name}"}
+        for h in d.get("history") or []:
+            if isinstance(h, dict) and h.get("materialsid"):
+                prov["materials_project_id"] = str(h["materialsid"])
+        out.append((path.stem, structure, prov))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# deduplication
+# --------------------------------------------------------------------------------------------
+
+class _Deduplicator:
+    """Structures kept so far, grouped by reduced formula, compared with ``StructureMatcher``."""
+
+    def __init__(self):
+        from pymatgen.analysis.structure_matcher import StructureMatcher
+
+        self.matcher = StructureMatcher()  # default tolerances; primitive cells, volumes scaled
+        self.groups: dict[str, list[tuple[str, Structure]]] = defaultdict(list)
+
+    def find(self, structure: Structure) -> str | None:
+        """Id of a kept structure that ``structure`` duplicates, else None."""
+        for kept_id, kept in self.groups.get(structure.composition.reduced_formula, ()):
+            if self.matcher.fit(structure, kept):
+                return kept_id
+        return None
+
+    def add(self, material_id: str, structure: Structure) -> None:
+        self.groups[structure.composition.reduced_formula].append((material_id, structure))
+
+
+class _IdMaker:
+    def __init__(self):
+        self.used: set[str] = set()
+
+    def make(self, *candidates: str) -> str:
+        """The first candidate not yet used, else the last one with a numeric suffix."""
+        for cand in candidates:
+            if cand not in self.used:
+                self.used.add(cand)
+                return cand
+        k = 2
+        while f"{candidates[-1]}-{k}" in self.used:
+            k += 1
+        mid = f"{candidates[-1]}-{k}"
+        self.used.add(mid)
+        return mid
+
+
+# --------------------------------------------------------------------------------------------
+# real structures
+# --------------------------------------------------------------------------------------------
+
+def _real_candidates():
+    """All raw real structures in order of preference: (origin, id candidates, structure, prov)."""
+    out = []
+    for mineral, label, s, prov in _raw_minerals():
+        f = _slug(s.composition.reduced_formula)
+        m = _slug(mineral).lower()
+        cands = [f"min-{f}-{m}" if m else f"min-{f}-{_slug(label)}", f"min-{f}-{m}-{_slug(label)}".replace("--", "-")]
+        out.append(("mineral", cands, s, prov))
+    for mineral, label, s, prov in _raw_prototypes():
+        f = _slug(s.composition.reduced_formula)
+        out.append(("prototype", [f"proto-{f}-{_slug(label)}"], s, prov))
+    for stem, s, prov in _raw_examples():
+        out.append(("pymatgen-example", [f"ex-{_slug(stem)}"], s, prov))
+    return out
+
+
+class _Collection:
+    """Entries kept so far, with the deduplicator, the ids in use and counts of skipped candidates."""
+
+    def __init__(self):
+        self.dedup = _Deduplicator()
+        self.ids = _IdMaker()
+        self.entries: dict[str, StructureEntry] = {}
+        self.skipped: Counter = Counter()
+        self.raw: Counter = Counter()
+        self.n_parents = 0
+        self.n_tried = 0
+
+    def keep(self, entry: StructureEntry) -> None:
+        self.dedup.add(entry.material_id, entry.structure)
+        self.entries[entry.material_id] = entry
+
+
+def _collect_real(col: _Collection, max_sites: int, progress: bool) -> list[StructureEntry]:
+    """Real structures of the three sources, filtered and deduplicated, in order of preference."""
+    from tqdm.auto import tqdm
+
+    kept: list[StructureEntry] = []
+    candidates = _real_candidates()
+    col.raw.update(c[0] for c in candidates)
+    for origin, id_cands, raw, prov in tqdm(candidates, desc="real structures", disable=not progress):
+        checked, reason = _check_basic(raw, max_sites)
+        if checked is None:
+            col.skipped[f"{origin}: {reason}"] += 1
+            continue
+        prim, info = checked
+        valences = _bv_valences(prim)
+        if valences is None:
+            col.skipped[f"{origin}: BVAnalyzer cannot assign"] += 1
+            continue
+        scale = dls_volume_scale(prim)
+        if scale is not None and not DLS_MIN_SCALE <= scale <= DLS_MAX_SCALE:
+            col.skipped[f"{origin}: geometry far from data-mined bond lengths (DLS volume change "
+                        f"outside [{DLS_MIN_SCALE}, {DLS_MAX_SCALE}])"] += 1
+            continue
+        dup = col.dedup.find(prim)
+        if dup is not None:
+            col.skipped[f"{origin}: duplicate structure"] += 1
+            # the kept entry records where else the structure was found
+            col.entries[dup].provenance.setdefault("also_in", []).append(
+                {k: prov[k] for k in ("package", "file", "row", "aflow_label", "mineral") if k in prov})
+            continue
+        mid = col.ids.make(*id_cands)
+        p = dict(prov)
+        p.update(info)
+        p.update({"n_sites_original": len(raw), "n_sites": len(prim), "cell": "primitive standard (SpacegroupAnalyzer)",
+                  "bv_valences": valences, "hypothetical": False,
+                  "dls_volume_scale": None if scale is None else round(scale, 5)})
+        entry = StructureEntry(mid, prim.composition.reduced_formula, origin, prim, p)
+        col.keep(entry)
+        kept.append(entry)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# substitutions
+# --------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _probability_model():
+    from pymatgen.analysis.structure_prediction.substitution_probability import SubstitutionProbability
+
+    return SubstitutionProbability()
+
+
+def _target_allowed(sp: Species) -> bool:
+    el = sp.element
+    return element_allowed(el) and not el.is_noble_gas and el.symbol != "H"
+
+
+@lru_cache(maxsize=None)
+def _px(species: Species) -> float:
+    """The model's normalisation ``px`` of a species, summed exactly (``math.fsum``).
+
+    pymatgen accumulates it over a ``set`` of species, whose order changes with the interpreter's
+    hash seed, so its last bits (and hence near-tied rankings) would differ between runs.
+    """
+    model = _probability_model()
+    return math.fsum(math.exp(model.get_lambda(species, t)) for t in model.species)
+
+
+def cond_prob(new: Species, old: Species) -> float:
+    """pymatgen's ``SubstitutionProbability.cond_prob(new, old)``: probability that ``new``
+    takes the place of ``old``, computed order-independently (see ``_px``)."""
+    return math.exp(_probability_model().get_lambda(new, old)) / _px(old)
+
+
+@lru_cache(maxsize=None)
+def _same_oxi_options(species: Species) -> tuple[tuple[Species, float], ...]:
+    """Species the model may put on ``species``' sites with the same oxidation state, with the
+    conditional probability ``p(new | old)``; highest first (ties by name). Includes ``species``."""
+    model = _probability_model()
+    opts = []
+    for new in model.species:
+        if new.oxi_state != species.oxi_state:
+            continue
+        if new != species and not _target_allowed(new):
+            continue
+        opts.append((new, cond_prob(new, species)))
+    opts.sort(key=lambda t: (-t[1], str(t[0])))
+    return tuple(opts)
+
+
+def same_oxidation_state_substitutions(species: list[Species], threshold: float = SUBSTITUTION_THRESHOLD) -> list[dict]:
+    """Data-mined substitutions of ``species`` that keep every oxidation state.
+
+    The probability of a substitution is pymatgen's (``Substitutor.pred_from_list``): the product
+    over the species of ``SubstitutionProbability.cond_prob(new, old)``; all substitutions above
+    ``threshold`` whose new species have the old species' oxidation states, map distinct species to
+    distinct species and change at least one species. Returned highest probability first, each as
+    ``{"substitutions": {old: new}, "probability": p}``. Such a substitution is charge neutral
+    whenever the parent is. A species the model does not know is never replaced and contributes a
+    factor 1 (its own substitution statistics are unknown).
+    """
+    model = _probability_model()
+    species = sorted(species, key=str)
+    # a species the model does not know (e.g. C4-, As3-, Te2-) stays in place with factor 1
+    options = [_same_oxi_options(sp) if sp in model.species else ((sp, 1.0),) for sp in species]
+    best = [opts[0][1] if opts else 0.0 for opts in options]
+    # best possible product of the species after position i
+    tail = [1.0] * (len(species) + 1)
+    for i in range(len(species) - 1, -1, -1):
+        tail[i] = tail[i + 1] * best[i]
+    out: list[dict] = []
+
+    def _recurse(i: int, prob: float, chosen: list[Species]):
+        if i == len(species):
+            if any(new != old for new, old in zip(chosen, species)) and len(set(chosen)) == len(chosen):
+                out.append({"substitutions": dict(zip(species, chosen)), "probability": prob})
+            return
+        for new, p in options[i]:
+            if prob * p * tail[i + 1] <= threshold:
+                break  # options are sorted: the rest are smaller
+            _recurse(i + 1, prob * p, [*chosen, new])
+
+    _recurse(0, 1.0, [])
+    out.sort(key=lambda d: (-d["probability"], _subs_key(d["substitutions"])))
+    return out
+
+
+def _subs_key(subs: dict) -> str:
+    return ",".join(f"{k}>{v}" for k, v in sorted(subs.items(), key=lambda kv: str(kv[0])) if k != v)
+
+
+def dls_volume_scale(structure: Structure) -> float | None:
+    """Volume change pymatgen's ``DLSVolumePredictor`` asks for (unguarded), or None if it raises.
+
+    DLS scales a cell until its shortest bond, relative to the data-mined bond length of the pair,
+    has the data-mined length; a change far from 1 means some contact is far from any data-mined
+    bond length.
+    """
+    from pymatgen.analysis.structure_prediction.volume_predictor import DLSVolumePredictor
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(DLSVolumePredictor(min_scaling=None, max_scaling=None).predict(structure)) / structure.volume
+    except Exception:
+        return None
+
+
+def _substituted_structure(parent_dec: Structure, subs: dict):
+    """Substituted structure of a decorated parent, rescaled with pymatgen's DLS volume predictor.
+
+    Returns ``(plain structure or None, volume info, total charge)``. DLS scales the cell so that
+    the shortest bond relative to its data-mined length becomes 1; pymatgen guards its prediction
+    to a volume change within [``DLS_MIN_SCALE``, ``DLS_MAX_SCALE``]. A candidate whose raw
+    prediction falls outside that range is rejected (``None``): clamping would leave bonds far from
+    their data-mined lengths (such cells have a global instability index about twice that of the
+    others). When DLS raises, the parent's volume is kept and the provenance says so.
+    """
+    from pymatgen.analysis.structure_prediction.volume_predictor import DLSVolumePredictor
+
+    mapping = {old: new for old, new in subs.items() if old != new}
+    s = parent_dec.copy()
+    s.replace_species(mapping)
+    charge = float(sum(site.specie.oxi_state for site in s))
+    vol0 = float(s.volume)
+    info = {"volume_parent_A3": round(vol0, 4)}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            vol = float(DLSVolumePredictor(min_scaling=None, max_scaling=None).predict(s))
+    except Exception as exc:
+        info.update({"volume_rescaling": f"none: DLSVolumePredictor failed ({type(exc).__name__}: {exc}); "
+                                         "parent volume kept",
+                     "volume_A3": round(vol0, 4), "volume_scale": 1.0})
+        return _plain(s), info, charge
+    scale = vol / vol0
+    info.update({"volume_rescaling": "DLSVolumePredictor", "volume_A3": round(vol, 4),
+                 "volume_scale": round(scale, 5)})
+    if not DLS_MIN_SCALE <= scale <= DLS_MAX_SCALE:
+        return None, info, charge
+    s.scale_lattice(vol)
+    return _plain(s), info, charge
+
+
+def _collect_substituted(col: _Collection, real: list[StructureEntry], n_substituted: int, seed: int,
+                         progress: bool) -> list[StructureEntry]:
+    """Substituted analogues of ``real``, at most ``n_substituted``, spread over the parents.
+
+    Every parent gets its list of same-oxidation-state substitutions, most probable first. The
+    parents are visited round-robin (their order shuffled once with ``seed``); in each round a
+    parent contributes its next candidate that BVAnalyzer assigns, that is charge neutral and that
+    duplicates no structure kept so far.
+    """
+    from tqdm.auto import tqdm
+
+    skipped = Counter()
+    pmg_version = _package_version("pymatgen")
+
+    parents = []
+    for e in sorted(real, key=lambda e: e.material_id):
+        valences = e.provenance.get("bv_valences") or _bv_valences(e.structure)
+        if valences is None:
+            continue
+        dec = _decorated(e.structure, valences)
+        preds = same_oxidation_state_substitutions(list(dec.composition.elements))
+        if preds:
+            parents.append((e, dec, preds))
+    random.Random(seed).shuffle(parents)
+
+    kept: list[StructureEntry] = []
+    cursor = [0] * len(parents)
+    bar = tqdm(total=n_substituted, desc="substituted structures", disable=not progress)
+    active = True
+    while len(kept) < n_substituted and active:
+        active = False
+        for k, (parent, dec, preds) in enumerate(parents):
+            if len(kept) >= n_substituted:
+                break
+            while cursor[k] < len(preds):
+                pred = preds[cursor[k]]
+                cursor[k] += 1
+                active = True
+                subs = pred["substitutions"]
+                struct, vinfo, charge = _substituted_structure(dec, subs)
+                if abs(charge) > 1e-8:  # cannot happen for same-oxidation-state substitutions
+                    skipped["not charge neutral"] += 1
+                    continue
+                if struct is None:
+                    skipped["DLS volume change outside its guard range"] += 1
+                    continue
+                formula = struct.composition.reduced_formula
+                valences = _bv_valences(struct)
+                if valences is None:
+                    skipped["BVAnalyzer cannot assign"] += 1
+                    continue
+                intended = [int(round(sp.oxi_state)) for sp in _decorated_sub(dec, subs)]
+                if valences != intended:
+                    skipped["BVAnalyzer valences differ from the substituted oxidation states"] += 1
+                    continue
+                if col.dedup.find(struct) is not None:
+                    skipped["duplicate structure"] += 1
+                    continue
+                mid = col.ids.make(f"sub-{parent.material_id}-{_slug(formula)}")
+                prov = {"source": "data-mined ionic substitution (pymatgen SubstitutionProbability, "
+                                  "Hautier et al., Inorg. Chem. 50, 656 (2011))",
+                        "package": "pymatgen", "package_version": pmg_version,
+                        "parent_id": parent.material_id, "parent_origin": parent.origin,
+                        "parent_formula": parent.formula,
+                        "substitution": {str(o): str(n) for o, n in sorted(subs.items(), key=lambda kv: str(kv[0]))
+                                         if o != n},
+                        "probability": float(pred["probability"]),
+                        "rank_in_parent": cursor[k], "threshold": SUBSTITUTION_THRESHOLD,
+                        "same_oxidation_states": True, "charge": charge,
+                        "species_outside_model": sorted(str(sp) for sp in dec.composition.elements
+                                                        if sp not in _probability_model().species),
+                        **vinfo, "n_sites": len(struct), "bv_valences": valences,
+                        "hypothetical": True, "relaxed": False, "note": "hypothetical, unrelaxed"}
+                entry = StructureEntry(mid, formula, "substituted", struct, prov)
+                col.keep(entry)
+                kept.append(entry)
+                bar.update(1)
+                break
+    bar.close()
+    col.skipped.update({f"substituted: {k}": v for k, v in skipped.items()})
+    col.n_parents, col.n_tried = len(parents), int(sum(cursor))
+    return kept
+
+
+def _decorated_sub(parent_dec: Structure, subs: dict) -> list[Species]:
+    return [subs.get(site.specie, site.specie) for site in parent_dec]
+
+
+# --------------------------------------------------------------------------------------------
+# public entry points
+# --------------------------------------------------------------------------------------------
+
+def collect_structures(n_substituted: int = 1000, max_sites: int = 40, seed: int = 88, progress: bool = True,
+                       stats: dict | None = None) -> list[StructureEntry]:
+    """All structures of the embedded dataset, sorted by material id (deterministic).
+
+    Real structures (mineral, prototype, pymatgen-example) come first in that order of preference,
+    then up to ``n_substituted`` substituted analogues of them (see ``_collect_substituted``;
+    ``seed`` fixes the order in which their parents take turns). ``stats``, when given, is filled
+    with the number of raw structures per source, the skipped candidates by reason, the number of
+    substitution parents and of substitution candidates tried.
+    """
+    col = _Collection()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        real = _collect_real(col, max_sites, progress)
+        subst = _collect_substituted(col, real, n_substituted, seed, progress) if n_substituted > 0 else []
+    if stats is not None:
+        stats["raw"] = dict(col.raw)
+        stats["kept"] = dict(Counter(e.origin for e in real + subst))
+        stats["skipped"] = dict(sorted(col.skipped.items()))
+        stats["substitution_parents"] = col.n_parents
+        stats["substitution_candidates_tried"] = col.n_tried
+    return sorted(real + subst, key=lambda e: e.material_id)
+
+
+def _entry_valences(e: StructureEntry) -> list[int] | None:
+    v = e.provenance.get("bv_valences")
+    if v is not None and len(v) == len(e.structure):
+        return list(v)
+    return _bv_valences(e.structure)
+
+
+def summary(entries: list[StructureEntry]) -> dict:
+    """Counts per origin, distinct cation elements and chemical families (oxide, halide, chalcogenide).
+
+    Families follow the anions ``BVAnalyzer`` assigns (negative valence): a material with O2- and
+    F- counts as an oxide and a halide.
+    """
+    by_origin = Counter(e.origin for e in entries)
+    cations: set[str] = set()
+    anions: set[str] = set()
+    families = Counter()
+    for e in entries:
+        val = _entry_valences(e)
+        if val is None:
+            families["unassigned"] += 1
+            continue
+        neg = {site.specie.symbol for site, v in zip(e.structure, val) if v < 0}
+        cations.update(site.specie.symbol for site, v in zip(e.structure, val) if v > 0)
+        anions.update(neg)
+        families["oxide"] += "O" in neg
+        families["halide"] += bool(neg & HALOGENS)
+        families["chalcogenide"] += bool(neg & CHALCOGENS)
+        families["other"] += not (("O" in neg) or (neg & HALOGENS) or (neg & CHALCOGENS))
+    return {
+        "n_materials": len(entries),
+        "by_origin": dict(sorted(by_origin.items())),
+        "n_real": sum(v for k, v in by_origin.items() if k != "substituted"),
+        "n_distinct_formulas": len({e.formula for e in entries}),
+        "n_sites_total": int(sum(len(e.structure) for e in entries)),
+        "n_cation_elements": len(cations),
+        "cation_elements": sorted(cations, key=lambda s: Element(s).Z),
+        "anion_elements": sorted(anions, key=lambda s: Element(s).Z),
+        "oxides": int(families["oxide"]),
+        "halides": int(families["halide"]),
+        "chalcogenides": int(families["chalcogenide"]),
+        "other_anions": int(families["other"]),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# serialisation
+# --------------------------------------------------------------------------------------------
+
+def _json_default(obj):
+    import numpy as np
+
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_structures_json(entries: list[StructureEntry], path: str | os.PathLike) -> Path:
+    """Write entries as gzipped JSON, atomically (temporary file, then ``os.replace``).
+
+    The gzip header carries no time stamp, so the same entries give the same bytes.
+    """
+    ids = [e.material_id for e in entries]
+    dup = sorted(k for k, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise ValueError(f"duplicate material ids: {dup[:5]}")
+    doc = {"format_version": STRUCTURES_JSON_FORMAT_VERSION,
+           "entries": [{"material_id": e.material_id, "formula": e.formula, "origin": e.origin,
+                        "structure": e.structure.as_dict(), "provenance": e.provenance} for e in entries]}
+    raw = json.dumps(doc, default=_json_default, separators=(",", ":")).encode()
+    return atomic_write_bytes(path, gzip.compress(raw, compresslevel=9, mtime=0))
+
+
+def read_structures_json(path: str | os.PathLike) -> list[StructureEntry]:
+    """Entries written by ``write_structures_json``, in the stored order."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as fh:
+            doc = json.loads(fh.read().decode())
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"cannot read structures file {path}: {exc}") from exc
+    if not isinstance(doc, dict) or "entries" not in doc:
+        raise ValueError(f"{path}: not a structures file (no 'entries')")
+    return [StructureEntry(d["material_id"], d["formula"], d["origin"], Structure.from_dict(d["structure"]),
+                           d.get("provenance", {})) for d in doc["entries"]]
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin command line wrapper
+    import argparse
+    import time
+
+    ap = argparse.ArgumentParser(description="Collect the structures of the embedded dataset.")
+    ap.add_argument("--out", default=None, help="write the entries as gzipped JSON here")
+    ap.add_argument("--n-substituted", type=int, default=1000)
+    ap.add_argument("--max-sites", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=88)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    stats: dict = {}
+    entries = collect_structures(args.n_substituted, args.max_sites, args.seed, progress=True, stats=stats)
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"summary": summary(entries), "stats": stats, "seconds": round(elapsed, 1)}, indent=1,
+                     default=str))
+    if args.out:
+        write_structures_json(entries, args.out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
