@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all patches demo clean
+.PHONY: train test test-all patches demo clean data
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,7 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $(STAMP)
 
-train: $(STAMP)
+DATA := data/embedded.h5
+
+$(DATA): | $(STAMP)
+	$(PY) -m data_prep build --source embedded --out $(DATA)
+
+data: $(DATA)
+
+train: $(STAMP) $(DATA)
 	$(PY) train.py --params params.json
 
 test: $(STAMP)

@@ -2,18 +2,27 @@
 on TensorFlow / Keras 3.
 
 Shapes: L = grid length (2000 points by default), C = channels per atom (9 orbitals: s, py, pz,
-px, dxy, dyz, dz2, dxz, dx2), N = batch size.
+px, dxy, dyz, dz2, dxz, dx2), A = atoms per sample (3 by default), N = batch size.
 
 - ``dos_featurizer``: one atom's DOS (N, L, C) -> learned features (N, 4, 150) at L = 2000.
-- ``create_model``: three atoms (site + 2 neighbours, in the adsorption work: the surface atoms
+- ``create_model``: A atoms (site + neighbours; in the adsorption work: the surface atoms
   bound to the adsorbate) through ONE shared featurizer -> dense head -> one energy (eV).
 - ``create_model_combined``: as above plus the gas-phase adsorbate DOS through a separate
   featurizer of the same architecture.
 - ``decay_schedule``: the step learning-rate schedule used for training.
+- ``build_model``: the network with every size taken from params: A = 1 + ``n_neighbours``,
+  C = ``channels``, L = ``length``; the structure vector (F features per sample) joins the DOS
+  as chosen by ``fusion``: ``none``, ``late``, ``early`` or ``structure_only``; one output per
+  bond-valence target (``bvs_vu``, ``bvs_deviation_vu``, ``valence``).
+- ``compile_model``: Adam and one log-cosh loss per target, weighted by ``loss_weights``.
+- ``learning_rate``: the learning rate of an epoch under ``lr_schedule`` (upstream's step decay
+  by default).
 
 This module imports nothing from the rest of the project so it can be read beside the paper.
 """
 from __future__ import annotations
+
+import math
 
 import keras
 from keras import layers
@@ -43,31 +52,37 @@ def dos_featurizer(channels: int = 9, length: int = 2000, name: str = "dos_featu
     return keras.Model(inp, x, name=name)
 
 
-def _head(features, dropout: float = 0.2):
-    """Flatten -> Dropout -> Dense(200, linear) -> Dense(1000, relu) x2 -> Dense(1, linear)."""
+def _head(features, dropout: float = 0.2, targets=None):
+    """Flatten -> Dropout -> Dense(200, linear) -> Dense(1000, relu) x2 -> Dense(1, linear).
+
+    With ``targets`` (names): one Dense(1, linear) per target on the shared layers, returned as a
+    dict keyed by target (a multi-task head); without: the single ``energy`` output."""
     x = layers.Flatten(name="flatten")(features)
     x = layers.Dropout(dropout, name="dropout")(x)
     x = layers.Dense(200, activation="linear", name="dense_200")(x)
     x = layers.Dense(1000, activation="relu", name="dense_1000a")(x)
     x = layers.Dense(1000, activation="relu", name="dense_1000b")(x)
-    return layers.Dense(1, activation="linear", name="energy")(x)
+    if targets is None:
+        return layers.Dense(1, activation="linear", name="energy")(x)
+    return {t: layers.Dense(1, activation="linear", name=t)(x) for t in targets}
 
 
-def create_model(shared_conv: keras.Model, channels: int = 9, length: int = 2000) -> keras.Model:
-    """Three atoms' DOS, each (N, length, channels), through the SAME featurizer -> (N, 1).
+def create_model(shared_conv: keras.Model, channels: int = 9, length: int = 2000, n_atoms: int = 3) -> keras.Model:
+    """``n_atoms`` atoms' DOS, each (N, length, channels), through the SAME featurizer -> (N, 1).
 
-    ``shared_conv`` is one ``dos_featurizer`` instance, so the three atoms share its weights.
+    ``shared_conv`` is one ``dos_featurizer`` instance, so the atoms share its weights.
     """
-    inputs = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos") for i in range(3)]
+    inputs = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos") for i in range(n_atoms)]
     feats = [shared_conv(x) for x in inputs]
     merged = layers.Concatenate(axis=-1, name="atoms")(feats)
     return keras.Model(inputs, _head(merged), name="dosnet")
 
 
-def create_model_combined(shared_conv: keras.Model, channels: int = 9, length: int = 2000) -> keras.Model:
-    """Three surface atoms through the shared featurizer plus the gas-phase adsorbate DOS
+def create_model_combined(shared_conv: keras.Model, channels: int = 9, length: int = 2000,
+                          n_atoms: int = 3) -> keras.Model:
+    """``n_atoms`` surface atoms through the shared featurizer plus the gas-phase adsorbate DOS
     (N, length, channels) through a SEPARATE featurizer of the same architecture -> (N, 1)."""
-    inputs = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos") for i in range(3)]
+    inputs = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos") for i in range(n_atoms)]
     ads_input = keras.Input(shape=(length, channels), name="adsorbate_dos")
     ads_conv = dos_featurizer(channels, length, name="adsorbate_featurizer")
     feats = [shared_conv(x) for x in inputs] + [ads_conv(ads_input)]
@@ -82,3 +97,104 @@ def decay_schedule(epoch: int, lr: float) -> float:
         if epoch >= start:
             return rate
     return 1e-3
+
+
+# --------------------------------------------------------------------------- DOSnet-BV
+def atoms_per_sample(params: dict) -> int:
+    """Atoms per sample A: the centre site and its ``n_neighbours`` nearest neighbours."""
+    return 1 + params["n_neighbours"]
+
+
+FUSIONS = ("none", "late", "early", "structure_only")
+BV_TARGETS = ("bvs_vu", "bvs_deviation_vu", "valence")
+LOSSES = {"log_cosh": keras.losses.LogCosh, "mse": keras.losses.MeanSquaredError,
+          "mae": keras.losses.MeanAbsoluteError}
+
+
+def structure_block(x, units):
+    """The structure vector (N, F) through Dense(u, relu) for each u in ``units`` -> (N, units[-1])."""
+    for i, u in enumerate(units):
+        x = layers.Dense(u, activation="relu", name=f"structure_dense{i + 1}")(x)
+    return x
+
+
+def build_model(params: dict, n_structure: int = 0) -> keras.Model:
+    """The DOSnet-BV network described by ``params``.
+
+    Inputs, by name: ``atom{i}_dos`` (N, L, C) for i = 1..A, the standardised DOS of the centre
+    site and then its neighbours (all but ``structure_only``); ``structure`` (N, F = n_structure),
+    the standardised structure vector (all but ``none``). ``fusion``:
+
+    - ``none``: the unmodified DOSnet body (A atoms, one shared featurizer, dense head);
+    - ``late``: the structure vector through ``structure_block`` (``structure_units``),
+      concatenated with the flattened DOS features before the head;
+    - ``early``: the structure vector projected to k = ``early_channels`` values and repeated
+      along the energy axis as k extra channels of every atom's DOS, so the shared featurizer
+      (C + k input channels) sees it in every convolution window;
+    - ``structure_only``: the structure block and the head alone (the control without DOS).
+
+    Outputs: one (N, 1) regression output per name in ``targets``, keyed by name (``valence``
+    too: predicted oxidation states are rounded to the nearest integer for accuracy).
+    """
+    fusion, channels, length = params["fusion"], params["channels"], params["length"]
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+    unknown = [t for t in params["targets"] if t not in BV_TARGETS]
+    if unknown or not params["targets"]:
+        raise ValueError(f"targets must be some of {BV_TARGETS}, got {params['targets']!r}")
+    atoms = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos")
+             for i in range(atoms_per_sample(params) if fusion != "structure_only" else 0)]
+    structure = keras.Input(shape=(n_structure,), name="structure") if fusion != "none" else None
+    if fusion == "early":
+        k = params["early_channels"]
+        context = layers.Dense(k, name="structure_projection")(structure)
+        context = layers.RepeatVector(length, name="structure_broadcast")(context)  # (N, L, k)
+        views = [layers.Concatenate(axis=-1, name=f"atom{i + 1}_dos_structure")([a, context])
+                 for i, a in enumerate(atoms)]
+        shared = dos_featurizer(channels + k, length)
+    else:
+        views = atoms
+        shared = dos_featurizer(channels, length) if atoms else None
+    if fusion == "structure_only":
+        features = structure_block(structure, params["structure_units"])
+    else:
+        features = layers.Concatenate(axis=-1, name="atoms")([shared(v) for v in views])
+        if fusion == "late":
+            dos_flat = layers.Flatten(name="dos_flatten")(features)
+            features = layers.Concatenate(name="dos_structure")(
+                [dos_flat, structure_block(structure, params["structure_units"])])
+    inputs = atoms + ([structure] if structure is not None else [])
+    outputs = _head(features, params["dropout"], params["targets"])
+    return keras.Model(inputs, outputs, name=f"dosnet_bv_{fusion}")
+
+
+def compile_model(model: keras.Model, params: dict) -> keras.Model:
+    """Adam(``learning_rate``); one ``loss`` per target (log-cosh as upstream) weighted by
+    ``loss_weights`` (1 for a target not listed); MAE reported per target."""
+    weights = params["loss_weights"]
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=params["learning_rate"]),
+                  loss={t: LOSSES[params["loss"]]() for t in params["targets"]},
+                  loss_weights={t: float(weights.get(t, 1.0)) for t in params["targets"]},
+                  metrics={t: ["mae"] for t in params["targets"]})
+    return model
+
+
+LR_SCHEDULES = ("dosnet_step", "constant", "cosine")
+
+
+def learning_rate(epoch: int, params: dict) -> float:
+    """Learning rate for ``epoch`` (0-based) under ``params["lr_schedule"]``, from ``learning_rate``:
+
+    - ``dosnet_step``: upstream's ``decay_schedule`` scaled by ``learning_rate`` / 1e-3 (the same
+      numbers at the default 1e-3);
+    - ``constant``: ``learning_rate`` throughout;
+    - ``cosine``: ``learning_rate`` * (1 + cos(pi * epoch / epochs)) / 2.
+    """
+    lr0, name = params["learning_rate"], params["lr_schedule"]
+    if name == "dosnet_step":
+        return decay_schedule(epoch, lr0) * lr0 / 1e-3
+    if name == "constant":
+        return lr0
+    if name == "cosine":
+        return lr0 * 0.5 * (1.0 + math.cos(math.pi * min(epoch, params["epochs"]) / params["epochs"]))
+    raise ValueError(f"unknown lr_schedule {name!r}; expected one of {LR_SCHEDULES}")
