@@ -1,0 +1,330 @@
+"""Compute the embedded dataset: GFN1-xTB spectra of many structures, resumable, time-limited.
+
+``compute_embedded(entries, out_dir)`` runs :func:`data_prep.embedded.xtb.run_xtb` on every
+entry in a pool of worker processes (``spawn`` context, one BLAS/OpenMP thread each: the
+variables are set in the environment the workers start with, so they hold before numpy or tblite
+load). Each worker is a long-lived process fed one task at a time through a pipe; the parent
+keeps the clock, and a task that runs past ``time_limit_s`` gets its worker killed (tblite
+cannot be interrupted from inside) and replaced, and the material is recorded as failed with
+reason ``timeout``. A worker that dies (segfault, out of memory) is replaced the same way.
+
+Cache and resume: a finished material is written by its worker as ``out_dir/<material_id>.npz``
+(``MaterialRecord.save(weight_dtype=np.float16)``: temporary file + rename, so a killed or
+interrupted run never leaves a half-written record). Materials with a record are skipped;
+failures go to ``out_dir/failures.json`` (rewritten atomically after each one) and are not
+retried unless ``retry_failed=True``. Ctrl-C stops the workers and re-raises
+``KeyboardInterrupt``; everything finished is already on disk.
+
+Order: cheapest first (estimated cost = (AOs of the supercell)³, the scaling of the SCF's
+diagonalisations). An interrupted or time-boxed run then has finished as many materials as
+possible, the quick ones surface setup problems early, and the expensive tail (which a time
+limit bounds) comes last. The progress bar counts estimated cost, not materials, so its rate
+and ETA stay honest despite the ordering; the postfix shows materials done and failed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+import time
+import traceback
+from collections import Counter
+from contextlib import contextmanager
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.embedded.structures import StructureEntry
+from data_prep.embedded.xtb import (DEFAULT_ETEMP_K, MAX_SUPERCELL_AO, MAX_SUPERCELL_ATOMS, METHOD,
+                                    MIN_LENGTH_ANG, single_thread_env)
+from data_prep.records import MaterialRecord, atomic_write_bytes
+
+FAILURES_FILE = "failures.json"
+
+
+# --------------------------------------------------------------------------------------------
+# one material (runs in a worker)
+def make_record(entry: StructureEntry, min_length_ang: float = MIN_LENGTH_ANG,
+                etemp_k: float = DEFAULT_ETEMP_K, max_atoms: int | None = MAX_SUPERCELL_ATOMS,
+                max_ao: int | None = MAX_SUPERCELL_AO, compact_kwargs: dict | None = None) -> MaterialRecord:
+    """GFN1-xTB record of one entry, compacted (see ``xtb.compact``), with provenance."""
+    from data_prep.embedded.xtb import compact, run_xtb
+
+    result = run_xtb(entry.structure, min_length_ang, etemp_k, max_atoms, max_ao)
+    spectrum, summary = compact(result.spectrum, **(compact_kwargs or {}))
+    provenance = dict(entry.provenance or {})
+    provenance["calculation"] = result.info
+    provenance["compaction"] = summary
+    record = MaterialRecord(material_id=entry.material_id, formula=entry.formula, origin=entry.origin,
+                            method=METHOD, structure=entry.structure, spectrum=spectrum, provenance=provenance)
+    record.validate()
+    return record
+
+
+def _worker_main(conn, settings: dict) -> None:
+    """Worker loop: receive (entry, path), write the record, answer ('ok'|'fail', id, info)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    from data_prep.embedded.xtb import XTBError  # loads tblite, with the one-thread environment
+    from data_prep.records import RecordError
+
+    conn.send(("ready", None, None))
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        entry, path = task
+        t0 = time.perf_counter()
+        try:
+            record = make_record(entry, settings["min_length_ang"], settings["etemp_k"], settings["max_atoms"],
+                                 settings["max_ao"], settings.get("compact_kwargs"))
+            record.provenance["calculation"]["seconds_total"] = round(time.perf_counter() - t0, 3)
+            record.save(path, weight_dtype=np.float16)
+            info = {"seconds": round(time.perf_counter() - t0, 3), "bytes": os.path.getsize(path),
+                    "supercell_atoms": record.provenance["calculation"]["supercell_atoms"]}
+            conn.send(("ok", entry.material_id, info))
+        except (XTBError, RecordError) as exc:
+            conn.send(("fail", entry.material_id, {"reason": f"{type(exc).__name__}: {exc}",
+                                                   "seconds": round(time.perf_counter() - t0, 3)}))
+        except Exception as exc:  # anything else is a bug or a bad structure; keep going
+            tb = traceback.format_exc(limit=3).strip().splitlines()[-1]
+            conn.send(("fail", entry.material_id, {"reason": f"{type(exc).__name__}: {exc}", "where": tb,
+                                                   "seconds": round(time.perf_counter() - t0, 3)}))
+
+
+# --------------------------------------------------------------------------------------------
+# process management
+@contextmanager
+def _environment(extra: dict):
+    old = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Worker:
+    def __init__(self, ctx, settings: dict):
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_worker_main, args=(child, settings), daemon=True)
+        with _environment(single_thread_env()):
+            self.proc.start()
+        child.close()
+        self.ready = False
+        self.task: StructureEntry | None = None
+        self.started = 0.0
+
+    def assign(self, entry: StructureEntry, path: Path) -> None:
+        self.conn.send((entry, str(path)))
+        self.task, self.started = entry, time.monotonic()
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc.is_alive():
+            if kill:
+                self.proc.terminate()
+            else:
+                try:
+                    self.conn.send(None)
+                except (OSError, BrokenPipeError):
+                    pass
+            self.proc.join(2.0 if kill else 10.0)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(2.0)
+        self.conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# cache
+def read_failures(out_dir) -> dict:
+    """``failures.json`` of ``out_dir`` as {material_id: {"reason": ..., ...}} (empty if absent)."""
+    path = Path(out_dir) / FAILURES_FILE
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    return dict(data.get("failures", data) if isinstance(data, dict) else {})
+
+
+def _write_failures(out_dir: Path, failures: dict) -> None:
+    body = {"failures": {k: failures[k] for k in sorted(failures)}}
+    atomic_write_bytes(out_dir / FAILURES_FILE, json.dumps(body, indent=1).encode())
+
+
+def estimated_cost(entry: StructureEntry, min_length_ang: float, max_atoms: int | None,
+                   max_ao: int | None = None) -> float:
+    """(AOs of the GFN1-xTB supercell)³, a proxy for the SCF time; inf if it cannot run."""
+    from data_prep.embedded.xtb import XTBError, n_ao_of_element, supercell_multiplicity
+
+    s = entry.structure
+    try:
+        n_ao_cell = sum(n_ao_of_element(int(z)) for z in s.atomic_numbers)
+        n_ao = math.prod(supercell_multiplicity(s.lattice.matrix, len(s), min_length_ang, max_atoms, n_ao_cell,
+                                                max_ao)) * n_ao_cell
+    except (XTBError, ValueError, AttributeError):
+        return math.inf
+    return float(n_ao) ** 3
+
+
+# --------------------------------------------------------------------------------------------
+def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, time_limit_s: float = 600,
+                     progress: bool = True, retry_failed: bool = False, min_length_ang: float = MIN_LENGTH_ANG,
+                     etemp_k: float = DEFAULT_ETEMP_K, max_atoms: int | None = MAX_SUPERCELL_ATOMS,
+                     max_ao: int | None = MAX_SUPERCELL_AO, compact_kwargs: dict | None = None) -> dict:
+    """Compute (or resume computing) GFN1-xTB records for ``entries`` into ``out_dir``.
+
+    Returns a summary: counts (``n_entries``, ``n_cached``, ``n_skipped_failed``,
+    ``n_computed``, ``n_failed``), ``failed`` ({id: reason} of this run), ``seconds``,
+    ``seconds_per_material`` and ``bytes_per_material`` (this run's records).
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp"):  # left by a killed writer; never a record
+        stale.unlink(missing_ok=True)
+    ids = [e.material_id for e in entries]
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise ValueError(f"duplicate material ids: {dup[:10]}")
+    for i in ids:
+        if not i or "/" in i or i.startswith("."):
+            raise ValueError(f"material id {i!r} is not a safe file name")
+
+    failures = read_failures(out_dir)
+    stale_failures = [i for i in ids if i in failures and (out_dir / f"{i}.npz").exists()]
+    if stale_failures:  # a record exists after all (e.g. written just as its clock ran out)
+        for i in stale_failures:
+            failures.pop(i)
+        _write_failures(out_dir, failures)
+    todo, n_cached, n_skip_failed = [], 0, 0
+    for e in entries:
+        if (out_dir / f"{e.material_id}.npz").exists():
+            n_cached += 1
+        elif e.material_id in failures and not retry_failed:
+            n_skip_failed += 1
+        else:
+            todo.append(e)
+    costs = {e.material_id: estimated_cost(e, min_length_ang, max_atoms, max_ao) for e in todo}
+    todo.sort(key=lambda e: (costs[e.material_id], e.material_id))
+    finite = [c for c in costs.values() if math.isfinite(c)]
+    unit = (sum(finite) / len(finite)) if finite else 1.0
+    work = {k: (c / unit if math.isfinite(c) else 1.0) for k, c in costs.items()}  # in "average materials"
+
+    summary = {"out_dir": str(out_dir), "n_entries": len(entries), "n_cached": n_cached,
+               "n_skipped_failed": n_skip_failed, "n_todo": len(todo), "n_computed": 0, "n_failed": 0,
+               "failed": {}, "order": "cheapest first (estimated (supercell AOs)^3)"}
+    timings, sizes = [], []
+    settings = {"min_length_ang": min_length_ang, "etemp_k": etemp_k, "max_atoms": max_atoms, "max_ao": max_ao,
+                "compact_kwargs": compact_kwargs}
+
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=round(sum(work.values()), 3), unit="mat", desc="GFN1-xTB", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} cost-weighted [{elapsed}<{remaining}]{postfix}")
+
+    def finish(mid: str, ok: bool, info: dict) -> None:
+        if ok:
+            summary["n_computed"] += 1
+            timings.append(info.get("seconds", 0.0))
+            sizes.append(info.get("bytes", 0))
+            if mid in failures:
+                failures.pop(mid)
+                _write_failures(out_dir, failures)
+        else:
+            summary["n_failed"] += 1
+            summary["failed"][mid] = info["reason"]
+            failures[mid] = {**info, "method": METHOD, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            _write_failures(out_dir, failures)
+        if bar is not None:
+            bar.update(work[mid])
+            bar.set_postfix(done=summary["n_computed"], failed=summary["n_failed"], refresh=False)
+
+    ctx = mp.get_context("spawn")
+    workers: list[_Worker] = []
+    queue = list(todo)
+    startup_failures = 0
+    try:
+        if queue:
+            workers = [_Worker(ctx, settings) for _ in range(max(1, min(int(n_procs), len(queue))))]
+        while queue or any(w.task is not None for w in workers):
+            for w in workers:
+                if w.ready and w.task is None and queue:
+                    e = queue.pop(0)
+                    w.assign(e, out_dir / f"{e.material_id}.npz")
+            now = time.monotonic()
+            deadlines = [w.started + time_limit_s - now for w in workers if w.task is not None]
+            timeout = max(0.0, min(deadlines)) + 0.01 if deadlines else 1.0
+            handles = [w.conn for w in workers] + [w.proc.sentinel for w in workers]
+            ready = set(wait(handles, timeout=min(timeout, 1.0)))
+            alive: list[_Worker] = []
+            for w in workers:
+                dead = False
+                if w.conn in ready:
+                    try:
+                        kind, mid, info = w.conn.recv()
+                    except (EOFError, OSError):
+                        dead = True
+                    else:
+                        if kind == "ready":
+                            w.ready = True
+                        elif w.task is not None and mid == w.task.material_id:
+                            w.task = None
+                            finish(mid, kind == "ok", info)
+                if not dead and w.proc.sentinel in ready and not w.proc.is_alive():
+                    dead = True
+                if dead:
+                    if w.task is not None:  # died mid-task (crash, out of memory)
+                        mid, w.task = w.task.material_id, None
+                        finish(mid, False, {"reason": f"worker died (exit code {w.proc.exitcode})"})
+                elif w.task is not None and time.monotonic() - w.started > time_limit_s:
+                    mid, elapsed = w.task.material_id, time.monotonic() - w.started
+                    w.task = None
+                    w.stop(kill=True)
+                    path = out_dir / f"{mid}.npz"
+                    if path.exists():  # finished just as the clock ran out
+                        finish(mid, True, {"seconds": round(elapsed, 3), "bytes": path.stat().st_size})
+                    else:
+                        finish(mid, False, {"reason": f"timeout: exceeded the time limit of {time_limit_s:g} s",
+                                            "seconds": round(elapsed, 3)})
+                    dead = True
+                if dead:
+                    if not w.ready:
+                        startup_failures += 1
+                        if startup_failures > 2 * max(1, int(n_procs)):
+                            raise RuntimeError(f"GFN1-xTB workers die while starting (exit code {w.proc.exitcode});"
+                                               " run one entry with data_prep.embedded.compute.make_record to see why")
+                    w.stop(kill=True)
+                    if queue:
+                        alive.append(_Worker(ctx, settings))
+                else:
+                    alive.append(w)
+            workers = alive
+    except KeyboardInterrupt:
+        summary["interrupted"] = True
+        raise
+    finally:
+        for w in workers:
+            w.stop(kill=bool(summary.get("interrupted")) or w.task is not None)
+        if bar is not None:
+            bar.close()
+        summary["seconds"] = round(time.perf_counter() - t_start, 2)
+        summary["seconds_per_material"] = round(float(np.mean(timings)), 3) if timings else None
+        summary["bytes_per_material"] = int(np.mean(sizes)) if sizes else None
+        if summary.get("interrupted"):
+            print(f"interrupted: {summary['n_computed']} new records kept in {out_dir}; rerun to resume",
+                  flush=True)
+    return summary
