@@ -17,8 +17,9 @@ Every kept structure
   parent's);
 - contains only elements GFN1-xTB parametrises (Z <= 86) and no lanthanoid or actinoid (f states
   are not a channel); substitutions also never introduce H or noble gases;
-- is assigned oxidation states by pymatgen's ``BVAnalyzer`` (its bond valence sums must be
-  computable later); for a substituted structure they must equal the substituted ions' states;
+- is assigned oxidation states by pymatgen's ``BVAnalyzer``, and every cation-anion pair has a
+  bond valence parameter in bvparm2020 (so its bond valence sums are computable later); for a
+  substituted structure the valences must equal the substituted ions' states;
 - has a geometry pymatgen's DLS volume predictor accepts: the volume change it asks for lies in its
   own guard range [0.5, 1.5] (this drops a few defective source entries, e.g. a GeS2 with an S-S
   contact of 1.28 A, and substituted cells DLS would have to clamp);
@@ -83,6 +84,10 @@ STRUCTURES_JSON_FORMAT_VERSION = 1
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+#: Largest primitive cell kept; the supercell caps of ``xtb`` bound the cost of large cells.
+MAX_SITES = 64
+
+
 def is_safe_id(material_id: str) -> bool:
     """True when ``material_id`` can be used as a file name on every common file system."""
     return bool(_SAFE_ID.match(material_id)) and len(material_id) <= 200
@@ -119,6 +124,26 @@ def _bv_valences(structure: Structure) -> list[int] | None:
         return [int(round(v)) for v in BVAnalyzer().get_valences(structure)]
     except Exception:  # BVAnalyzer raises ValueError, but also other errors on odd cells
         return None
+
+
+def _missing_bv_parameter(structure: Structure, valences: list[int]) -> str | None:
+    """The first cation-anion pair of the structure with no bond valence parameter, or None.
+
+    Checked on the composition (every cation with every anion), so a material kept here always
+    gets its bond valence sums in ``data_prep build``; a pair that never meets within the cutoff
+    is checked too, which only errs on the side of dropping.
+    """
+    from data_prep.bond_valence import BVParams, MissingBVParameter
+
+    table = BVParams.default()
+    ions = {(site.specie.symbol, int(v)) for site, v in zip(structure, valences)}
+    for cat, vc in sorted(i for i in ions if i[1] > 0):
+        for an, va in sorted(i for i in ions if i[1] < 0):
+            try:
+                table.choose(cat, vc, an, va)
+            except MissingBVParameter:
+                return f"{cat}{vc:+d}-{an}{va:+d}"
+    return None
 
 
 def _decorated(structure: Structure, valences: list[int]) -> Structure:
@@ -336,6 +361,9 @@ def _collect_real(col: _Collection, max_sites: int, progress: bool) -> list[Stru
         valences = _bv_valences(prim)
         if valences is None:
             col.skipped[f"{origin}: BVAnalyzer cannot assign"] += 1
+            continue
+        if _missing_bv_parameter(prim, valences):
+            col.skipped[f"{origin}: no bond valence parameter for a cation-anion pair"] += 1
             continue
         scale = dls_volume_scale(prim)
         if scale is not None and not DLS_MIN_SCALE <= scale <= DLS_MAX_SCALE:
@@ -559,6 +587,9 @@ def _collect_substituted(col: _Collection, real: list[StructureEntry], n_substit
                 if valences != intended:
                     skipped["BVAnalyzer valences differ from the substituted oxidation states"] += 1
                     continue
+                if _missing_bv_parameter(struct, valences):
+                    skipped["no bond valence parameter for a cation-anion pair"] += 1
+                    continue
                 if col.dedup.find(struct) is not None:
                     skipped["duplicate structure"] += 1
                     continue
@@ -596,7 +627,7 @@ def _decorated_sub(parent_dec: Structure, subs: dict) -> list[Species]:
 # public entry points
 # --------------------------------------------------------------------------------------------
 
-def collect_structures(n_substituted: int = 1000, max_sites: int = 40, seed: int = 88, progress: bool = True,
+def collect_structures(n_substituted: int = 1000, max_sites: int = MAX_SITES, seed: int = 88, progress: bool = True,
                        stats: dict | None = None) -> list[StructureEntry]:
     """All structures of the embedded dataset, sorted by material id (deterministic).
 
@@ -718,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:  # pragma: no cover - thin comma
     ap = argparse.ArgumentParser(description="Collect the structures of the embedded dataset.")
     ap.add_argument("--out", default=None, help="write the entries as gzipped JSON here")
     ap.add_argument("--n-substituted", type=int, default=1000)
-    ap.add_argument("--max-sites", type=int, default=40)
+    ap.add_argument("--max-sites", type=int, default=MAX_SITES)
     ap.add_argument("--seed", type=int, default=88)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
