@@ -5,6 +5,8 @@
     python -m data_prep export data/embedded.h5 --format npy|upstream [--out PATH]
     python -m data_prep inspect data/embedded.h5 [--plot]
     python -m data_prep compute-embedded [--out DIR] [--procs 2] [--time-limit 600]
+    python -m data_prep fetch --source mp --out DIR [--limit N] [--elements ...] [--shard I/N] ...
+    python -m data_prep merge OUT IN1 IN2 ...
 """
 from __future__ import annotations
 
@@ -50,7 +52,60 @@ def _parser():
     c.add_argument("--limit", type=int, help="compute at most this many materials")
     c.add_argument("--n-substituted", type=int, default=1000)
     c.add_argument("--retry-failed", action="store_true")
+    f = sub.add_parser("fetch", help="Materials Project -> one record per material (resumable, shardable)")
+    f.add_argument("--source", required=True, choices=("mp",), help="data source (mp: the Materials Project)")
+    f.add_argument("--out", required=True, help="records folder (created; a rerun resumes)")
+    f.add_argument("--params", help="JSON file whose 'mp' section sets any of the options below (flags win)")
+    f.add_argument("--limit", type=int, help="first N materials of the selection (by id), before sharding")
+    f.add_argument("--elements", nargs="+", metavar="EL", help="materials containing all of these elements")
+    f.add_argument("--exclude-elements", nargs="+", metavar="EL", help="materials containing none of these")
+    f.add_argument("--nelements-max", type=int, help="at most this many elements")
+    f.add_argument("--nelements-min", type=int, help="at least this many elements")
+    f.add_argument("--energy-above-hull-max", type=float, metavar="EV", help="eV/atom above the convex hull")
+    f.add_argument("--stable-only", action="store_true", default=None, help="only materials on the hull")
+    f.add_argument("--no-theoretical", action="store_true", default=None,
+                   help="only materials matched to an experimental (ICSD) structure")
+    f.add_argument("--shard", metavar="I/N", help="fetch part I of N (stable hash of the material id)")
+    f.add_argument("--concurrency", type=int, help="worker threads (default 4)")
+    f.add_argument("--batch-size", type=int, help="material ids per API request (default 50)")
+    f.add_argument("--endpoint", help="API endpoint (default: mp-api's, i.e. MP_API_ENDPOINT or the public API)")
+    f.add_argument("--retries", type=int, help="attempts per request on timeouts, 429 and 5xx (default 6)")
+    f.add_argument("--backoff", type=float, dest="backoff_s", metavar="S",
+                   help="first retry delay in seconds, doubled each attempt, with jitter (default 1)")
+    f.add_argument("--weights", choices=("float32", "float16"),
+                   help="precision of the stored projections (float16: half the disk; default float32)")
+    f.add_argument("--retry-skipped", action="store_true", default=None,
+                   help="try again the materials an earlier run skipped")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m = sub.add_parser("merge", help="combine record folders (refuses duplicates that differ)")
+    m.add_argument("out", help="output folder")
+    m.add_argument("inputs", nargs="+", help="record folders")
     return p
+
+
+_FETCH_FLAGS = ("limit", "elements", "exclude_elements", "nelements_max", "nelements_min",
+                "energy_above_hull_max", "stable_only", "no_theoretical", "shard", "concurrency",
+                "batch_size", "endpoint", "retries", "backoff_s", "retry_skipped", "weights")
+
+
+def _fetch_config(args):
+    from data_prep.mp import FetchConfig, FetchError, parse_shard
+
+    d = {}
+    if args.params:
+        try:
+            d = json.loads(Path(args.params).read_text()).get("mp", {})
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            raise FetchError(f"cannot read params {args.params}: {exc}") from None
+        if not isinstance(d, dict):
+            raise FetchError(f"params {args.params}: 'mp' must be an object")
+    for name in _FETCH_FLAGS:
+        v = getattr(args, name)
+        if v is not None:
+            d[name] = v
+    if isinstance(d.get("shard"), str):
+        d["shard"] = parse_shard(d["shard"])
+    return FetchConfig.from_dict(d)
 
 
 def _record_paths(source: list[str]):
@@ -114,6 +169,8 @@ def main(argv=None) -> int:
             if args.plot:
                 png = plot_summary(args.h5, Path(args.h5).with_suffix(".png"), args.sample)
                 print(f"figure: {png}")
+        elif args.cmd in ("fetch", "merge"):
+            return _mp_command(args)
         elif args.cmd == "compute-embedded":
             from data_prep.embedded.compute import compute_embedded
             from data_prep.embedded.structures import collect_structures
@@ -131,6 +188,29 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("data_prep: interrupted; finished work is kept", file=sys.stderr)
         return 130
+
+
+def _mp_command(args) -> int:
+    """fetch / merge: one line on stderr for every error, never a traceback, never the API key."""
+    from data_prep.mp import FetchError, MergeError
+
+    try:
+        if args.cmd == "merge":
+            from data_prep.mp import merge_folders
+
+            s = merge_folders(args.out, args.inputs)
+            print(f"merged {s['records']} records into {s['out']} ({s['copied']} copied, "
+                  f"{s['identical_duplicates']} identical duplicates, {s['skipped_entries']} skipped entries kept)")
+            return 0
+        from data_prep.mp import fetch_mp, format_summary
+
+        cfg = _fetch_config(args)
+        summary = fetch_mp(cfg, args.out, progress=not args.no_progress)
+        print(format_summary(summary, args.out))
+        return 1 if summary["counts"]["failed"] else 0
+    except (FetchError, MergeError, OSError) as exc:  # OSError: an output folder that cannot be written
+        print(f"data_prep: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,596 @@
+"""A local stand-in for the Materials Project: the REST endpoints and the DOS object store mp-api uses.
+
+Two halves:
+
+- ``build_standin(folder, specs)`` (needs pymatgen, emmet, deltalake) writes the data the way MP
+  serves it: REST documents made from emmet's document models (``OxidationStateDoc.from_structure``,
+  ``DosData``/``DosSummaryData``) and dumped as JSON, and the two Delta Lake DOS tables of mp-api
+  0.46 (``materialsproject-parsed/core/electronic-structure/{total-dos,projected-dos}``) with
+  rows from emmet's ``ElectronicDos.from_pmg`` on real pymatgen ``CompleteDos`` objects, one
+  parquet file per material.
+- ``python tests/mp_server.py FOLDER`` (standard library only, so it starts fast) serves that
+  folder on 127.0.0.1 at a free port, printed on the first line of stdout: ``/heartbeat``,
+  ``/materials/{summary,electronic_structure,oxidation_states,core}/`` with MP's query parameters
+  (``material_ids``, ``_fields``, ``_limit``, ``_skip``, filters) and ``{"data", "meta"}`` responses,
+  the ``x-api-key`` check (401), and a minimal S3 (path-style GET with ranges, HEAD,
+  ListObjectsV2) for the object store. mp-api's Delta reads hold the GIL, so the server must run
+  in another process than the client.
+
+Control endpoints (no key): ``GET /_standin/stats``, ``POST /_standin/config`` (JSON: ``latency_s``,
+``rules``, ``auth_status``), ``POST /_standin/reset``. A rule ``{"kind", "action", "times",
+"material"?, "retry_after"?}`` fails the first ``times`` matching requests; ``action`` is ``drop``
+(close the connection without answering), ``500``, ``503``, ``429`` (with ``Retry-After``) or
+``403``. Kinds: ``summary``, ``electronic_structure``, ``oxidation_states``, ``materials``,
+``heartbeat``, and for the object store ``total_dos`` / ``projected_dos`` (data files, matched per
+material) and ``delta_log``.
+
+Stats count, per kind and material, successful downloads: for REST each document in a 200
+response; for the object store the number of times the same byte range of the material's data
+file was served successfully (a query reads each range once, so 2 means downloaded twice).
+"""
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlparse
+
+STANDIN_KEY = "standin0key0for0local0tests0only"  # 32 characters, like a real key
+DB_VERSION = "2025.09.25"
+BUCKET = "materialsproject-parsed"
+TABLES = {"total_dos": "core/electronic-structure/total-dos",
+          "projected_dos": "core/electronic-structure/projected-dos"}
+REST_KINDS = {"summary": "summary", "electronic_structure": "electronic_structure",
+              "oxidation_states": "oxidation_states", "core": "materials"}
+
+
+# ============================================================================= data (test side)
+def complete_dos_from_states(structure, energies_ev, weights, grid_ev, sigma_ev=0.1, spin_split=0.0,
+                             efermi_ev=0.0, orbitals=None):
+    """Spectral states -> a gridded pymatgen ``CompleteDos`` (Gaussian broadening, states/eV).
+
+    ``weights``: (S, A, 9) states in ``layout.ORBITALS`` order. With ``spin_split`` > 0 the density is
+    split between Spin.up (fraction 0.5 + spin_split) and Spin.down; otherwise Spin.up only.
+    """
+    import numpy as np
+    from pymatgen.electronic_structure.core import Orbital, Spin
+    from pymatgen.electronic_structure.dos import CompleteDos, Dos
+
+    grid = np.asarray(grid_ev, dtype=float)
+    g = np.exp(-0.5 * ((grid[None, :] - np.asarray(energies_ev)[:, None]) / sigma_ev) ** 2)
+    g /= sigma_ev * np.sqrt(2 * np.pi)                                    # (S, P) per state, 1/eV
+    dens = np.einsum("sp,sao->aop", g, np.asarray(weights, dtype=float))  # (A, 9, P)
+    orbs = orbitals or list(Orbital)[:9]
+    pdos, total_up, total_dn = {}, np.zeros(grid.size), np.zeros(grid.size)
+    for i, site in enumerate(structure):
+        pdos[site] = {}
+        for k, orb in enumerate(orbs):
+            d = dens[i, k]
+            if spin_split:
+                up, dn = d * (0.5 + spin_split), d * (0.5 - spin_split)
+                pdos[site][orb] = {Spin.up: up, Spin.down: dn}
+                total_up += up
+                total_dn += dn
+            else:
+                pdos[site][orb] = {Spin.up: d}
+                total_up += d
+    tot = {Spin.up: total_up} if not spin_split else {Spin.up: total_up, Spin.down: total_dn}
+    return CompleteDos(structure, Dos(efermi_ev, grid, tot), pdos)
+
+
+def gapped_states(n_atoms, seed, gap_ev=2.0, n_states=80):
+    """Discrete states from ``records_factory.random_spectrum`` moved apart to open a gap at 0..gap."""
+    import numpy as np
+    from records_factory import random_spectrum
+
+    sp = random_spectrum(n_atoms, seed=seed, n_states=n_states)
+    e = np.asarray(sp.energies_ev)
+    e = np.where(e < 0, np.clip(e, -12, -0.6), np.clip(e, 0, 6) + gap_ev + 0.6)
+    return e, np.asarray(sp.weights)
+
+
+def default_specs(n_extra: int = 0, n_points: int = 241):
+    """The stand-in's materials: records_factory crystals with DOS, plus one of each problem case.
+
+    Returns a list of dicts; ``expect`` is what the fetcher should do with each (``record`` or a
+    skip category). ``n_extra`` adds rescaled copies of the crystals (for benchmarks).
+    """
+    import numpy as np
+    from pymatgen.core import Lattice, Structure
+    from records_factory import structures
+
+    grid = np.linspace(-14.0, 10.0, n_points)
+    crystals = structures()
+    base = [  # id, crystal, run type, spin split, theoretical, e_above_hull, orbital names
+        ("mp-1001", "NaCl", "GGA", 0.0, False, 0.0, None),
+        ("mp-1002", "MgO", "GGA", 0.0, False, 0.0, "dx2"),
+        ("mp-1003", "TiO2", "GGA+U", 0.1, False, 0.0, None),
+        ("mp-1004", "KBr", "GGA", 0.0, True, 0.02, None),
+        ("mp-1005", "CaO", "GGA", 0.0, False, 0.0, None),
+        ("mp-1006", "SrTiO3", "GGA+U", 0.05, False, 0.0, "dx2"),
+        ("mp-1007", "ZnS", "r2SCAN", 0.0, False, 0.01, None),
+        ("mp-1008", "LiF", "GGA", 0.0, True, 0.0, None),
+    ]
+    specs = []
+    for k, (mid, name, rt, split, theo, ehull, dx2) in enumerate(base):
+        specs.append(dict(material_id=mid, structure=crystals[name], run_type=rt, spin_split=split,
+                          theoretical=theo, energy_above_hull=ehull, seed=k, dx2_name=dx2, expect="record"))
+    for j in range(n_extra):
+        mid0, name, rt, split, theo, ehull, dx2 = base[j % len(base)]
+        s = crystals[name].copy()
+        s.scale_lattice(s.volume * (1.0 + 0.01 * (j // len(base) + 1)) ** 3)
+        specs.append(dict(material_id=f"mp-{2001 + j}", structure=s, run_type=rt, spin_split=split,
+                          theoretical=theo, energy_above_hull=ehull, seed=100 + j, dx2_name=dx2,
+                          expect="record"))
+    nacl, mgo = crystals["NaCl"], crystals["MgO"]
+    specials = [
+        ("mp-1021", nacl, {"case": "l-resolved"}, "l-resolved"),
+        ("mp-1022", mgo, {"case": "missing-rows"}, "dos-missing"),
+        ("mp-1023", crystals["CaO"], {"case": "malformed"}, "malformed-dos"),
+        ("mp-1024", crystals["KBr"], {"case": "no-dos-field"}, "no-dos"),
+        ("mp-1025", crystals["LiF"], {"case": "no-oxi-doc"}, "record"),
+        ("mp-1026", crystals["ZnS"], {"case": "oxi-disagrees"}, "record"),
+        ("mp-1027", Structure(Lattice.cubic(5.64), [{"Na": 0.5, "K": 0.5}, "Cl"],
+                              [[0, 0, 0], [0.5, 0.5, 0.5]]), {"case": "disordered"}, "disordered"),
+    ]
+    for j, (mid, s, extra, expect) in enumerate(specials):
+        specs.append(dict(material_id=mid, structure=s, run_type="GGA", spin_split=0.0, theoretical=False,
+                          energy_above_hull=0.0, seed=50 + j, dx2_name=None, expect=expect, **extra))
+    for spec in specs:
+        e, w = gapped_states(len(spec["structure"]), spec["seed"])
+        spec["cdos"] = complete_dos_from_states(spec["structure"], e, w, grid, spin_split=spec["spin_split"],
+                                                efermi_ev=0.3)
+    return specs
+
+
+def _task_number(material_id: str) -> int:
+    return 500000 + int(material_id.split("-")[1])
+
+
+def _docs_for(spec):
+    """REST documents (summary, electronic structure, oxidation states, core) of one spec."""
+    from emmet.core.electronic_structure import DosData, DosSummaryData
+    from emmet.core.oxidation_states import OxidationStateDoc
+    from pymatgen.electronic_structure.core import Spin
+
+    mid, s, cdos, case = spec["material_id"], spec["structure"], spec["cdos"], spec.get("case")
+    task = f"mp-{_task_number(mid)}"
+    comp = s.composition
+    elements = sorted({el.symbol for el in comp.elements})
+    summary = {"material_id": mid, "formula_pretty": comp.reduced_formula, "nsites": len(s),
+               "nelements": len(elements), "elements": elements, "chemsys": "-".join(elements),
+               "energy_above_hull": spec["energy_above_hull"], "is_stable": spec["energy_above_hull"] == 0.0,
+               "theoretical": spec["theoretical"], "deprecated": False,
+               "has_props": {"materials": True, "electronic_structure": True, "dos": True,
+                             "oxi_states": case != "no-oxi-doc"}}
+    cbm, vbm = cdos.get_cbm_vbm()
+    gap = max(0.0, cbm - vbm)
+    spins = list(cdos.densities)
+    total = {sp: DosSummaryData(band_gap=gap, cbm=cbm, vbm=vbm, efermi=cdos.efermi,
+                                spin_polarization=0.0 if len(spins) == 1 else 0.1) for sp in spins}
+    dos = DosData(task_id=task, total=total).model_dump(mode="json")
+    es = {"material_id": mid, "band_gap": round(gap + 0.05, 4), "efermi": cdos.efermi, "is_metal": bool(gap < 0.1),
+          "is_gap_direct": False, "dos": None if case == "no-dos-field" else dos,
+          "origins": [{"name": "dos", "task_id": task}], "deprecated": False}
+    oxi = None
+    if case != "no-oxi-doc" and s.is_ordered:
+        oxi = OxidationStateDoc.from_structure(s, material_id=mid).model_dump(mode="json")
+        if case == "oxi-disagrees":  # a guess that swaps the charges
+            oxi["possible_valences"] = [-v for v in oxi["possible_valences"]]
+            oxi["method"] = "Oxidation State Guess"
+    core = {"material_id": mid, "deprecated": False, "task_ids": [task, f"mp-{_task_number(mid) + 1}"],
+            "calc_types": {task: f"{spec['run_type']} NSCF Uniform",
+                           f"mp-{_task_number(mid) + 1}": f"{spec['run_type']} Static"}}
+    assert Spin.up in cdos.densities
+    return summary, es, oxi, core, task
+
+
+def _dos_rows(spec, task):
+    """(total row, projected row) as mp-api 0.46 reads them, or None for the table(s) left out."""
+    from emmet.core.band_theory import ElectronicDos
+    from emmet.core.mpid import AlphaID
+
+    ident = str(AlphaID(task.split("-")[-1], padlen=8))
+    ed = ElectronicDos.from_pmg(spec["cdos"], identifier=ident, run_type=spec["run_type"])
+    row = ed.model_dump(mode="json")
+    proj = dict(row.pop("projected_densities"))
+    row["projected_densities"] = None
+    proj["identifier"], proj["run_type"] = ident, row["run_type"]
+    case = spec.get("case")
+    if spec.get("dx2_name"):
+        proj["orbital"] = [spec["dx2_name"] if o == "dx2_y2" else o for o in proj["orbital"]]
+    if case == "l-resolved":  # sum m components into s/p/d, as an l-resolved (LORBIT=10) DOS would be
+        merged: dict = {}
+        for idx, orb, up in zip(proj["site_index"], proj["orbital"], proj["spin_up_densities"]):
+            l_name = "s" if orb == "s" else orb[0]
+            acc = merged.setdefault((idx, l_name), [0.0] * len(up))
+            merged[(idx, l_name)] = [a + b for a, b in zip(acc, up)]
+        proj["site_index"] = [k[0] for k in merged]
+        proj["orbital"] = [k[1] for k in merged]
+        proj["spin_up_densities"] = list(merged.values())
+        proj["spin_down_densities"] = None
+    if case == "malformed":  # projections on fewer energies than the total DOS
+        proj["spin_up_densities"] = [d[: len(d) // 2] for d in proj["spin_up_densities"]]
+    if case == "missing-rows":
+        return None, None
+    return row, proj
+
+
+def build_standin(folder, specs) -> Path:
+    """Write REST documents and DOS Delta tables for ``specs`` into ``folder`` (see module doc)."""
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    from emmet.core.arrow import arrowize
+    from emmet.core.band_theory import ElectronicDos, ProjectedDos
+
+    folder = Path(folder)
+    rest = {k: [] for k in ("summary", "electronic_structure", "oxidation_states", "materials")}
+    total_schema = pa.schema(arrowize(ElectronicDos))
+    proj_schema = pa.schema([pa.field("identifier", pa.string()), pa.field("run_type", pa.string())]
+                            + list(pa.schema(arrowize(ProjectedDos))))
+    files: dict[str, list] = {}
+    tables = {kind: folder / "s3" / BUCKET / prefix for kind, prefix in TABLES.items()}
+    for spec in specs:
+        summary, es, oxi, core, task = _docs_for(spec)
+        for doc in (summary, es, oxi, core):  # the id the server matches on, whatever spelling the doc has
+            if doc is not None:
+                doc["_mid"] = spec["material_id"]
+        rest["summary"].append(summary)
+        rest["electronic_structure"].append(es)
+        if oxi is not None:
+            rest["oxidation_states"].append(oxi)
+        rest["materials"].append(core)
+        total, proj = _dos_rows(spec, task)
+        for kind, row, schema in (("total_dos", total, total_schema), ("projected_dos", proj, proj_schema)):
+            if row is None:
+                continue
+            before = set(tables[kind].glob("*.parquet"))
+            write_deltalake(str(tables[kind]), pa.Table.from_pylist([row], schema=schema), mode="append")
+            for p in set(tables[kind].glob("*.parquet")) - before:
+                files[f"{BUCKET}/{TABLES[kind]}/{p.name}"] = [kind, spec["material_id"]]
+    from monty.json import MontyEncoder
+
+    (folder / "rest").mkdir(parents=True, exist_ok=True)
+    for name, docs in rest.items():  # MontyEncoder: numpy scalars and MSON objects as the API writes them
+        (folder / "rest" / f"{name}.json").write_text(json.dumps(docs, cls=MontyEncoder))
+    (folder / "s3_files.json").write_text(json.dumps(files))
+    return folder
+
+
+# ============================================================================= client side helper
+class StandIn:
+    """Run ``mp_server.py FOLDER`` in a subprocess; talk to its control endpoints."""
+
+    def __init__(self, folder, key: str = STANDIN_KEY):
+        self.folder = Path(folder)
+        self.proc = subprocess.Popen([sys.executable, __file__, str(self.folder), "--key", key],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.proc.kill()
+            raise RuntimeError(f"stand-in server did not start: {line}{self.proc.stderr.read()}")
+        self.port = int(line)
+        self.url = f"http://127.0.0.1:{self.port}/"
+
+    def env(self) -> dict:
+        """Environment that points mp-api (REST) and the Delta reader (object store) here."""
+        return {"MP_API_ENDPOINT": self.url, "AWS_ENDPOINT_URL": self.url.rstrip("/"),
+                "AWS_ALLOW_HTTP": "true", "AWS_EC2_METADATA_DISABLED": "true", "MP_API_KEY": STANDIN_KEY}
+
+    def _post(self, path, body=None):
+        import urllib.request
+
+        req = urllib.request.Request(self.url + path, data=json.dumps(body or {}).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def config(self, **kw):
+        return self._post("_standin/config", kw)
+
+    def reset(self):
+        return self._post("_standin/reset")
+
+    def stats(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "_standin/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for f in (self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ============================================================================= server
+class Store:
+    """Documents, object-store files, failure rules and counters (shared by the handler threads)."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder = folder
+        self.key = key
+        self.docs = {k: json.loads((folder / "rest" / f"{k}.json").read_text())
+                     for k in ("summary", "electronic_structure", "oxidation_states", "materials")}
+        self.files = json.loads((folder / "s3_files.json").read_text())
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        with self.lock:
+            self.latency_s = 0.0
+            self.rules: list[dict] = []
+            self.auth_status = 401
+            self.requests: dict[str, int] = {}
+            self.served: dict[str, dict[str, int]] = {}
+            self.ranges: dict[tuple, int] = {}
+            self.injected: dict[str, int] = {}
+            self.params: list[dict] = []
+
+    def rule_for(self, kind: str, materials) -> dict | None:
+        with self.lock:
+            self.requests[kind] = self.requests.get(kind, 0) + 1
+            for rule in self.rules:
+                if rule.get("kind") != kind or rule.get("times", 0) <= 0:
+                    continue
+                if rule.get("material") and rule["material"] not in materials:
+                    continue
+                rule["times"] -= 1
+                self.injected[rule["action"]] = self.injected.get(rule["action"], 0) + 1
+                return dict(rule)
+        return None
+
+    def count_docs(self, kind, docs):
+        with self.lock:
+            per = self.served.setdefault(kind, {})
+            for d in docs:
+                per[d["_mid"]] = per.get(d["_mid"], 0) + 1
+
+    def count_range(self, kind, mid, key, rng):
+        with self.lock:
+            k = (kind, mid, key, rng)
+            self.ranges[k] = self.ranges.get(k, 0) + 1
+
+    def stats(self) -> dict:
+        with self.lock:
+            served = {k: dict(v) for k, v in self.served.items()}
+            best: dict[tuple, int] = {}
+            for (kind, mid, _key, _rng), n in self.ranges.items():
+                best[(kind, mid)] = max(best.get((kind, mid), 0), n)
+            for (kind, mid), n in best.items():
+                served.setdefault(kind, {})[mid] = n
+            return {"requests": dict(self.requests), "served": served, "injected": dict(self.injected),
+                    "rules_left": [r for r in self.rules if r.get("times", 0) > 0], "params": list(self.params)}
+
+
+def _truthy(v: str) -> bool:
+    return str(v).lower() in ("true", "1", "yes")
+
+
+def _match(doc: dict, q: dict) -> bool:
+    """MP's summary/materials filters that the fetcher sends (unknown ones are ignored)."""
+    def one(name):
+        return q[name][0] if name in q else None
+
+    if one("material_ids") is not None and doc["_mid"] not in one("material_ids").split(","):
+        return False
+    els = set(doc.get("elements") or [])
+    if one("elements") and not set(one("elements").split(",")) <= els:
+        return False
+    if one("exclude_elements") and set(one("exclude_elements").split(",")) & els:
+        return False
+    for field in ("nelements", "energy_above_hull", "nsites"):
+        lo, hi = one(f"{field}_min"), one(f"{field}_max")
+        if (lo is not None or hi is not None) and doc.get(field) is None:
+            return False
+        if lo is not None and doc[field] < float(lo) - 1e-12:
+            return False
+        if hi is not None and doc[field] > float(hi) + 1e-12:
+            return False
+    for field in ("is_stable", "theoretical", "deprecated"):
+        if one(field) is not None and field in doc and bool(doc[field]) != _truthy(one(field)):
+            return False
+    if one("has_props"):
+        hp = doc.get("has_props") or {}
+        if not all(hp.get(p) for p in one("has_props").split(",")):
+            return False
+    return True
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    store: Store = None  # set by main
+
+    def log_message(self, *args):
+        pass
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _send(self, status, body: bytes = b"", ctype="application/json", headers=None, head=False):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not head and body:
+            self.wfile.write(body)
+
+    def _json(self, status, obj, headers=None):
+        self._send(status, json.dumps(obj).encode(), headers=headers)
+
+    def _fail(self, rule, s3=False) -> None:
+        action = str(rule["action"])
+        if action == "drop":
+            self.close_connection = True
+            return
+        status = int(action)
+        headers = {"Retry-After": str(rule.get("retry_after", 1))} if status == 429 else None
+        if s3:
+            body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
+                    f"<Message>injected {status}</Message></Error>").encode()
+            self._send(status, body, "application/xml", headers)
+        else:
+            self._json(status, {"detail": f"injected failure {status}"}, headers)
+
+    # -- verbs ---------------------------------------------------------------------------
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(n) or b"{}") if n else {}
+        st = self.store
+        if self.path.startswith("/_standin/reset"):
+            st.reset()
+            return self._json(200, {"ok": True})
+        if self.path.startswith("/_standin/config"):
+            with st.lock:
+                if "latency_s" in body:
+                    st.latency_s = float(body["latency_s"])
+                if "rules" in body:
+                    st.rules = [dict(r) for r in body["rules"]]
+                if "auth_status" in body:
+                    st.auth_status = int(body["auth_status"])
+            return self._json(200, {"ok": True})
+        self._json(405, {"detail": "method not allowed"})
+
+    def do_HEAD(self):
+        self.do_GET(head=True)
+
+    def do_GET(self, head=False):
+        st = self.store
+        url = urlparse(self.path)
+        path = unquote(url.path)
+        q = parse_qs(url.query, keep_blank_values=True)
+        if path.startswith("/_standin/stats"):
+            return self._json(200, st.stats())
+        if st.latency_s:
+            time.sleep(st.latency_s)
+        if path.rstrip("/") == "/heartbeat":
+            if (rule := st.rule_for("heartbeat", ())) is not None:
+                return self._fail(rule)
+            return self._json(200, {"db_version": DB_VERSION, "access_controlled_batch_ids": [],
+                                    "version": "0.87.3"})
+        parts = [p for p in path.split("/") if p]
+        if len(parts) == 2 and parts[0] == "materials" and parts[1] in REST_KINDS:
+            return self._rest(REST_KINDS[parts[1]], q)
+        if parts and parts[0] == BUCKET:
+            return self._s3(parts, q, head)
+        self._json(404, {"detail": f"not found: {path}"})
+
+    def _rest(self, kind, q):
+        st = self.store
+        ids = (q.get("material_ids") or [""])[0].split(",")
+        if self.headers.get("x-api-key") != st.key:
+            st.rule_for(kind, ids)  # counted as a request
+            return self._json(st.auth_status, {"detail": "API key not valid" if st.auth_status == 401
+                                               else "Forbidden"})
+        if (rule := st.rule_for(kind, ids)) is not None:
+            return self._fail(rule)
+        with st.lock:
+            st.params.append({"kind": kind, **{k: v[0] for k, v in q.items()}})
+        docs = [d for d in st.docs[kind] if _match(d, q)]
+        total = len(docs)
+        skip = int((q.get("_skip") or ["0"])[0])
+        limit = int((q.get("_limit") or ["1000"])[0])
+        docs = docs[skip: skip + limit]
+        st.count_docs(kind, docs)
+        fields = (q.get("_fields") or [""])[0]
+        if fields and not _truthy((q.get("_all_fields") or ["false"])[0]):
+            keep = set(fields.split(",")) | {"material_id"}
+        else:
+            keep = None
+        docs = [{k: v for k, v in d.items() if k != "_mid" and (keep is None or k in keep)} for d in docs]
+        self._json(200, {"data": docs, "meta": {"api_version": "stand-in", "time_stamp": time.strftime(
+            "%Y-%m-%dT%H:%M:%S"), "total_doc": total, "max_limit": 1000, "db_version": DB_VERSION}})
+
+    def _s3(self, parts, q, head):
+        st = self.store
+        key = "/".join(parts[1:])
+        if "list-type" in q:
+            prefix = (q.get("prefix") or [""])[0]
+            after = (q.get("start-after") or [""])[0]
+            kind = "delta_log" if "_delta_log" in prefix else "list"
+            if (rule := st.rule_for(kind, ())) is not None:
+                return self._fail(rule, s3=True)
+            base = st.folder / "s3" / BUCKET
+            items = []
+            for f in sorted(base.rglob("*")):
+                k = f.relative_to(base).as_posix()
+                if f.is_file() and k.startswith(prefix) and k > after:
+                    items.append((k, f.stat().st_size, f.stat().st_mtime))
+            xml = ['<?xml version="1.0" encoding="UTF-8"?>',
+                   '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">',
+                   f"<Name>{BUCKET}</Name><Prefix>{prefix}</Prefix><KeyCount>{len(items)}</KeyCount>",
+                   "<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>"]
+            for k, size, mtime in items:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(mtime))
+                xml.append(f"<Contents><Key>{k}</Key><LastModified>{stamp}</LastModified>"
+                           f'<ETag>"{hashlib.md5(k.encode()).hexdigest()}"</ETag><Size>{size}</Size>'
+                           "<StorageClass>STANDARD</StorageClass></Contents>")
+            xml.append("</ListBucketResult>")
+            return self._send(200, "".join(xml).encode(), "application/xml", head=head)
+        kind, mid = self.store.files.get(f"{BUCKET}/{key}", ("delta_log" if "_delta_log" in key else "object", None))
+        if (rule := st.rule_for(kind, (mid,) if mid else ())) is not None:
+            return self._fail(rule, s3=True)
+        f = st.folder / "s3" / BUCKET / key
+        if not f.is_file():
+            body = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchKey</Code><Message>no such key</Message></Error>'
+            return self._send(404, body, "application/xml", head=head)
+        data = f.read_bytes()
+        n = len(data)
+        start, end, status = 0, n - 1, 200
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            a, _, b = rng[6:].partition("-")
+            if a == "":
+                start = max(0, n - int(b))
+            else:
+                start, end = int(a), min(n - 1, int(b)) if b else n - 1
+            status = 206
+        headers = {"ETag": f'"{hashlib.md5(data).hexdigest()}"', "Accept-Ranges": "bytes",
+                   "Last-Modified": email.utils.formatdate(f.stat().st_mtime, usegmt=True)}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end}/{n}"
+        self._send(status, data[start:end + 1], "application/octet-stream", headers, head=head)
+        if mid and not head:
+            st.count_range(kind, mid, key, (start, end))
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="local stand-in for the Materials Project API and DOS store")
+    ap.add_argument("folder")
+    ap.add_argument("--key", default=STANDIN_KEY)
+    ap.add_argument("--port", type=int, default=0)
+    args = ap.parse_args(argv)
+    Handler.store = Store(Path(args.folder), args.key)
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
