@@ -4,6 +4,8 @@
                     [--fusion F] [--targets T [T ...]] [--seed S]
     python train.py --params params.json --cv [K]            # grouped K-fold CV by material
     python train.py --predict RUN_DIR --data FILE [--out DIR] # predictions with a saved model
+    python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
+    python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
 
 Every hyperparameter and path comes from params.json (see ``PARAM_RULES``); flags only override.
 The data file is an h5 written by ``python -m data_prep build`` (layout: ``data_prep/build.py``):
@@ -19,7 +21,10 @@ Run folder ``<out_dir>/<fusion>-<targets>-<time>/`` (or ``--out``): ``params.jso
 
 For ablations and learning curves: ``data = load_data(path, params)`` once, then
 ``run_experiment(params, data, out_dir)`` (or ``run_cv``) per configuration; each returns the
-metrics dict that it also writes to ``metrics.json``.
+metrics dict that it also writes to ``metrics.json``. ``--ablation`` (``run_ablation``) and
+``--learning-curve`` (``run_learning_curve``) do this for the baselines and DOSnet variants and
+write ``ablation.md``/``.json``/``.png`` and ``learning_curve.md``/``.csv``/``.json``/``.png``
+(section "ablation and learning curve" below).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from DOSnet import report
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -150,6 +157,8 @@ class Dataset:
     structure: (n, F) float32; structure_labels, structure_families: (F,) names.
     targets: name -> (n,) float64 (bvs_vu and bvs_deviation_vu in valence units, valence in e).
     material_id, element, origin, split: (n,) str; site_index: (n,) int.
+    energies_ev: (L,) energies of the grid points relative to the reference level (the file's
+    ``grid`` attribute; None if absent), sigma_ev: its smearing width.
     """
 
     path: str
@@ -164,6 +173,8 @@ class Dataset:
     site_index: np.ndarray
     split: np.ndarray
     channel_labels: list
+    energies_ev: np.ndarray | None = None  # (L,) eV from the file's grid; None when it has none
+    sigma_ev: float | None = None  # the grid's smearing width
 
     @property
     def n(self) -> int:
@@ -206,6 +217,13 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
                 if not np.all(np.isfinite(dos[i:i + step])):
                     raise TrainError(f"{path}: DOS of samples {i}..{min(i + step, n) - 1} contains NaN or infinite values")
             labels = list(h["dos"].attrs.get("channel_labels", [f"ch{j}" for j in range(width)]))
+            energies, sigma = None, None
+            if "grid" in h.attrs:
+                from data_prep.layout import EnergyGrid
+
+                grid = EnergyGrid.from_dict(json.loads(h.attrs["grid"]))
+                if grid.n_points == length:
+                    energies, sigma = grid.energies_ev, grid.sigma_ev
             data = Dataset(
                 path=str(path), dos=dos, structure=np.asarray(h["structure"][...], dtype=np.float32),
                 structure_labels=list(h["structure_labels"].asstr()[...]),
@@ -213,7 +231,8 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
                 targets={t: np.asarray(h[f"targets/{t}"][...], dtype=np.float64) for t in BV_TARGETS},
                 material_id=h["meta/material_id"].asstr()[...], element=h["meta/element"].asstr()[...],
                 origin=h["meta/origin"].asstr()[...], site_index=np.asarray(h["meta/site_index"][...]),
-                split=h["split"].asstr()[...], channel_labels=[str(x) for x in labels])
+                split=h["split"].asstr()[...], channel_labels=[str(x) for x in labels],
+                energies_ev=energies, sigma_ev=sigma)
     except TrainError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
@@ -361,13 +380,17 @@ def model_inputs(params: dict, data: Dataset, scalers: dict, rows) -> dict:
 class Log:
     """Print and append to a log file (``train.log`` of the run folder)."""
 
-    def __init__(self, path=None, quiet: bool = False):
+    def __init__(self, path=None, quiet: bool = False, printer=None):
         self.path = Path(path) if path else None
         self.quiet = quiet
+        self.printer = printer  # e.g. tqdm.write, so that lines and a progress bar do not mix
 
     def __call__(self, msg: str = "") -> None:
         if not self.quiet:
-            print(msg, flush=True)
+            if self.printer:
+                self.printer(msg)
+            else:
+                print(msg, flush=True)
         if self.path:
             with open(self.path, "a") as fh:
                 fh.write(msg + "\n")
@@ -760,6 +783,504 @@ def predict_run(run_dir, data_path, out_dir=None, log: Log | None = None) -> Pat
     return out
 
 
+# =========================================================================== ablation and learning curve
+# ``--ablation``: baselines, the four DOSnet fusions and the structure families switched off one at
+# a time, each over several seeds on the same grouped split (``run_ablation``). ``--learning-curve``:
+# test MAE against the number of training materials (``run_learning_curve``). The generic parts
+# (DOS descriptors, baselines, seed statistics, tables, verdicts, power laws, plots) are in
+# DOSnet/descriptors.py, DOSnet/baselines.py and DOSnet/report.py; this section decides which model
+# runs on which rows of the data.
+
+#: The default ("quick") budget of --ablation and --learning-curve: at most QUICK_EPOCHS epochs,
+#: early stopping patience at most QUICK_PATIENCE; --full keeps params' ``epochs`` and patience.
+#: Sized so that the default ablation of ~4000 samples x 2000 points x 27 channels (3 seeds, 4
+#: fusions + 6 family ablations) finishes in under 2 h on 2 CPU cores: see the README.
+QUICK_EPOCHS = 10
+QUICK_PATIENCE = 3
+LC_FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.0)
+BASELINES = {
+    "mean": "mean predictor (train mean)",
+    "element_mean": "per-element mean",
+    "element_cn_mean": "per element + CN mean",
+    "gbt_dos": "GBT on DOS descriptors",
+    "gbt_structure": "GBT on structure vector",
+    "gbt_dos_structure": "GBT on DOS descriptors + structure",
+}
+TARGET_UNITS = {"bvs_vu": "vu", "bvs_deviation_vu": "vu", "valence": ""}
+#: Relative cost of one run for the time-left estimate (epoch times measured on 2 busy CPU cores).
+_RUN_COST = {"none": 0.65, "late": 1.0, "early": 1.9, "structure_only": 0.2, "baseline": 0.1}
+
+
+def ablation_budget(params: dict, full: bool = False) -> tuple[dict, str]:
+    """(params with the ablation's epochs and patience, a sentence stating the budget)."""
+    p = dict(params)
+    patience = params["early_stopping_patience"]
+    if full:
+        text = f"full budget (--full): params' {p['epochs']} epochs, early stopping patience {patience}"
+    else:
+        p["epochs"] = min(params["epochs"], QUICK_EPOCHS)
+        p["early_stopping_patience"] = min(patience, QUICK_PATIENCE) if patience > 0 else 0
+        text = (f"quick budget (default): at most {p['epochs']} epoch{'s' * (p['epochs'] != 1)}, early stopping patience "
+                f"{p['early_stopping_patience']} on the validation loss (params: {params['epochs']} epochs, "
+                f"patience {patience}; --full uses those)")
+    text += (f"; learning-rate schedule {p['lr_schedule']}; the targets {', '.join(p['targets'])} are trained "
+             f"together as one {'multi-task ' if len(p['targets']) > 1 else ''}network per run; GBT: one model per "
+             f"target, iterations chosen on the validation split")
+    return p, text
+
+
+def dosnet_key(fusion: str, dropped: str | None = None) -> str:
+    """Model name of a DOSnet run: ``dosnet-<fusion>`` or ``dosnet-<fusion>-no-<family>``."""
+    return f"dosnet-{fusion}" + (f"-no-{dropped}" if dropped else "")
+
+
+def dos_descriptor_matrix(data: Dataset, params: dict) -> tuple[np.ndarray, list]:
+    """(n, D) hand-crafted DOS descriptors and their names.
+
+    ``DOSnet.descriptors`` of every DOS channel (atom x orbital) and, per atom, of the summed
+    orbital groups with more than one orbital (p, d of ``data_prep.layout.ORBITAL_GROUPS``: the
+    d-band centre of the classic d-band model is the ``<atom>:d_sum:centre_ev`` column). Energies
+    from the file's grid (the default grid window with the file's length when it has none);
+    ``dos_at_ref`` averages over +-sigma of the grid's smearing.
+    """
+    from data_prep.layout import N_ORBITALS, ORBITAL_GROUPS, EnergyGrid
+    from DOSnet.descriptors import dos_descriptors, feature_names
+
+    length = data.dos.shape[1]
+    energies = data.energies_ev if data.energies_ev is not None else EnergyGrid(n_points=length).energies_ev
+    window = data.sigma_ev if data.sigma_ev else EnergyGrid().sigma_ev
+    blocks, names = [dos_descriptors(data.dos, energies, window)], feature_names(data.channel_labels)
+    c = params["channels"]
+    groups = [(g, idx) for g, idx in ORBITAL_GROUPS.items() if len(idx) > 1]
+    if c == N_ORBITALS and groups:
+        atoms = data.dos.shape[2] // c
+        sums = np.empty((data.n, length, atoms * len(groups)), np.float32)
+        labels = []
+        for a in range(atoms):
+            role = data.channel_labels[a * c].split(":")[0]
+            for k, (g, idx) in enumerate(groups):
+                sums[:, :, a * len(groups) + k] = data.dos[:, :, [a * c + i for i in idx]].sum(axis=2)
+                labels.append(f"{role}:{g}_sum")
+        blocks.append(dos_descriptors(sums, energies, window))
+        names += feature_names(labels)
+        del sums
+    return np.concatenate(blocks, axis=1), names
+
+
+class _Features:
+    """Feature matrices of the tree baselines, computed once on first use: ``"dos"`` (descriptors),
+    ``"structure"`` (params' structure families, raw values) and ``"dos_structure"`` (both)."""
+
+    def __init__(self, data: Dataset, params: dict, log: Log):
+        self.data, self.params, self.log, self.cache = data, params, log, {}
+
+    def __call__(self, which: str) -> np.ndarray:
+        if which not in self.cache:
+            if which == "dos":
+                t0 = time.time()
+                x, names = dos_descriptor_matrix(self.data, self.params)
+                self.log(f"DOS descriptors: {x.shape[1]} per sample ({len(names) // 7} channels x 7) in "
+                         f"{time.time() - t0:.0f} s")
+                self.cache[which] = x
+            elif which == "structure":
+                cols = structure_columns(self.data, self.params["structure_families"])
+                self.cache[which] = self.data.structure[:, cols].astype(np.float64)
+            else:
+                self.cache[which] = np.concatenate([self("dos"), self("structure")], axis=1)
+        return self.cache[which]
+
+
+def cn_column(data: Dataset) -> int | None:
+    """Index of the coordination-number column (label ``cn``) of the structure vector, or None."""
+    return data.structure_labels.index("cn") if "cn" in data.structure_labels else None
+
+
+def baseline_predictions(name: str, data: Dataset, targets, train_rows, val_rows, predict_rows: dict,
+                         seed: int, features: _Features) -> dict:
+    """Fit baseline ``name`` (a key of ``BASELINES``) on ``train_rows`` (GBT: iterations chosen on
+    ``val_rows``); returns ``{name: (len(rows), T) predictions}`` for ``predict_rows``."""
+    from DOSnet.baselines import GBT, GroupMean, mean_predictor
+
+    y = target_matrix(data, targets)
+    if name == "mean":
+        return {k: mean_predictor(y[train_rows], len(r)) for k, r in predict_rows.items()}
+    if name in ("element_mean", "element_cn_mean"):
+        keys = data.element.astype(object).reshape(-1, 1)
+        if name == "element_cn_mean":
+            j = cn_column(data)
+            if j is None:
+                raise TrainError(f"{data.path} has no 'cn' structure column: per element + CN mean impossible")
+            keys = np.column_stack([keys, np.rint(data.structure[:, j]).astype(int).astype(object)])
+        model = GroupMean().fit(keys[train_rows], y[train_rows])
+        return {k: model.predict(keys[r]) for k, r in predict_rows.items()}
+    if name.startswith("gbt_"):
+        x = features(name[len("gbt_"):])
+        model = GBT(seed=seed).fit(x[train_rows], y[train_rows], x[val_rows], y[val_rows])
+        return {k: model.predict(x[r]) for k, r in predict_rows.items()}
+    raise TrainError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+
+
+def score_splits(data: Dataset, targets, rows: dict, preds: dict) -> dict:
+    """``{split: {target: DOSnet.report.scores}}`` of predictions ``{split: (len(rows), T)}``."""
+    from DOSnet.report import scores
+
+    y = target_matrix(data, targets)
+    return {s: {t: scores(y[rows[s], j], p[:, j], accuracy=(t == "valence")) for j, t in enumerate(targets)}
+            for s, p in preds.items()}
+
+
+def run_model(spec: dict, seed: int, params: dict, data: Dataset, train_rows, rows: dict, features: _Features,
+              epoch_log: Log) -> dict:
+    """One model and seed: fit on ``train_rows``, choose (epochs or iterations) on ``rows["val"]``,
+    score val and test. spec: ``{"model", "kind": baseline | dosnet | families, "fusion",
+    "structure_families"}``. Returns ``{"scores", "info", "seconds"}``."""
+    t0 = time.time()
+    targets = params["targets"]
+    predict_rows = {"val": rows["val"], "test": rows["test"]}
+    if spec["kind"] == "baseline":
+        preds = baseline_predictions(spec["model"], data, targets, train_rows, rows["val"], predict_rows, seed,
+                                     features)
+        info = {}
+    else:
+        p = {**params, "fusion": spec["fusion"], "structure_families": spec["structure_families"], "seed": seed}
+        epoch_log(f"--- {spec['model']} seed {seed}")
+        res = fit_predict(p, data, train_rows, rows["val"], predict_rows, epoch_log)
+        preds = res["predictions"]
+        info = {"epochs_run": len(res["history"].get("loss", [])), "best_epoch": res["best_epoch"],
+                "train_seconds": round(res["seconds"], 1)}
+        del res
+    eval_rows = {"val": rows["val"], "test": rows["test"]}
+    return {"scores": score_splits(data, targets, eval_rows, preds), "info": info,
+            "seconds": round(time.time() - t0, 1)}
+
+
+def _check_resume(path: Path, config: dict) -> None:
+    """Write the run's config, or check that an existing run folder was made with the same one."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != json.loads(json.dumps(config)):
+            diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
+            raise TrainError(f"{path.parent} holds a run with other settings ({', '.join(diff)}); "
+                             f"choose a new --out to start afresh")
+    else:
+        _write_json(path, config)
+
+
+class _Runner:
+    """Runs (model, seed) jobs, caching each result as ``results/<model>__seed<k>.json`` so that an
+    interrupted run resumes where it stopped; prints a line per job with elapsed and estimated
+    remaining time, and drives a tqdm bar."""
+
+    def __init__(self, out: Path, log: Log, n_jobs: int, total_cost: float, run):
+        from tqdm import tqdm
+
+        self.dir = out / "results"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log, self.run, self.total_cost = log, run, total_cost
+        self.t0, self.i, self.n_jobs = time.time(), 0, n_jobs
+        self.cost_done, self.cost_timed, self.time_spent = 0.0, 0.0, 0.0
+        self.resumed_seconds = 0.0  # time the runs loaded from results/ had taken when they were made
+        self.bar = tqdm(total=n_jobs, unit="run", desc="runs", disable=None, leave=False)
+
+    def __call__(self, spec: dict, seed: int, cost: float, label: str) -> dict:
+        path = self.dir / f"{spec['model']}__seed{seed}.json"
+        self.i += 1
+        if path.is_file():
+            res, note = json.loads(path.read_text()), "from an earlier, interrupted run"
+            self.resumed_seconds += res.get("seconds", 0.0)
+        else:
+            t = time.time()
+            res = self.run(spec, seed)
+            self.time_spent += time.time() - t
+            self.cost_timed += cost
+            _write_json(path, res)
+            note = f"{res['seconds']:.0f} s"
+        self.cost_done += cost
+        self.bar.update()
+        left = ""
+        if self.cost_timed > 0 and self.cost_done < self.total_cost:
+            left = f", about {report.duration(self.time_spent / self.cost_timed * (self.total_cost - self.cost_done))} left"
+        sc = res["scores"]
+        targets = list(sc["test"])
+        vals = [sc["val"][t].get("nmae") for t in targets]
+        val = f"{np.mean(vals):.3f}" if all(v is not None for v in vals) else "–"
+        test = ", ".join(f"{t} {sc['test'][t]['mae']:.4f}" for t in targets)
+        ep = f", {res['info']['epochs_run']} epochs" if res["info"].get("epochs_run") else ""
+        self.log(f"[{self.i:2d}/{self.n_jobs}] {label} seed {seed}: val nMAE {val}, test MAE {test} ({note}{ep}; "
+                 f"elapsed {report.duration(time.time() - self.t0)}{left})")
+        return res
+
+    def close(self):
+        self.bar.close()
+
+
+def run_ablation(params: dict, data: Dataset, out_dir, n_seeds: int = 3, full: bool = False,
+                 log: Log | None = None) -> dict:
+    """Every baseline and DOSnet variant over ``n_seeds`` seeds on the stored grouped split.
+
+    Models: ``BASELINES``; DOSnet ``none``, ``late``, ``early``, ``structure_only``; then the
+    structure families of params switched off one at a time in the best fused model (``late`` or
+    ``early``, lowest validation normalised MAE averaged over targets; the test split is never
+    used to choose). Seeds ``seed``, ``seed + 1``, ... vary the network's initialisation and batch
+    order (the baselines are deterministic: their spread is 0); the split stays fixed. Writes ``ablation.md``,
+    ``ablation.json``, ``ablation.png``, ``ablation.log`` and ``results/`` (one file per model and
+    seed: rerunning with the same ``out_dir`` resumes). Returns the ablation.json content.
+    """
+    from tqdm import tqdm
+
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or Log(out / "ablation.log", printer=tqdm.write)
+    epoch_log = Log(log.path, quiet=True)
+    targets = params["targets"]
+    run_params, budget_text = ablation_budget(params, full)
+    seeds = [params["seed"] + k for k in range(n_seeds)]
+    rows = {s: np.flatnonzero(data.split == s) for s in SPLITS}
+    for s in SPLITS:
+        if not len(rows[s]):
+            raise TrainError(f"{data.path}: the {s} split is empty; the ablation needs train, val and test")
+    families = list(params["structure_families"])
+    if not families:
+        raise TrainError("params: 'structure_families' is empty; the ablation's fused models need the structure vector")
+    structure_columns(data, families)
+    _check_resume(out / "ablation_config.json",
+                  {"data_file": data.path, "n_samples": data.n, "seeds": seeds, "params": run_params})
+    _write_json(out / "params.json", params)
+    counts = _data_counts(data, rows)
+    log(f"ablation on {data.path}: {data.n} samples; " + ", ".join(
+        f"{s} {c['materials']} materials / {c['samples']} samples" for s, c in counts.items()))
+    log(f"seeds {', '.join(map(str, seeds))}; {budget_text}")
+    log(f"run folder {out}; if interrupted, the same command with --out {out} resumes after the finished runs")
+    specs = []
+    for name in BASELINES:
+        if name == "element_cn_mean" and cn_column(data) is None:
+            log(f"no 'cn' column in the structure vector of {data.path}: per element + CN mean left out")
+            continue
+        specs.append({"model": name, "kind": "baseline", "fusion": None, "structure_families": []})
+    for fusion in FUSIONS:
+        specs.append({"model": dosnet_key(fusion), "kind": "dosnet", "fusion": fusion, "structure_families": families})
+    n_family = len(families) if len(families) > 1 else 0
+    cost = lambda s: _RUN_COST[s["fusion"]] if s["fusion"] else _RUN_COST["baseline"]  # noqa: E731
+    total = len(seeds) * (sum(cost(s) for s in specs) + n_family * max(_RUN_COST["late"], _RUN_COST["early"]))
+    features = _Features(data, run_params, log)
+    runner = _Runner(out, log, len(seeds) * (len(specs) + n_family), total,
+                     lambda spec, seed: run_model(spec, seed, run_params, data, rows["train"], rows, features,
+                                                  epoch_log))
+    labels = {**BASELINES, **{dosnet_key(f): f"DOSnet {f}" for f in FUSIONS}}
+    results: dict = {}
+
+    def run_specs(todo):
+        for spec in todo:
+            results[spec["model"]] = [runner(spec, seed, cost(spec), labels[spec["model"]]) for seed in seeds]
+
+    try:
+        run_specs(specs)
+        summaries = {m: report.summarise([r["scores"] for r in rs]) for m, rs in results.items()}
+        best_fused = report.select_best(summaries, [dosnet_key("late"), dosnet_key("early")], targets, "val")
+        fused = best_fused.split("-", 1)[1]
+        log(f"best fused model on the validation split: {best_fused}; "
+            f"switching its structure families off one at a time")
+        if not n_family:
+            log(f"only one structure family ({', '.join(families)}): no family to switch off")
+        family_specs = []
+        for fam in families[:len(families) if n_family else 0]:
+            key = dosnet_key(fused, fam)
+            labels[key] = f"DOSnet {fused} without {fam}"
+            family_specs.append({"model": key, "kind": "families", "fusion": fused,
+                                 "structure_families": [f for f in families if f != fam]})
+        specs += family_specs
+        run_specs(family_specs)
+    finally:
+        runner.close()
+    summaries = {m: report.summarise([r["scores"] for r in rs]) for m, rs in results.items()}
+    order = [s["model"] for s in specs]
+    kinds = {s["model"]: s["kind"] for s in specs}
+    dosnet_models = [m for m in order if kinds[m] != "baseline"]
+    baseline_models = [m for m in order if kinds[m] == "baseline"]
+    best_dosnet = report.select_best(summaries, dosnet_models, targets, "val")
+    best_baseline = report.select_best(summaries, baseline_models, targets, "val")
+    verdicts = [report.verdict(t, best_fused, summaries[best_fused], dosnet_key("none"), summaries[dosnet_key("none")],
+                               TARGET_UNITS.get(t, "")) for t in targets]
+    versus = []
+    for t in targets:
+        mine = summaries[best_dosnet]["test"][t]["mae"]["mean"]
+        better = [m for m in baseline_models if summaries[m]["test"][t]["mae"]["mean"] <= mine]
+        versus.append({"target": t, "best_dosnet": best_dosnet, "test_mae": mine, "beats_every_baseline": not better,
+                       "baselines_at_least_as_good": better})
+    elapsed = time.time() - t_start
+    spec_of = {s["model"]: s for s in specs}
+    result = {
+        "data_file": data.path, "counts": counts, "targets": targets, "seeds": seeds, "budget": budget_text,
+        "full": full, "epochs": run_params["epochs"], "early_stopping_patience": run_params["early_stopping_patience"],
+        "seconds": round(elapsed, 1), "seconds_of_resumed_runs": round(runner.resumed_seconds, 1),
+        "split_used_for_choices": "val",
+        "best_fused": best_fused,
+        "best_dosnet": {"model": best_dosnet, "fusion": spec_of[best_dosnet]["fusion"],
+                        "structure_families": spec_of[best_dosnet]["structure_families"]},
+        "best_baseline": {"model": best_baseline},
+        "verdicts": verdicts, "dosnet_vs_baselines": versus,
+        "models": {m: {"label": labels[m], "kind": kinds[m], "fusion": spec_of[m]["fusion"],
+                       "structure_families": spec_of[m]["structure_families"], "summary": summaries[m],
+                       "per_seed": [{"seed": s, **r} for s, r in zip(seeds, results[m])]} for m in order},
+        "published": report.published()["results"],
+    }
+    _write_json(out / "ablation.json", result)
+    report.plot_ablation(out / "ablation.png", summaries, order, targets, kinds, TARGET_UNITS,
+                         {m: m for m in order})
+    (out / "ablation.md").write_text(report.ablation_markdown(result, summaries, order, labels, kinds, SPLITS))
+    log(report.markdown_table(summaries, order, targets, labels))
+    for v in verdicts:
+        log(v["text"].replace("**", "").replace("`", ""))
+    resumed = f" (plus {report.duration(runner.resumed_seconds)} of runs resumed from {out / 'results'})" \
+        if runner.resumed_seconds else ""
+    log(f"ablation finished in {report.duration(elapsed)}{resumed}; table: {out / 'ablation.md'}")
+    return result
+
+
+def training_subsets(material_ids, train_rows, fractions=LC_FRACTIONS, seed: int = 88) -> list:
+    """Nested subsets of the training MATERIALS: ``[(fraction, n_materials, rows), ...]``.
+
+    The training materials are shuffled once with ``seed``; a fraction f keeps the first
+    ceil(f * M) of them (at least one) and all their samples, so every subset contains the smaller ones.
+    """
+    train_rows = np.asarray(train_rows)
+    ids = np.array(sorted(set(np.asarray(material_ids)[train_rows])))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    out = []
+    for f in fractions:
+        k = max(1, int(np.ceil(f * len(ids) - 1e-9)))
+        keep = np.isin(np.asarray(material_ids)[train_rows], ids[order[:k]])
+        out.append((float(f), k, train_rows[keep]))
+    return out
+
+
+def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, full: bool = False,
+                       from_ablation=None, log: Log | None = None) -> dict:
+    """Test MAE of the best DOSnet model and the best baseline trained on 5, 10, 25, 50 and 100 %
+    of the training materials (nested subsets, ``training_subsets``; the same validation and test
+    rows throughout), ``n_seeds`` seeds each.
+
+    The DOSnet model is params' ``fusion`` and ``structure_families``, or ``best_dosnet`` of an
+    ``ablation.json`` (``from_ablation``); the baseline is that file's ``best_baseline``, or else the
+    baseline with the lowest validation normalised MAE on the full training set (one seed). Fits
+    ``MAE = a N^-b`` (N training samples) per model and target and extrapolates to 10^4 materials.
+    Writes ``learning_curve.md``, ``.csv``, ``.json``, ``.png`` and ``learning_curve.log``.
+    """
+    from tqdm import tqdm
+
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or Log(out / "learning_curve.log", printer=tqdm.write)
+    epoch_log = Log(log.path, quiet=True)
+    targets = params["targets"]
+    run_params, budget_text = ablation_budget(params, full)
+    rows = {s: np.flatnonzero(data.split == s) for s in SPLITS}
+    for s in SPLITS:
+        if not len(rows[s]):
+            raise TrainError(f"{data.path}: the {s} split is empty; the learning curve needs train, val and test")
+    fusion, families, baseline, chosen_by = params["fusion"], list(params["structure_families"]), None, "params.json"
+    dosnet = dosnet_key(fusion)
+    if from_ablation:
+        try:
+            ab = json.loads(Path(from_ablation).read_text())
+            best = ab["best_dosnet"]
+            fusion, families, baseline = best["fusion"], list(best["structure_families"]), ab["best_baseline"]["model"]
+            dosnet = str(best["model"])
+        except FileNotFoundError:
+            raise TrainError(f"--from-ablation: {from_ablation} not found") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise TrainError(f"--from-ablation: {from_ablation} is not an ablation.json ({exc!r})") from None
+        if fusion not in FUSIONS or baseline not in BASELINES:
+            raise TrainError(f"--from-ablation: {from_ablation} names an unknown model ({fusion!r}, {baseline!r})")
+        chosen_by = f"validation split of {from_ablation}"
+    structure_columns(data, families)
+    _write_json(out / "params.json", params)
+    features = _Features(data, run_params, log)  # the baselines' structure vector: params' families
+    seeds = [params["seed"] + k for k in range(n_seeds)]
+    log(f"learning curve on {data.path}: {data.n} samples; seeds {', '.join(map(str, seeds))}; {budget_text}")
+    if baseline is None:
+        cand = [b for b in BASELINES if b != "element_cn_mean" or cn_column(data) is not None]
+        summ = {}
+        for b in cand:
+            res = run_model({"model": b, "kind": "baseline"}, params["seed"], run_params, data, rows["train"], rows,
+                            features, epoch_log)
+            summ[b] = report.summarise([res["scores"]])
+        baseline = report.select_best(summ, cand, targets, "val")
+        chosen_by += f"; baseline {baseline}: lowest validation nMAE of {', '.join(cand)} on the full training set"
+    log(f"models: {dosnet} (structure families {', '.join(families) or '-'}) and {baseline} (chosen by {chosen_by})")
+    subsets = training_subsets(data.material_id, rows["train"], LC_FRACTIONS, params["seed"])
+    specs = [{"model": dosnet, "kind": "dosnet", "fusion": fusion, "structure_families": families},
+             {"model": baseline, "kind": "baseline", "fusion": None, "structure_families": []}]
+    points = []
+    bar = tqdm(total=len(subsets) * len(specs) * len(seeds), unit="run", desc="runs", disable=None, leave=False)
+    try:
+        for f, k, tr in subsets:
+            for spec in specs:
+                per_seed = []
+                for seed in seeds:
+                    r = run_model(spec, seed, run_params, data, tr, rows, features, epoch_log)
+                    per_seed.append(r)
+                    bar.update()
+                    log(f"{f * 100:5.1f} % ({k} materials, {len(tr)} samples) {spec['model']} seed {seed}: test MAE "
+                        + ", ".join(f"{t} {r['scores']['test'][t]['mae']:.4f}" for t in targets)
+                        + f" ({r['seconds']:.0f} s; elapsed {report.duration(time.time() - t_start)})")
+                points.append({"fraction": f, "train_materials": k, "train_samples": int(len(tr)),
+                               "model": spec["model"], "summary": report.summarise([r["scores"] for r in per_seed]),
+                               "per_seed": [{"seed": s, **r} for s, r in zip(seeds, per_seed)]})
+    finally:
+        bar.close()
+    n_materials = len(set(data.material_id))
+    per_material = data.n / n_materials
+    n_10k = 1e4 * per_material
+    curves, fits, extrap = {}, {}, []
+    for spec in specs:
+        pts = [p for p in points if p["model"] == spec["model"]]
+        c = {"n": [p["train_samples"] for p in pts]}
+        for t in targets:
+            c[t] = {"mean": [p["summary"]["test"][t]["mae"]["mean"] for p in pts],
+                    "std": [p["summary"]["test"][t]["mae"]["std"] for p in pts]}
+            try:
+                a, b = report.fit_power_law(c["n"], c[t]["mean"])
+            except ValueError:  # fewer than two points with MAE > 0 (e.g. an exact baseline)
+                extrap.append({"model": spec["model"], "target": t, "a": None, "b": None})
+                continue
+            fits[(spec["model"], t)] = (a, b)
+            e = {"model": spec["model"], "target": t, "a": a, "b": b, "mae_at_1e4_materials": a * n_10k ** (-b)}
+            try:  # the same from the three largest subsets only: less sensitive to under-trained small ones
+                a3, b3 = report.fit_power_law(c["n"][-3:], c[t]["mean"][-3:])
+                e.update(a_largest3=a3, b_largest3=b3, mae_at_1e4_materials_largest3=a3 * n_10k ** (-b3))
+            except ValueError:
+                pass
+            extrap.append(e)
+        curves[spec["model"]] = c
+    pub = report.published_learning_curve()
+    a_p, b_p = report.fit_power_law(np.asarray(pub["fraction"]) * pub["n_total"], pub["mae"])
+    elapsed = time.time() - t_start
+    result = {"data_file": data.path, "targets": targets, "seeds": seeds, "budget": budget_text, "full": full,
+              "dosnet": {"model": dosnet, "fusion": fusion, "structure_families": families}, "baseline": baseline,
+              "chosen_by": chosen_by, "fractions": list(LC_FRACTIONS), "points": points,
+              "samples_per_material": per_material, "samples_at_1e4_materials": n_10k, "power_laws": extrap,
+              "published": {**pub, "power_law": {"a": a_p, "b": b_p}}, "seconds": round(elapsed, 1)}
+    _write_json(out / "learning_curve.json", result)
+    with open(out / "learning_curve.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["fraction", "train_materials", "train_samples", "model", "target", "val_mae_mean", "val_mae_std",
+                    "test_mae_mean", "test_mae_std", "test_nmae_mean", "test_nmae_std", "seeds"])
+        for p in points:
+            for t in targets:
+                v, te = p["summary"]["val"][t], p["summary"]["test"][t]
+                nm = te.get("nmae") or {"mean": float("nan"), "std": float("nan")}
+                w.writerow([p["fraction"], p["train_materials"], p["train_samples"], p["model"], t,
+                            *(f"{x:.6g}" for x in (v["mae"]["mean"], v["mae"]["std"], te["mae"]["mean"],
+                                                   te["mae"]["std"], nm["mean"], nm["std"])), len(seeds)])
+    report.plot_learning_curves(out / "learning_curve.png", curves, targets, TARGET_UNITS, fits, pub, n_10k)
+    (out / "learning_curve.md").write_text(report.learning_curve_markdown(result, n_materials, TARGET_UNITS))
+    log(f"learning curve finished in {report.duration(elapsed)}; table: {out / 'learning_curve.md'}")
+    return result
+
+
 # =========================================================================== command line
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
@@ -778,6 +1299,17 @@ def parse_args(argv=None):
     p.add_argument("--cv", type=int, nargs="?", const=0, metavar="K",
                    help="grouped K-fold cross-validation by material (K defaults to cv_folds)")
     p.add_argument("--predict", metavar="RUN_DIR", help="predict --data with the model saved in RUN_DIR")
+    p.add_argument("--ablation", action="store_true",
+                   help="baselines, DOSnet fusions and structure families off one at a time, over --seeds seeds "
+                        "(default run folder <out_dir>/ablation-<time>; an existing one resumes)")
+    p.add_argument("--learning-curve", action="store_true",
+                   help="best DOSnet model and best baseline on 5-100 %% of the training materials")
+    p.add_argument("--from-ablation", metavar="ABLATION_JSON",
+                   help="with --learning-curve: take the models chosen in this ablation.json")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per model for --ablation / --learning-curve (default 3)")
+    p.add_argument("--full", action="store_true",
+                   help=f"--ablation / --learning-curve with params' epochs and patience (default: at most "
+                        f"{QUICK_EPOCHS} epochs, patience {QUICK_PATIENCE})")
     return p.parse_args(argv)
 
 
@@ -791,6 +1323,18 @@ def main(argv=None) -> int:
             return 0
         if args.cv is not None and (args.cv < 0 or args.cv == 1):
             raise TrainError(f"--cv K needs K >= 2, got {args.cv}")
+        study = "ablation" if args.ablation else "learning-curve" if args.learning_curve else None
+        if args.ablation and args.learning_curve:
+            raise TrainError("--ablation and --learning-curve: run one at a time (--learning-curve --from-ablation "
+                             "RUN/ablation.json uses the ablation's choices)")
+        if study and args.cv is not None:
+            raise TrainError(f"--{study} cannot be combined with --cv")
+        if args.from_ablation and not args.learning_curve:
+            raise TrainError("--from-ablation needs --learning-curve")
+        if (args.full or args.seeds != 3) and not study:
+            raise TrainError("--full and --seeds go with --ablation or --learning-curve")
+        if args.seeds < 1:
+            raise TrainError(f"--seeds needs at least 1, got {args.seeds}")
         params = load_params(args.params)
         overrides = {"data_file": args.data, "epochs": args.epochs, "fusion": args.fusion,
                      "targets": args.targets, "seed": args.seed}
@@ -807,9 +1351,13 @@ def main(argv=None) -> int:
         data = load_data(data_file, params)
         structure_columns(data, params["structure_families"])  # fail before training on a bad family
         cv = params["cv_folds"] if args.cv is not None else None
-        name = f"{params['fusion']}-{'+'.join(params['targets'])}" + (f"-cv{cv}" if cv else "")
+        name = study or f"{params['fusion']}-{'+'.join(params['targets'])}" + (f"-cv{cv}" if cv else "")
         out = Path(args.out) if args.out else Path(params["out_dir"]) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if cv:
+        if args.ablation:
+            run_ablation(params, data, out, args.seeds, args.full)
+        elif args.learning_curve:
+            run_learning_curve(params, data, out, args.seeds, args.full, args.from_ablation)
+        elif cv:
             run_cv(params, data, cv, out)
         else:
             run_experiment(params, data, out)

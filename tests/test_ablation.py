@@ -1,0 +1,328 @@
+"""Ablation and learning curve: DOS descriptors on analytic bands, exact group-mean baselines,
+choices made on validation only, and both studies end to end on a tiny h5."""
+import ast
+import csv
+import json
+import os
+from math import erf, sqrt
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import train  # noqa: E402
+from DOSnet import report  # noqa: E402
+from DOSnet.baselines import GBT, GroupMean, mean_predictor  # noqa: E402
+from DOSnet.descriptors import FEATURES, dos_descriptors, feature_names  # noqa: E402
+
+L = 400  # short grid: -14 .. 6 eV in 0.05 eV steps
+
+
+def _gaussian(e, centre, width, states=1.0):
+    return states * np.exp(-0.5 * ((e - centre) / width) ** 2) / (width * sqrt(2 * np.pi))
+
+
+# ------------------------------------------------------------------ descriptors
+def test_descriptors_of_a_gaussian_band():
+    """A Gaussian band of known centre c, width w and N states: centre c, width w (the square root
+    of the second central moment), filling N * Phi(-c / w), skewness 0 and Pearson kurtosis 3
+    (``kurtosis`` is NOT the excess kurtosis), DOS at E = 0 the band's value there."""
+    e = -14.0 + 0.01 * np.arange(2000)
+    bands = [(-5.0, 1.0, 2.0), (0.0, 0.5, 1.0), (-1.2, 0.7, 3.0)]
+    dos = np.stack([_gaussian(e, c, w, n) for c, w, n in bands], axis=1)[None]
+    x = dos_descriptors(dos.astype(np.float32), e, window_ev=0.1).reshape(len(bands), len(FEATURES))
+    for (c, w, n), row in zip(bands, x):
+        got = dict(zip(FEATURES, row))
+        assert got["total"] == pytest.approx(n, rel=1e-4)
+        assert got["centre_ev"] == pytest.approx(c, abs=1e-4)
+        assert got["width_ev"] == pytest.approx(w, rel=1e-4)
+        assert got["filling"] == pytest.approx(n * 0.5 * (1 + erf((0 - c) / (w * sqrt(2)))), rel=1e-3)
+        assert got["skewness"] == pytest.approx(0.0, abs=1e-3)
+        assert got["kurtosis"] == pytest.approx(3.0, abs=1e-3)
+        near = np.abs(e) <= 0.1
+        assert got["dos_at_ref"] == pytest.approx(_gaussian(e[near], c, w, n).mean(), rel=1e-5)
+    # the band centred at E = 0 is half filled and its DOS at E = 0 is close to the peak height
+    assert x[1, FEATURES.index("filling")] == pytest.approx(0.5, abs=1e-3)
+    assert x[1, FEATURES.index("dos_at_ref")] == pytest.approx(1 / (0.5 * sqrt(2 * np.pi)), rel=0.01)
+
+
+def test_descriptors_of_a_skewed_band_an_empty_channel_and_a_non_uniform_grid():
+    # Gamma-shaped band rho ~ (E - E0)^3 exp(-(E - E0)/theta): shape k = 4 -> skewness 2/sqrt(k) = 1,
+    # Pearson kurtosis 3 + 6/k = 4.5, centre E0 + k theta, width sqrt(k) theta
+    e = np.concatenate([np.linspace(-14, -6, 300, endpoint=False), np.linspace(-6, 6, 3000)])  # non-uniform
+    e0, theta = -5.0, 0.5
+    rho = np.where(e > e0, np.clip(e - e0, 0, None) ** 3 * np.exp(-(e - e0) / theta), 0.0)
+    dos = np.stack([rho, np.zeros_like(e)], axis=1)[None]
+    got = dict(zip(feature_names(["band", "empty"]), dos_descriptors(dos, e)[0]))
+    assert got["band:centre_ev"] == pytest.approx(e0 + 4 * theta, abs=1e-3)
+    assert got["band:width_ev"] == pytest.approx(2 * theta, rel=1e-3)
+    assert got["band:skewness"] == pytest.approx(1.0, abs=5e-3)
+    assert got["band:kurtosis"] == pytest.approx(4.5, abs=2e-2)
+    # no states: zero totals, undefined moments (NaN: "missing" for the trees)
+    assert got["empty:total"] == 0 and got["empty:filling"] == 0 and got["empty:dos_at_ref"] == 0
+    assert all(np.isnan(got[f"empty:{f}"]) for f in ("centre_ev", "width_ev", "skewness", "kurtosis"))
+    with pytest.raises(ValueError):
+        dos_descriptors(dos, e[::-1])
+
+
+# ------------------------------------------------------------------ baselines
+def test_group_means_are_exact_and_back_off():
+    elements = np.array(["Ti", "Ti", "O", "O", "O", "Ti"])
+    cn = np.array([6, 6, 3, 3, 2, 4])
+    y = np.array([[4.0, 1.0], [4.2, 1.0], [-2.0, 0.0], [-1.8, 0.0], [-2.3, 2.0], [3.0, 4.0]])
+    m = GroupMean().fit(elements, y)
+    assert m.predict(["Ti", "O"]) == pytest.approx(np.array([[(4.0 + 4.2 + 3.0) / 3, 2.0], [(-2.0 - 1.8 - 2.3) / 3, 2 / 3]]))
+    assert m.predict(["Zr"])[0] == pytest.approx(y.mean(axis=0))  # unseen element: the overall mean
+    keys = np.column_stack([elements.astype(object), cn.astype(object)])
+    ecn = GroupMean().fit(keys, y[:, 0])
+    query = np.array([["Ti", 6], ["O", 3], ["O", 2], ["Ti", 5], ["Na", 6]], dtype=object)
+    # element + CN seen; seen; seen; unseen CN -> the element's mean; unseen element -> overall mean
+    assert ecn.predict(query)[:, 0] == pytest.approx([4.1, -1.9, -2.3, (4.0 + 4.2 + 3.0) / 3, y[:, 0].mean()])
+    assert mean_predictor(y, 3) == pytest.approx(np.tile(y.mean(axis=0), (3, 1)))
+
+
+def test_gbt_learns_a_threshold_and_picks_iterations_on_validation():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4))
+    x[::7, 1] = np.nan  # missing values are allowed
+    y = np.where(x[:, 0] > 0, 1.0, -1.0) + 0.05 * rng.normal(size=300)
+    m = GBT(seed=0, options={"max_iter": 60}).fit(x[:200], y[:200], x[200:250], y[200:250])
+    assert 1 <= m.best_iter[0] <= 60
+    assert np.mean(np.abs(m.predict(x[250:])[:, 0] - y[250:])) < 0.3 * np.mean(np.abs(y[250:] - y[:200].mean()))
+
+
+def test_scores_and_seed_summary():
+    s = report.scores([1.0, 2.0, 3.0, 6.0], [1.0, 3.0, 3.0, 5.0], accuracy=True)
+    assert s["mae"] == pytest.approx(0.5) and s["mad"] == pytest.approx(1.5) and s["nmae"] == pytest.approx(1 / 3)
+    assert s["rmse"] == pytest.approx(np.sqrt(0.5)) and s["accuracy"] == pytest.approx(0.5)
+    per_seed = [{"test": {"t": {"n": 4, "mae": v, "r2": None}}} for v in (1.0, 2.0, 3.0)]
+    summ = report.summarise(per_seed)["test"]["t"]
+    assert summ["mae"] == {"mean": 2.0, "std": 1.0} and summ["r2"] is None and summ["n_seeds"] == 3
+    a, b = report.fit_power_law([10, 100, 1000], [1.0, 0.5, 0.25])
+    assert b == pytest.approx(np.log10(2)) and a == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------ tiny data file
+ELEMENTS = {"Ti": (22, 1.54, 4.0), "Fe": (26, 1.83, 3.0), "Mg": (12, 1.31, 2.0), "O": (8, 3.44, -2.0)}
+
+
+def write_tiny_h5(path, n_materials=40, sites=3, seed=0):
+    """An h5 in data_prep's layout (see data_prep/build.py) with a grid attribute and named
+    structure columns in three families (site, coordination, global, with ``cn``); bvs_vu depends
+    on the site's element, its coordination number and the centre of its d band."""
+    from data_prep.build import grouped_split
+    from data_prep.layout import EnergyGrid, channel_labels
+
+    rng = np.random.default_rng(seed)
+    grid = EnergyGrid(n_points=L)
+    e = grid.energies_ev
+    n = n_materials * sites
+    element = rng.choice(list(ELEMENTS), size=n)
+    cn = rng.choice([4, 6, 8], size=n)
+    d_centre = rng.uniform(-6, 0, size=n)
+    dos = np.zeros((n, L, 27), np.float32)
+    for c in range(27):
+        centre = rng.uniform(-10, 3, size=(n, 1))
+        dos[:, :, c] = _gaussian(e[None, :], centre, rng.uniform(0.5, 1.5, size=(n, 1)), 0.3)
+    for c in range(4, 9):  # the site's d channels: one band at d_centre
+        dos[:, :, c] += _gaussian(e[None, :], d_centre[:, None], 0.8, 1.0).astype(np.float32)
+    z = np.array([ELEMENTS[x][0] for x in element], float)
+    chi = np.array([ELEMENTS[x][1] for x in element], float)
+    valence = np.array([ELEMENTS[x][2] for x in element], float)
+    bvs = valence + 0.05 * (cn - 6) + 0.1 * d_centre / 6 + 0.02 * rng.normal(size=n)
+    structure = np.column_stack([z, chi, cn, cn + rng.normal(0, 0.2, n), rng.uniform(2, 6, n), rng.uniform(10, 20, n)])
+    mids = np.repeat([f"tiny-{i:03d}" for i in range(n_materials)], sites)
+    of = grouped_split(mids, (0.6, 0.2, 0.2), 88)
+    s = h5py.string_dtype()
+    with h5py.File(path, "w") as h:
+        h["dos"] = dos
+        h["dos"].attrs["channel_labels"] = channel_labels(2)
+        h.attrs["grid"] = json.dumps(grid.as_dict())
+        h["structure"] = structure.astype(np.float32)
+        h.create_dataset("structure_labels", data=np.array(["site_Z", "site_X", "cn", "ecn", "density_g_cm3",
+                                                            "volume_per_atom_ang3"], dtype=object), dtype=s)
+        h.create_dataset("structure_families", data=np.array(["site", "site", "coordination", "coordination",
+                                                              "global", "global"], dtype=object), dtype=s)
+        h["targets/bvs_vu"] = bvs.astype(np.float32)
+        h["targets/valence"] = valence.astype(np.float32)
+        h["targets/bvs_deviation_vu"] = (bvs - valence).astype(np.float32)
+        h["targets/gii_vu"] = np.zeros(n, np.float32)
+        h.create_dataset("meta/material_id", data=mids.astype(object), dtype=s)
+        h.create_dataset("meta/element", data=element.astype(object), dtype=s)
+        h.create_dataset("meta/origin", data=np.array(["synthetic"] * n, dtype=object), dtype=s)
+        h["meta/site_index"] = np.tile(np.arange(sites), n_materials).astype(np.int32)
+        h.create_dataset("split", data=np.array([of[m] for m in mids], dtype=object), dtype=s)
+        h.create_dataset("materials/material_id", data=np.unique(mids).astype(object), dtype=s)
+    return path
+
+
+def _params(h5, out_dir, **over):
+    p = json.loads((ROOT / "params.json").read_text())
+    p.update(data_file=str(h5), out_dir=str(out_dir), length=L, epochs=1, batch_size=16, early_stopping_patience=2,
+             structure_families=["site", "coordination"], structure_units=[16])
+    p.update(over)
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ablation")
+    h5 = write_tiny_h5(d / "tiny.h5")
+    params = d / "params.json"
+    params.write_text(json.dumps(_params(h5, d / "runs")))
+    return h5, params, d
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tiny):
+    h5, params, d = tiny
+    code = train.main(["--params", str(params), "--ablation", "--seeds", "2", "--out", str(d / "ablation")])
+    assert code == 0
+    return d / "ablation"
+
+
+# ------------------------------------------------------------------ choices on validation only
+def test_the_best_fused_model_is_chosen_on_validation(tiny, tmp_path, monkeypatch):
+    """late is better on test but early on validation: the ablation must pick early (and switch
+    early's families off), and say so; no network is trained here."""
+    h5, _, _ = tiny
+    p = _params(h5, tmp_path)
+    data = train.load_data(h5, p)
+    val_mae = {"dosnet-late": 0.30, "dosnet-early": 0.20}
+    test_mae = {"dosnet-late": 0.10, "dosnet-early": 0.40}
+    seen = []
+
+    def fake_run_model(spec, seed, params, data, train_rows, rows, features, epoch_log):
+        seen.append((spec["model"], spec["fusion"], tuple(spec["structure_families"])))
+        m = spec["model"]
+        other = 0.25 if m.startswith("dosnet") else 0.5
+        v, t = val_mae.get(m, other), test_mae.get(m, other)
+
+        def sc(x):
+            return {"n": 10, "mae": x + 0.001 * seed, "rmse": x, "r2": 0.5, "mad": 1.0, "nmae": x + 0.001 * seed}
+
+        return {"scores": {split: {tt: sc(x) for tt in params["targets"]} for split, x in (("val", v), ("test", t))},
+                "info": {}, "seconds": 0.0}
+
+    monkeypatch.setattr(train, "run_model", fake_run_model)
+    res = train.run_ablation(p, data, tmp_path / "abl", n_seeds=3, log=train.Log(quiet=True))
+    assert res["best_fused"] == "dosnet-early"
+    drops = [s for s in seen if "-no-" in s[0]]
+    assert {s[0] for s in drops} == {"dosnet-early-no-site", "dosnet-early-no-coordination"}
+    assert all(s[1] == "early" for s in drops) and ("dosnet-early-no-site", "early", ("coordination",)) in drops
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "best fused model `dosnet-early`" in md
+    # the selection rule on its own
+    summ = {m: report.summarise([{"val": {"t": {"mae": val_mae[m], "nmae": val_mae[m]}},
+                                  "test": {"t": {"mae": test_mae[m], "nmae": test_mae[m]}}}]) for m in val_mae}
+    assert report.select_best(summ, list(val_mae), ["t"]) == "dosnet-early"
+    assert report.select_best(summ, list(val_mae), ["t"], split="test") == "dosnet-late"
+
+
+# ------------------------------------------------------------------ end to end
+def test_ablation_on_a_tiny_file_writes_table_json_and_plot(ablation_run):
+    out = ablation_run
+    for name in ("ablation.md", "ablation.json", "ablation.png", "ablation.log", "params.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "ablation.json").read_text())
+    fused = res["best_fused"]
+    assert fused in ("dosnet-late", "dosnet-early") and res["seeds"] == [88, 89] and res["epochs"] == 1
+    expected = list(train.BASELINES) + [f"dosnet-{f}" for f in train.FUSIONS] + [f"{fused}-no-site",
+                                                                                 f"{fused}-no-coordination"]
+    assert list(res["models"]) == expected
+    md = (out / "ablation.md").read_text()
+    for m in expected:
+        for t in ("bvs_vu", "valence"):
+            assert f"| `{m}` " in md and md.count(f"| `{m}` ") >= 2, m  # a row per target (+ validation table)
+    for m, entry in res["models"].items():
+        assert len(entry["per_seed"]) == 2
+        for t in ("bvs_vu", "valence"):
+            s = entry["summary"]["test"][t]
+            assert s["n_seeds"] == 2 and s["mae"]["mean"] >= 0 and s["nmae"]["mean"] >= 0
+            assert {"mae", "rmse", "r2", "nmae"} <= set(s)
+    # normalised MAE = MAE / mean absolute deviation of the test targets
+    with h5py.File(out.parent / "tiny.h5") as h:
+        split = h["split"].asstr()[...]
+        y = h["targets/bvs_vu"][...][split == "test"].astype(float)
+    mad = np.mean(np.abs(y - y.mean()))
+    one = res["models"]["mean"]["per_seed"][0]["scores"]["test"]["bvs_vu"]
+    assert one["nmae"] == pytest.approx(one["mae"] / mad, rel=1e-6)
+    # the per-element mean is exact: the tiny file's valence is a function of the element
+    assert res["models"]["element_mean"]["summary"]["test"]["valence"]["mae"]["mean"] == pytest.approx(0, abs=1e-6)
+    assert len(res["verdicts"]) == 2 and all("seed-to-seed std" in v["text"] for v in res["verdicts"])
+    assert md.count("structure helps") + md.count("no clear effect") + md.count("structure hurts") >= 2
+    assert "0.1164" in md and "Fung" in md and "Took" in md and "quick budget" in md
+
+
+def test_ablation_resumes_from_finished_runs(tiny, ablation_run):
+    """Rerunning into the same folder reuses every finished (model, seed) instead of training again."""
+    _, params, _ = tiny
+    before = json.loads((ablation_run / "ablation.json").read_text())
+    assert train.main(["--params", str(params), "--ablation", "--seeds", "2", "--out", str(ablation_run)]) == 0
+    after = json.loads((ablation_run / "ablation.json").read_text())
+    assert after["models"] == before["models"]
+    assert after["seconds"] < 60
+    assert "earlier, interrupted run" in (ablation_run / "ablation.log").read_text()
+    assert after["seconds_of_resumed_runs"] > 0 and "resumed" in (ablation_run / "ablation.md").read_text()
+    # other settings into the same folder: one line, no silent mixing
+    assert train.main(["--params", str(params), "--ablation", "--seeds", "3", "--out", str(ablation_run)]) == 1
+
+
+def test_learning_curve_on_a_tiny_file(tiny, ablation_run, tmp_path):
+    _, params, _ = tiny
+    out = tmp_path / "lc"
+    code = train.main(["--params", str(params), "--learning-curve", "--seeds", "1", "--from-ablation",
+                       str(ablation_run / "ablation.json"), "--out", str(out)])
+    assert code == 0
+    for name in ("learning_curve.md", "learning_curve.csv", "learning_curve.json", "learning_curve.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "learning_curve.json").read_text())
+    ab = json.loads((ablation_run / "ablation.json").read_text())
+    assert res["dosnet"]["model"] == ab["best_dosnet"]["model"]
+    assert res["baseline"] == ab["best_baseline"]["model"]
+    with open(out / "learning_curve.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 5 * 2 * 2  # fractions x models x targets
+    samples = sorted({int(r["train_samples"]) for r in rows})
+    assert len(samples) == 5 and samples[-1] == 24 * 3  # 24 training materials x 3 sites
+    md = (out / "learning_curve.md").read_text()
+    assert "10^4 materials" in md and "0.273" in md and "samples per material" in md
+
+
+def test_training_subsets_are_nested_and_grouped():
+    mids = np.repeat([f"m{i:02d}" for i in range(40)], 2)
+    train_rows = np.arange(0, 60)
+    subs = train.training_subsets(mids, train_rows, seed=3)
+    assert [k for _, k, _ in subs] == [2, 3, 8, 15, 30]
+    sets = [set(mids[r]) for _, _, r in subs]
+    assert all(a < b for a, b in zip(sets, sets[1:])) and sets[-1] == set(mids[train_rows])
+    assert all(len(r) == 2 * k for _, k, r in subs)  # whole materials only
+    again = train.training_subsets(mids, train_rows, seed=3)
+    assert all(np.array_equal(a[2], b[2]) for a, b in zip(subs, again))
+
+
+def test_study_flags_give_one_line_errors(tiny, capsys):
+    _, params, _ = tiny
+    for argv, expect in ((["--from-ablation", "x.json"], "--learning-curve"),
+                         (["--ablation", "--seeds", "0"], "--seeds"),
+                         (["--ablation", "--learning-curve"], "one at a time"),
+                         (["--ablation", "--cv", "3"], "--cv"),
+                         (["--learning-curve", "--from-ablation", "nowhere.json"], "not found")):
+        assert train.main(["--params", str(params), *argv]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("train.py: error:") and "\n" not in err and expect in err, err
+
+
+# ------------------------------------------------------------------ DOSnet/ stays generic
+@pytest.mark.parametrize("module", ["descriptors.py", "baselines.py", "report.py"])
+def test_generic_modules_import_nothing_of_the_project(module):
+    tree = ast.parse((ROOT / "DOSnet" / module).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    allowed = ("__future__", "json", "math", "pathlib", "dataclasses", "numpy", "sklearn", "threadpoolctl", "matplotlib",
+               "DOSnet")
+    assert all(name.split(".")[0] in allowed for name in names), names
