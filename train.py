@@ -6,6 +6,7 @@
     python train.py --predict RUN_DIR --data FILE [--out DIR] # predictions with a saved model
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
+    python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
 
 Every hyperparameter and path comes from params.json (see ``PARAM_RULES``); flags only override.
 The data file is an h5 written by ``python -m data_prep build`` (layout: ``data_prep/build.py``):
@@ -13,7 +14,9 @@ per sample the gridded DOS of a site and its neighbours, the site's structure ve
 bond-valence targets, and a train/val/test split grouped by material. Every scaler (per-channel
 DOS, structure columns, targets) is fitted on the training rows only and saved with the model;
 training stops early on the validation loss (best weights restored) and the test split is
-predicted once, at the end. Same seed, same metrics on a CPU.
+predicted once, at the end. Same seed, same metrics on a CPU. A file too large for memory is
+streamed through ``tf.data`` (params ``data``, ``DOSnet/streaming.py``); ``distribute`` trains on several
+devices or machines (``DOSnet/distribute.py``); README, section Scaling.
 
 Run folder ``<out_dir>/<fusion>-<targets>-<time>/`` (or ``--out``): ``params.json`` (as used),
 ``model.keras``, ``scalers.json``, ``metrics.json``, ``predictions.csv``, ``history.csv``,
@@ -34,6 +37,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +81,25 @@ def _zero_tail_ok(v) -> bool:
     return v is None or (isinstance(v, list) and len(v) == 2 and all(_int(x) and x >= 0 for x in v) and v[0] <= v[1])
 
 
+#: Keys of the ``data`` section that say how train.py reads the file (``DOSnet/streaming.py``). The section
+#: may also hold ``python -m data_prep build`` keys (grid, n_neighbours, ...): build reads those
+#: and ignores these (``data_prep.build.TRAIN_READ_KEYS``); train.py ignores the build keys.
+DATA_READ_KEYS = ("in_memory", "block_samples", "shuffle_buffer")
+DISTRIBUTE = ("none", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def _data_ok(v) -> bool:
+    if not isinstance(v, dict) or set(DATA_READ_KEYS) - set(v):
+        return False
+    from data_prep.build import BuildConfig
+
+    if set(v) - set(DATA_READ_KEYS) - set(BuildConfig().as_dict()):
+        return False
+    return ((v["in_memory"] == "auto" or isinstance(v["in_memory"], bool)) and _int(v["block_samples"])
+            and v["block_samples"] > 0 and _int(v["shuffle_buffer"]) and v["shuffle_buffer"] >= 0)
+
+
 #: key -> (check, what the value must be). params.json must hold exactly these keys.
 PARAM_RULES: dict = {
     "data_file": (lambda v: isinstance(v, str) and v != "", "a path (string)"),
@@ -94,6 +117,10 @@ PARAM_RULES: dict = {
     "dropout": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "epochs": (lambda v: _int(v) and v > 0, "a positive integer"),
     "batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "data": (_data_ok, "an object with in_memory ('auto', true or false), block_samples (a positive integer) and "
+                       "shuffle_buffer (a non-negative integer), and optionally data_prep build keys"),
+    "distribute": (lambda v: v in DISTRIBUTE, "one of " + ", ".join(DISTRIBUTE)),
+    "precision": (lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
     "loss": (lambda v: v in LOSSES, "one of " + ", ".join(LOSSES)),
     "optimizer": (lambda v: v == "adam", "'adam'"),
     "learning_rate": (lambda v: _num(v) and v > 0, "a positive number"),
@@ -108,6 +135,10 @@ PARAM_RULES: dict = {
     "length": (lambda v: _int(v) and v > 0, "a positive integer"),
     "n_neighbours": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
     "zero_tail": (_zero_tail_ok, "null or [start, stop] grid indices"),
+    "importance_window_ev": (lambda v: _num(v) and v > 0, "a positive number (eV)"),
+    "importance_step_ev": (lambda v: _num(v) and v > 0, "a positive number (eV)"),
+    "importance_repeats": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
+    "importance_ig_steps": (lambda v: _int(v) and v >= 1, "a positive integer"),
     "out_dir": (lambda v: isinstance(v, str) and v != "", "a folder (string)"),
 }
 
@@ -153,7 +184,8 @@ class Dataset:
     """Samples of one data_prep h5, in memory. n samples, L grid points, A atoms, C channels per
     atom, F structure features (all of the file's columns; a run selects families).
 
-    dos: (n, L, A*C) float32, states/eV, atom-major channels (site, nbr1, ...; 9 orbitals each).
+    dos: (n, L, A*C) float32, states/eV, atom-major channels (site, nbr1, ...; 9 orbitals each);
+    a ``stream.H5DOS`` (read on demand, same indexing) when the run streams (``data.in_memory``).
     structure: (n, F) float32; structure_labels, structure_families: (F,) names.
     targets: name -> (n,) float64 (bvs_vu and bvs_deviation_vu in valence units, valence in e).
     material_id, element, origin, split: (n,) str; site_index: (n,) int.
@@ -175,20 +207,29 @@ class Dataset:
     channel_labels: list
     energies_ev: np.ndarray | None = None  # (L,) eV from the file's grid; None when it has none
     sigma_ev: float | None = None  # the grid's smearing width
+    reading: str = "in memory"  # how the DOS is read (``stream.decide_in_memory``'s reason)
 
     @property
     def n(self) -> int:
         return len(self.material_id)
 
+    @property
+    def streaming(self) -> bool:
+        """True when ``dos`` is read from the file on demand (``stream.H5DOS``)."""
+        return not isinstance(self.dos, np.ndarray)
+
 
 def load_data(path, params: dict, resplit: bool = True) -> Dataset:
     """Read a data_prep h5 into numpy arrays and check it against ``params``.
 
-    The one place that reads the data file: a streaming ``tf.data`` reader can replace it. Checks
-    the input width (``length``, ``channels``, ``n_neighbours``) and that every sample is finite;
-    applies ``zero_tail``; with ``resplit`` and ``split`` = [fractions], re-splits by material
-    (``split_seed``), else keeps the stored split.
+    The one place that reads the data file. Checks the input width (``length``, ``channels``,
+    ``n_neighbours``) and that every sample is finite; applies ``zero_tail``; with ``resplit`` and
+    ``split`` = [fractions], re-splits by material (``split_seed``), else keeps the stored split.
+    The DOS is loaded unless ``data.in_memory`` (``stream.decide_in_memory``) says to stream it:
+    then ``dos`` is a ``stream.H5DOS`` that reads samples on demand (zero_tail and the finiteness
+    check applied per read) and everything else is loaded (a few hundred bytes per sample).
     """
+    from DOSnet import streaming as stream
     from data_prep.build import BuildError, grouped_split
     from data_prep.dataset import open_h5
 
@@ -210,9 +251,10 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
                 key = "n_neighbours" if width % params["channels"] == 0 else "channels"
                 raise TrainError(f"params: {key!r} does not match {path}: its DOS has {width} channels, params give "
                                  f"{atoms} atoms (1 + n_neighbours) x {params['channels']} channels")
-            dos = np.empty((n, length, width), dtype=np.float32)
+            in_memory, reading = stream.decide_in_memory(params["data"]["in_memory"], n * length * width * 4)
+            dos = np.empty((n, length, width), dtype=np.float32) if in_memory else None
             step = 256
-            for i in range(0, n, step):  # chunk by chunk: bounded memory beyond the result
+            for i in range(0, n if in_memory else 0, step):  # chunk by chunk: bounded memory beyond the result
                 dos[i:i + step] = h["dos"][i:i + step]
                 if not np.all(np.isfinite(dos[i:i + step])):
                     raise TrainError(f"{path}: DOS of samples {i}..{min(i + step, n) - 1} contains NaN or infinite values")
@@ -232,7 +274,7 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
                 material_id=h["meta/material_id"].asstr()[...], element=h["meta/element"].asstr()[...],
                 origin=h["meta/origin"].asstr()[...], site_index=np.asarray(h["meta/site_index"][...]),
                 split=h["split"].asstr()[...], channel_labels=[str(x) for x in labels],
-                energies_ev=energies, sigma_ev=sigma)
+                energies_ev=energies, sigma_ev=sigma, reading=reading)
     except TrainError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
@@ -251,7 +293,10 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
         lo, hi = params["zero_tail"]
         if hi > length:
             raise TrainError(f"params: 'zero_tail' {params['zero_tail']} reaches past the {length} grid points")
-        data.dos[:, lo:hi, :] = 0.0
+        if not data.streaming:
+            data.dos[:, lo:hi, :] = 0.0
+    if data.streaming:
+        data.dos = stream.H5DOS(path, params["zero_tail"])
     if resplit and params["split"] != "stored":
         of = grouped_split(data.material_id, tuple(params["split"]), params["split_seed"])
         data.split = np.array([of[m] for m in data.material_id])
@@ -278,9 +323,10 @@ class Scaler:
 
     mean: np.ndarray
     scale: np.ndarray
+    clip: float | None = None  # standardised values are clipped to [-clip, clip] when set
 
     @classmethod
-    def fit(cls, x: np.ndarray, rows, chunk: int = 256) -> "Scaler":
+    def fit(cls, x: np.ndarray, rows, chunk: int = 256, clip: float | None = None) -> "Scaler":
         """Statistics of ``x[rows]`` over every axis but the last (float64, chunked: no big copy)."""
         rows = np.asarray(rows)
         if rows.size == 0:
@@ -297,7 +343,7 @@ class Scaler:
         var = np.maximum(s2 / count - mean ** 2, 0.0)
         std = np.sqrt(var)
         ok = std > 1e-8 * np.maximum(np.abs(mean), 1.0)
-        return cls(mean, np.where(ok, std, 1.0))
+        return cls(mean, np.where(ok, std, 1.0), clip)
 
     @classmethod
     def identity(cls, width: int) -> "Scaler":
@@ -309,17 +355,26 @@ class Scaler:
         out = np.empty((len(rows),) + x.shape[1:], dtype=np.float32)
         for i in range(0, len(rows), chunk):
             out[i:i + chunk] = (x[rows[i:i + chunk]] - self.mean) / self.scale
+        if self.clip is not None:
+            np.clip(out, -self.clip, self.clip, out=out)
         return out
 
     def inverse(self, z: np.ndarray) -> np.ndarray:
         return np.asarray(z, dtype=np.float64) * self.scale + self.mean
 
     def as_dict(self, labels) -> dict:
-        return {"labels": list(labels), "mean": self.mean.tolist(), "scale": self.scale.tolist()}
+        return {"labels": list(labels), "mean": self.mean.tolist(), "scale": self.scale.tolist(), "clip": self.clip}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scaler":
-        return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["scale"], dtype=np.float64))
+        return cls(np.asarray(d["mean"], dtype=np.float64), np.asarray(d["scale"], dtype=np.float64), d.get("clip"))
+
+
+#: Standardised structure features are clipped to +-this many training standard deviations. Some
+#: columns are almost constant in training (e.g. the Gaussian-expansion bins below 1 A, non-zero
+#: only for the few N-H / O-H crystals): ammonia's N-H bonds put 4,000 sigma into ``gauss_0.4``
+#: and, unclipped, drove its test predictions to -300 v.u.
+STRUCTURE_CLIP: float = 10.0
 
 
 def fit_scalers(params: dict, data: Dataset, train_rows) -> dict:
@@ -331,7 +386,8 @@ def fit_scalers(params: dict, data: Dataset, train_rows) -> dict:
     fusion, targets = params["fusion"], params["targets"]
     cols = structure_columns(data, params["structure_families"]) if fusion != "none" else np.zeros(0, int)
     dos = Scaler.fit(data.dos, train_rows) if fusion != "structure_only" else None
-    struct = Scaler.fit(data.structure[:, cols], train_rows) if fusion != "none" else None
+    struct = (Scaler.fit(data.structure[:, cols], train_rows, clip=STRUCTURE_CLIP)
+              if fusion != "none" else None)
     y = target_matrix(data, targets)
     ys = Scaler.fit(y, train_rows) if params["target_scaling"] == "standard" else Scaler.identity(len(targets))
     js = {"dos": dos.as_dict(data.channel_labels) if dos else None,
@@ -424,19 +480,36 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
     """
     import keras
 
+    from DOSnet import distribute
     import net
 
+    strategy = _strategy(params)  # first: a multi-worker strategy must precede every TF operation
     targets = params["targets"]
-    scalers = fit_scalers(params, data, train_rows)
+    with _stream_errors(data, data.streaming):
+        scalers = fit_scalers(params, data, train_rows)
     y = target_matrix(data, targets)
     y_scaled = (y - scalers["targets"].mean) / scalers["targets"].scale
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    # tf.data input when streaming, and on several replicas (equal, non-empty per-replica batches)
+    streaming = params["fusion"] != "structure_only" and (data.streaming or replicas > 1)
+    log(f"input: {data.reading if data.streaming else 'in memory'}; {distribute.describe(strategy)}")
 
     def y_of(rows):
         return {t: y_scaled[rows, j:j + 1].astype(np.float32) for j, t in enumerate(targets)}
 
-    x_tr, x_va = model_inputs(params, data, scalers, train_rows), model_inputs(params, data, scalers, val_rows)
+    if not streaming:
+        x_tr, x_va = model_inputs(params, data, scalers, train_rows), model_inputs(params, data, scalers, val_rows)
     _tf_setup(params["seed"])
-    model = net.compile_model(net.build_model(params, len(scalers["structure_columns"])), params)
+    n_structure = len(scalers["structure_columns"])
+    with _model_scope(strategy, params["precision"]):
+        model = net.compile_model(_build(params, n_structure), params)
+    if streaming:
+        x_tr = _stream(params, data, scalers, train_rows, y_scaled, True, replicas)
+        x_va = _stream(params, data, scalers, val_rows, y_scaled, False, replicas)
+        fit_data = {"x": x_tr, "validation_data": x_va, "shuffle": False}  # the stream shuffles
+    else:
+        fit_data = {"x": x_tr, "y": y_of(train_rows), "validation_data": (x_va, y_of(val_rows)),
+                    "batch_size": params["batch_size"], "shuffle": True}
     epochs = params["epochs"]
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, lr: net.learning_rate(epoch, params)),
                  _epoch_log(log, epochs, targets, scalers["targets"].scale)]
@@ -444,22 +517,110 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=params["early_stopping_patience"],
                                                        restore_best_weights=True))
     t0 = time.time()
-    hist = model.fit(x_tr, y_of(train_rows), validation_data=(x_va, y_of(val_rows)), epochs=epochs,
-                     batch_size=params["batch_size"], shuffle=True, verbose=0, callbacks=callbacks)
+    with _stream_errors(data, streaming):
+        hist = model.fit(**fit_data, epochs=epochs, verbose=0, callbacks=callbacks)
     seconds = time.time() - t0
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     val = history.get("val_loss", [])
     best = int(np.argmin(val)) + 1 if val and params["early_stopping_patience"] > 0 else len(val)
-    del x_tr, x_va
+    del x_tr, x_va, fit_data
+    predictor, pred_replicas = model, replicas
+    if distribute.worker_of(strategy)[1] > 1:  # each worker predicts every row alone: no collectives, row order kept
+        pred_replicas = 1
+        with _model_scope(None, params["precision"]):
+            predictor = _build(params, n_structure)
+        predictor.set_weights(model.get_weights())
     preds = {}
     for name, rows in predict_rows.items():
-        if len(rows):
-            z = _predict(model, model_inputs(params, data, scalers, rows), targets, params["batch_size"])
-            preds[name] = scalers["targets"].inverse(z)
-        else:
+        if not len(rows):
             preds[name] = np.zeros((0, len(targets)))
+        elif streaming:
+            rows = np.asarray(rows)
+            order = np.argsort(rows, kind="stable")  # the stream yields sorted rows
+            with _stream_errors(data, True):
+                z = _predict(predictor, _stream(params, data, scalers, rows, None, False, pred_replicas), targets,
+                             params["batch_size"])
+            preds[name] = np.empty_like(z)
+            preds[name][order] = scalers["targets"].inverse(z)
+        else:
+            z = _predict(predictor, model_inputs(params, data, scalers, rows), targets, params["batch_size"])
+            preds[name] = scalers["targets"].inverse(z)
     return {"model": model, "scalers": scalers, "history": history, "best_epoch": best,
             "predictions": preds, "seconds": seconds}
+
+
+def _strategy(params: dict):
+    """The run's ``tf.distribute`` strategy (``DOSnet/distribute.py``; None for ``distribute`` none)."""
+    from DOSnet import distribute
+
+    try:
+        return distribute.strategy_for(params["distribute"])
+    except distribute.DistributeError as exc:
+        raise TrainError(str(exc)) from None
+
+
+@contextmanager
+def _model_scope(strategy, precision: str):
+    """Build and compile inside: the strategy's scope and the ``precision`` dtype policy."""
+    import keras
+
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        with strategy.scope() if strategy is not None else nullcontext():
+            yield
+    finally:
+        keras.mixed_precision.set_global_policy(old)
+
+
+def _build(params: dict, n_structure: int):
+    """``net.build_model``; under a mixed precision policy its outputs are cast to float32 (a
+    float16 regression output would round the predictions to 3 significant digits)."""
+    import keras
+
+    import net
+
+    model = net.build_model(params, n_structure)
+    if params["precision"] == "float32":
+        return model
+    outputs = {t: keras.layers.Activation("linear", dtype="float32", name=f"{t}_float32")(model.outputs[j])
+               for j, t in enumerate(model.output_names)}
+    return keras.Model(model.inputs, {t: outputs[t] for t in params["targets"]}, name=model.name)
+
+
+def _stream(params: dict, data: Dataset, scalers: dict, rows, y_scaled, shuffle: bool, replicas: int = 1):
+    """``stream.input_dataset`` of ``rows`` (targets when ``y_scaled`` is given). Training
+    (``shuffle``) on several replicas drops the last partial batch of each epoch; other passes use
+    ``stream.safe_batch_size`` so that no replica gets an empty batch."""
+    from DOSnet import streaming as stream
+
+    cols = scalers["structure_columns"]
+    structure = data.structure[:, cols] if params["fusion"] != "none" else None
+    bsz = params["batch_size"] if shuffle else stream.safe_batch_size(len(rows), params["batch_size"], replicas)
+    return stream.input_dataset(params, data.dos, scalers, rows, structure, y_scaled, shuffle, params["seed"], bsz,
+                                drop_remainder=shuffle and replicas > 1)
+
+
+@contextmanager
+def _stream_errors(data: Dataset, streaming: bool):
+    """Bad data met while streaming (``stream.StreamError``, also when raised inside tf.data) ->
+    one-line ``TrainError``."""
+    if not streaming:
+        yield
+        return
+    import tensorflow as tf
+
+    from DOSnet import streaming as stream
+
+    try:
+        yield
+    except stream.StreamError as exc:
+        raise TrainError(str(exc)) from None
+    except tf.errors.OpError as exc:
+        line = next((ln.strip() for ln in str(exc).splitlines() if "StreamError:" in ln), None)
+        if line is None:
+            raise
+        raise TrainError(f"while streaming {data.path}: {line.split('StreamError:')[-1].strip()}") from None
 
 
 def _epoch_log(log: Log, epochs: int, targets, target_scale) -> "keras.callbacks.Callback":  # noqa: F821
@@ -632,8 +793,14 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None)
 
     Returns the metrics written to ``metrics.json``: ``splits`` -> split -> target -> MAE, RMSE,
     R², per-element MAE, mean-baseline MAE (and valence accuracy), plus counts and timing.
+    Under ``distribute`` multi_worker the chief writes ``out_dir``, worker i ``out_dir/worker<i>``.
     """
+    from DOSnet import distribute
+
     out = Path(out_dir)
+    worker = distribute.worker_of(_strategy(params))
+    if worker[0] > 0:
+        out = out / f"worker{worker[0]}"
     out.mkdir(parents=True, exist_ok=True)
     log = log or Log(out / "train.log")
     targets = params["targets"]
@@ -654,6 +821,7 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None)
                "epochs_run": len(res["history"].get("loss", [])), "best_epoch": res["best_epoch"],
                "train_seconds": round(res["seconds"], 1),
                "train_samples_per_s": round(len(rows["train"]) * len(res["history"].get("loss", [])) / max(res["seconds"], 1e-9), 1),
+               "input": data.reading, "distribute": params["distribute"],
                "splits": {s: metrics_for(targets, data, rows[s], res["predictions"][s], train_mean) for s in SPLITS}}
     _write_json(out / "metrics.json", metrics)
     write_predictions(out / "predictions.csv", data, targets,
@@ -766,8 +934,11 @@ def predict_run(run_dir, data_path, out_dir=None, log: Log | None = None) -> Pat
     model = keras.models.load_model(run_dir / "model.keras", compile=False)
     targets = params["targets"]
     rows = np.arange(data.n)
-    pred = scalers["targets"].inverse(_predict(model, model_inputs(params, data, scalers, rows), targets,
-                                               params["batch_size"]))
+    streaming = data.streaming and params["fusion"] != "structure_only"
+    with _stream_errors(data, streaming):
+        inputs = _stream(params, data, scalers, rows, None, False) if streaming else \
+            model_inputs(params, data, scalers, rows)
+        pred = scalers["targets"].inverse(_predict(model, inputs, targets, params["batch_size"]))
     labels = [s for s in SPLITS if np.any(data.split == s)]
     write_predictions(out / "predictions.csv", data, targets,
                       [(s, np.flatnonzero(data.split == s), pred[data.split == s], None) for s in labels])
@@ -781,6 +952,115 @@ def predict_run(run_dir, data_path, out_dir=None, log: Log | None = None) -> Pat
     log(summary_table(metrics["splits"], targets))
     log(f"predictions: {out / 'predictions.csv'}")
     return out
+
+
+# =========================================================================== feature importance
+def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log | None = None) -> dict:
+    """``--importance RUN_DIR``: feature importance of the model saved in ``run_dir`` on its test
+    split (the methods are ``DOSnet/importance.py``; this decides what they see).
+
+    The run folder gives the model, its scalers and its params (data file, split, targets);
+    ``params`` (``--params``) gives the ``importance_*`` settings and any key the run's params lack
+    (added after the run was made); ``data_path`` (``--data``) replaces the run's data file. The
+    test rows are the run's: the file's split, re-split as in training when the run's ``split`` is
+    fractions. Every target of the run is explained. Reference
+    DOS (occlusion fill and integrated-gradients baseline): the mean over the training rows of the
+    DOS at each energy and channel, standardised; structure baseline: each column's training mean
+    (0 after standardisation). Writes ``importance.md``, ``importance.json``, ``importance.log``,
+    CSVs and figures into ``out_dir`` (default ``<run_dir>/importance``).
+    """
+    import keras
+
+    from data_prep.layout import GAP_THRESHOLD_EV, N_ORBITALS, ORBITAL_GROUPS, EnergyGrid, atom_roles
+    from DOSnet import importance
+
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    for name in ("params.json", "scalers.json", "model.keras"):
+        if not (run_dir / name).is_file():
+            raise TrainError(f"--importance: {run_dir / name} not found (is {run_dir} a train.py run folder?)")
+    try:
+        raw = json.loads((run_dir / "params.json").read_text())
+        js = json.loads((run_dir / "scalers.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TrainError(f"--importance: cannot read the run folder {run_dir}: {exc}") from None
+    keys = [k for k in PARAM_RULES if k.startswith("importance_")]  # --params' settings
+    missing = {k: v for k, v in params.items() if k not in raw}  # keys added after the run was made
+    run_params = validate_params({**missing, **raw, **{k: params[k] for k in keys}})
+    path = Path(data_path or run_params["data_file"])
+    if not path.is_absolute() and not path.exists() and (ROOT / path).exists():
+        path = ROOT / path
+    if not path.is_file():
+        raise TrainError(f"--importance: data file not found: {path} (the run's data_file, or --data FILE)")
+    data = load_data(path, run_params)
+    scalers = scalers_from_json(js, data)
+    rows = {s: np.flatnonzero(data.split == s) for s in SPLITS}
+    fusion, targets, c = run_params["fusion"], run_params["targets"], run_params["channels"]
+    if not len(rows["test"]) or (fusion != "structure_only" and not len(rows["train"])):
+        raise TrainError(f"--importance: {path} needs test rows (to explain) and training rows (the reference DOS)")
+    out = Path(out_dir) if out_dir else run_dir / "importance"
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or Log(out / "importance.log")
+    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    x = model_inputs(run_params, data, scalers, rows["test"])
+    roles = atom_roles(run_params["n_neighbours"])
+    dos_names = [f"atom{i + 1}_dos" for i in range(len(roles))] if fusion != "structure_only" else []
+    dos = np.concatenate([x.pop(k) for k in dos_names], axis=-1) if dos_names else None
+    fill = None
+    if dos is not None:  # training-mean DOS per energy and channel, chunked (no copy of the training rows)
+        tr, total = rows["train"], np.zeros(data.dos.shape[1:])
+        for i in range(0, len(tr), 256):
+            total += data.dos[tr[i:i + 256]].sum(axis=0, dtype=np.float64)
+        fill = ((total / len(tr) - scalers["dos"].mean) / scalers["dos"].scale).astype(np.float32)
+    orbitals = ORBITAL_GROUPS if c == N_ORBITALS else {str(j): (j,) for j in range(c)}
+    atom_group = {f"{r}:{g}": [a * c + i for i in idx] for a, r in enumerate(roles) for g, idx in orbitals.items()}
+    blocks = {"channel": {lab: [k] for k, lab in enumerate(data.channel_labels)},
+              "atom": {r: list(range(a * c, (a + 1) * c)) for a, r in enumerate(roles)},
+              "orbital group": {g: [a * c + i for a in range(len(roles)) for i in idx] for g, idx in orbitals.items()},
+              "atom x orbital group": atom_group}
+    cols = scalers["structure_columns"]
+    problem = importance.Problem(
+        model=model, targets=targets, y_true=target_matrix(data, targets)[rows["test"]],
+        y_mean=scalers["targets"].mean, y_scale=scalers["targets"].scale, dos=dos, dos_inputs=dos_names,
+        dos_fill=fill, energies_ev=data.energies_ev if data.energies_ev is not None
+        else EnergyGrid(n_points=data.dos.shape[1]).energies_ev, channel_labels=list(data.channel_labels),
+        occlusion_groups=atom_group, channel_blocks=blocks, structure=x.get("structure"),
+        structure_input="structure" if "structure" in x else None,
+        structure_labels=[data.structure_labels[i] for i in cols],
+        structure_families=[data.structure_families[i] for i in cols], sample_labels=data.element[rows["test"]],
+        units=TARGET_UNITS, reference_note=f"E = 0: VBM (gap > {GAP_THRESHOLD_EV:g} eV) or Fermi level")
+    settings = importance.Settings(window_ev=run_params["importance_window_ev"],
+                                   step_ev=run_params["importance_step_ev"],
+                                   repeats=run_params["importance_repeats"], ig_steps=run_params["importance_ig_steps"],
+                                   seed=run_params["seed"])
+    log(f"feature importance of {run_dir / 'model.keras'} (fusion {fusion}, targets {', '.join(targets)}) on the "
+        f"test split of {path}: {len(rows['test'])} samples; loaded in {time.time() - t_start:.0f} s")
+    res = importance.analyse(problem, settings, log=log)
+    context = "\n".join([
+        f"Model `{run_dir / 'model.keras'}` (fusion `{fusion}`), explained on the test split of `{path}` "
+        f"({len(rows['test'])} samples, {len(set(data.material_id[rows['test']]))} materials); every target of the "
+        f"run ({', '.join(targets)}); sample labels = the centre site's element.",
+        "",
+        "Reference DOS (occlusion fill and integrated-gradients baseline): the mean over the "
+        f"{len(rows['train'])} training rows of the DOS at each energy and channel, in standardised units. It is "
+        "not the all-zero standardised input: the DOS scaler standardises each channel over all energies "
+        "together, so zero would be a flat spectrum at the channel's mean level. The structure baseline is the "
+        "training mean of each column, which is exactly 0 after standardisation.",
+        "",
+        "Caveats: these numbers describe what this model uses, not physics. Neighbouring energies and the "
+        "channels of one atom are correlated, so importance is shared between them (occlusion and block "
+        "permutation of whole groups show the joint effect); permutation creates spectra and feature combinations "
+        "that do not occur, and attributions depend on the baseline."])
+    summary = importance.write_report(out, res, title=f"Feature importance: {run_dir.name}", context=context)
+    elapsed = time.time() - t_start
+    with open(out / "importance.md", "a") as fh:
+        fh.write(f"Took {report.duration(elapsed)} in all (loading the run and the data, the analysis, the "
+                 f"outputs).\n")
+    summary["seconds_in_all"] = round(elapsed, 1)
+    _write_json(out / "importance.json", summary)
+    log(f"feature importance finished in {report.duration(elapsed)} (analysis "
+        f"{report.duration(res['timing']['total']['seconds'])}); report: {out / 'importance.md'}")
+    return summary
 
 
 # =========================================================================== ablation and learning curve
@@ -1306,6 +1586,8 @@ def parse_args(argv=None):
                    help="best DOSnet model and best baseline on 5-100 %% of the training materials")
     p.add_argument("--from-ablation", metavar="ABLATION_JSON",
                    help="with --learning-curve: take the models chosen in this ablation.json")
+    p.add_argument("--importance", metavar="RUN_DIR",
+                   help="feature importance of the model saved in RUN_DIR on its test split (RUN_DIR/importance/)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per model for --ablation / --learning-curve (default 3)")
     p.add_argument("--full", action="store_true",
                    help=f"--ablation / --learning-curve with params' epochs and patience (default: at most "
@@ -1320,6 +1602,11 @@ def main(argv=None) -> int:
             if not args.data:
                 raise TrainError("--predict RUN_DIR needs --data FILE")
             predict_run(args.predict, args.data, args.out)
+            return 0
+        if args.importance:
+            if args.cv is not None or args.ablation or args.learning_curve:
+                raise TrainError("--importance RUN_DIR runs alone (no --cv, --ablation, --learning-curve)")
+            run_importance(args.importance, load_params(args.params), args.data, args.out)
             return 0
         if args.cv is not None and (args.cv < 0 or args.cv == 1):
             raise TrainError(f"--cv K needs K >= 2, got {args.cv}")

@@ -1,0 +1,135 @@
+"""The measurement behind ``bench/streaming.py`` and ``bench/throughput.py``: train one configuration
+on a data_prep h5 in a fresh process and report training samples/s and peak memory.
+
+    python bench/speed.py H5 CONFIG_JSON        # prints one JSON line
+
+CONFIG (all optional): ``model`` "root" (net.py through train.py's code: scalers, inputs or
+stream, strategy scope, precision) or "dosnet" (the upstream architecture, ``DOSnet/net.py``,
+compiled as ``python -m DOSnet`` does, inputs in memory); ``params``: overrides of the root
+params.json (fusion, batch_size, learning_rate, data.in_memory, precision, ...); ``epochs``
+(default 2); ``jit_compile`` (bool); ``threads``: [intra, inter] TensorFlow thread pools (set
+before TensorFlow starts).
+
+Reported: ``samples_per_s``: the best epoch after the first (the first one includes tracing; on
+a shared machine other processes only ever slow an epoch down, so the best one is the closest to
+the machine's own speed; with one epoch, that epoch), ``median_samples_per_s`` of those epochs,
+``first_epoch_samples_per_s``, ``scaler_seconds`` (the
+statistics pass over the training rows: one streaming pass when streaming), ``load_seconds``,
+``peak_rss_gb`` (``resource.getrusage``: the process's maximum resident set, everything included:
+Python, TensorFlow, data, model), the input path and the training rows. Only the training split
+is trained on; no validation pass, no prediction.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def peak_rss_gb() -> float:
+    """Maximum resident set size of this process so far, GB (Linux reports kB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def measure(h5, config: dict) -> dict:
+    if config.get("threads"):
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(int(config["threads"][0]))
+        tf.config.threading.set_inter_op_parallelism_threads(int(config["threads"][1]))
+    sys.path.insert(0, str(ROOT))
+    import keras
+    import numpy as np
+
+    import train
+
+    params = json.loads((ROOT / "params.json").read_text())
+    over = dict(config.get("params", {}))
+    if "data" in over:
+        over["data"] = {**params["data"], **over["data"]}
+    params.update(over)
+    params["early_stopping_patience"] = 0
+    epochs = int(config.get("epochs", 2))
+    kind = config.get("model", "root")
+    t0 = time.perf_counter()
+    data = train.load_data(h5, params)
+    load_s = time.perf_counter() - t0
+    rows = np.flatnonzero(data.split == "train")
+    t0 = time.perf_counter()
+    if kind == "dosnet":  # upstream: per-channel scaler on the training rows, 3 atom inputs, one target
+        params = {**params, "fusion": "none", "targets": ["bvs_vu"]}
+    scalers = train.fit_scalers(params, data, rows)
+    scaler_s = time.perf_counter() - t0
+    y = train.target_matrix(data, params["targets"])
+    y_scaled = ((y - scalers["targets"].mean) / scalers["targets"].scale).astype(np.float32)
+    train._tf_setup(params["seed"])
+    streaming = data.streaming and params["fusion"] != "structure_only"
+    if kind == "dosnet":
+        from DOSnet.net import create_model, dos_featurizer
+
+        model = create_model(dos_featurizer(params["channels"], params["length"]), params["channels"],
+                             params["length"])
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate=params["learning_rate"]),
+                      loss=keras.losses.LogCosh(), metrics=["mae"])
+        x = train.model_inputs(params, data, scalers, rows)
+        fit = {"x": [x[f"atom{i}_dos"] for i in (1, 2, 3)], "y": y_scaled[rows, :1],
+               "batch_size": params["batch_size"], "shuffle": True}
+        streaming = False
+    else:
+        strategy = train._strategy(params)
+        with train._model_scope(strategy, params["precision"]):
+            import net
+
+            model = net.compile_model(train._build(params, len(scalers["structure_columns"])), params)
+        if streaming:
+            fit = {"x": train._stream(params, data, scalers, rows, y_scaled, True), "shuffle": False}
+        else:
+            x = train.model_inputs(params, data, scalers, rows)
+            fit = {"x": x, "y": {t: y_scaled[rows, j:j + 1] for j, t in enumerate(params["targets"])},
+                   "batch_size": params["batch_size"], "shuffle": True}
+    if config.get("jit_compile"):
+        model.jit_compile = True
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t)
+
+    hist = model.fit(**fit, epochs=epochs, verbose=0, callbacks=[Timer()])
+    n = len(rows)
+    return {"model": kind, "fusion": params["fusion"], "batch_size": params["batch_size"],
+            "input": "streaming" if streaming else "in memory", "precision": params["precision"],
+            "jit_compile": bool(config.get("jit_compile")), "threads": config.get("threads"),
+            "train_rows": int(n), "epochs": epochs, "epoch_seconds": [round(t, 2) for t in times],
+            "samples_per_s": round(n / min(times[1:] or times), 1),
+            "median_samples_per_s": round(n / sorted(times[1:] or times)[(len(times[1:] or times) - 1) // 2], 1),
+            "first_epoch_samples_per_s": round(n / times[0], 1),
+            "loss": [round(float(v), 4) for v in hist.history["loss"]],
+            "scaler_seconds": round(scaler_s, 2), "load_seconds": round(load_s, 2),
+            "peak_rss_gb": round(peak_rss_gb(), 3), "dos_gb": round(data.dos.shape[0] * data.dos.shape[1]
+                                                                     * data.dos.shape[2] * 4 / 1e9, 3)}
+
+
+def run_child(h5, config: dict, timeout: float = 1800) -> dict:
+    """``measure`` in a fresh Python process (clean peak RSS, thread settings); the JSON result."""
+    import subprocess
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(h5), json.dumps(config)], env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"measurement {config} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1], json.loads(sys.argv[2]))), flush=True)

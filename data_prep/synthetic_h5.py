@@ -1,0 +1,101 @@
+"""A synthetic h5 in data_prep's layout (``data_prep/build.py``), of any size, written fast: for the
+scaling benches (``bench/streaming.py``, ``bench/throughput.py``) and the streaming tests.
+
+``write_synthetic_h5(path, n_samples)``: ``n_samples`` samples of ``sites_per_material`` sites
+each, P = ``n_points`` grid points, W = (1 + n_neighbours) * 9 channels. Each sample's DOS is one
+of 64 smooth base spectra (Gaussian bands; zero in a gap and above the window, so the file
+compresses like real data), scaled per channel by a random amplitude a (W,); the target is
+learnable: ``bvs_vu = 2 + 0.5 * z(mean a of the site's s channel) + 0.3 * structure[:, 0]``. The
+structure vector has 4 standard-normal columns per family (all six build families). Layout as a
+real build: ``dos`` chunked one sample per chunk with lzf compression, grouped split by
+``data_prep.build.grouped_split`` (0.8/0.1/0.1, seed 88), grid and config attributes.
+Size: ``n_samples * n_points * W * 4`` bytes of DOS (216 kB per sample at 2000 x 27).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.build import grouped_split
+from data_prep.layout import EnergyGrid, channel_labels
+
+FAMILIES = ("site", "neighbours", "coordination", "distances", "gaussian", "global")
+
+
+def samples_for_bytes(n_bytes: float, n_points: int = 2000, n_neighbours: int = 2) -> int:
+    """Samples whose float32 DOS takes ``n_bytes``."""
+    return max(1, int(n_bytes // (n_points * (1 + n_neighbours) * 9 * 4)))
+
+
+def _base_spectra(rng, k: int, n_points: int, width: int) -> np.ndarray:
+    """(k, P, W) float32 smooth spectra: a few Gaussian bands below a gap, a few above, zero elsewhere."""
+    x = np.linspace(0.0, 1.0, n_points)
+    out = np.zeros((k, n_points, width), np.float32)
+    for _ in range(4):
+        centre = rng.uniform(0.05, 0.45, (k, 1, width))  # valence bands
+        out += (rng.uniform(0.1, 1.0, (k, 1, width)) * np.exp(-0.5 * ((x[None, :, None] - centre) / 0.03) ** 2))
+    for _ in range(2):
+        centre = rng.uniform(0.6, 0.85, (k, 1, width))  # empty bands above a gap
+        out += (rng.uniform(0.05, 0.5, (k, 1, width)) * np.exp(-0.5 * ((x[None, :, None] - centre) / 0.03) ** 2))
+    out[out < 1e-4] = 0.0
+    return out
+
+
+def write_synthetic_h5(path, n_samples: int, n_points: int = 2000, n_neighbours: int = 2,
+                       sites_per_material: int = 4, seed: int = 0, block: int = 256, progress=None,
+                       compression: str | None = "lzf") -> dict:
+    """Write the file (replacing one that exists); returns ``{"n_samples", "dos_bytes", "path"}``.
+
+    ``progress``: optional callable(samples written) for long files. ``compression`` of the DOS:
+    "lzf" as ``build`` writes by default, or None (``build --dos-compression none``).
+    """
+    import h5py
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    width = (1 + n_neighbours) * 9
+    n = int(n_samples)
+    n_mat = -(-n // sites_per_material)
+    mids = np.array([f"syn-{i:07d}" for i in range(n_mat)])
+    mid_of = np.repeat(mids, sites_per_material)[:n]
+    of = grouped_split(mids, (0.8, 0.1, 0.1), 88)
+    split = np.array([of[m] for m in mid_of])
+    bank = _base_spectra(rng, 64, n_points, width)
+    amp = rng.uniform(0.5, 1.5, (n, width)).astype(np.float32)
+    structure = rng.normal(size=(n, 4 * len(FAMILIES))).astype(np.float32)
+    a0 = amp[:, 0].astype(np.float64)
+    bvs = 2.0 + 0.5 * (a0 - a0.mean()) / a0.std() + 0.3 * structure[:, 0]
+    valence = np.rint(bvs)
+    str_dt = h5py.string_dtype()
+    grid = EnergyGrid(n_points=n_points)
+    with h5py.File(path, "w") as h:
+        dos = h.create_dataset("dos", (n, n_points, width), dtype="float32", chunks=(1, n_points, width),
+                               compression=compression)
+        dos.attrs["channel_labels"] = channel_labels(n_neighbours)
+        dos.attrs["units"] = "states/eV per cell, spin summed (synthetic)"
+        for i in range(0, n, block):
+            j = min(n, i + block)
+            dos[i:j] = bank[np.arange(i, j) % len(bank)] * amp[i:j, None, :]
+            if progress:
+                progress(j)
+        h["structure"] = structure
+        labels = [f"{f}_{k}" for f in FAMILIES for k in range(4)]
+        h.create_dataset("structure_labels", data=np.array(labels, dtype=object), dtype=str_dt)
+        h.create_dataset("structure_families", data=np.array([f for f in FAMILIES for _ in range(4)], dtype=object),
+                         dtype=str_dt)
+        h["targets/bvs_vu"] = bvs.astype(np.float32)
+        h["targets/valence"] = valence.astype(np.float32)
+        h["targets/bvs_deviation_vu"] = (bvs - valence).astype(np.float32)
+        h["targets/gii_vu"] = np.zeros(n, np.float32)
+        h.create_dataset("meta/material_id", data=mid_of.astype(object), dtype=str_dt)
+        h.create_dataset("meta/element", data=np.array(["Ti", "O", "O", "Sr"] * n_mat, dtype=object)[:n], dtype=str_dt)
+        h.create_dataset("meta/origin", data=np.array(["synthetic"] * n, dtype=object), dtype=str_dt)
+        h["meta/site_index"] = np.tile(np.arange(sites_per_material), n_mat)[:n].astype(np.int32)
+        h.create_dataset("split", data=split.astype(object), dtype=str_dt)
+        h.create_dataset("materials/material_id", data=mids.astype(object), dtype=str_dt)
+        h.create_dataset("materials/split", data=np.array([of[m] for m in mids], dtype=object), dtype=str_dt)
+        h.attrs["grid"] = json.dumps(grid.as_dict())
+        h.attrs["source"] = "synthetic"
+    return {"path": str(path), "n_samples": n, "dos_bytes": n * n_points * width * 4}
