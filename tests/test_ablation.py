@@ -9,6 +9,7 @@ from math import erf, sqrt
 import h5py
 import numpy as np
 import pytest
+from h5_factory import write_minimal_h5
 
 from conftest import ROOT
 
@@ -137,26 +138,11 @@ def write_tiny_h5(path, n_materials=40, sites=3, seed=0):
     structure = np.column_stack([z, chi, cn, cn + rng.normal(0, 0.2, n), rng.uniform(2, 6, n), rng.uniform(10, 20, n)])
     mids = np.repeat([f"tiny-{i:03d}" for i in range(n_materials)], sites)
     of = grouped_split(mids, (0.6, 0.2, 0.2), 88)
-    s = h5py.string_dtype()
-    with h5py.File(path, "w") as h:
-        h["dos"] = dos
-        h["dos"].attrs["channel_labels"] = channel_labels(2)
-        h.attrs["grid"] = json.dumps(grid.as_dict())
-        h["structure"] = structure.astype(np.float32)
-        h.create_dataset("structure_labels", data=np.array(["site_Z", "site_X", "cn", "ecn", "density_g_cm3",
-                                                            "volume_per_atom_ang3"], dtype=object), dtype=s)
-        h.create_dataset("structure_families", data=np.array(["site", "site", "coordination", "coordination",
-                                                              "global", "global"], dtype=object), dtype=s)
-        h["targets/bvs_vu"] = bvs.astype(np.float32)
-        h["targets/valence"] = valence.astype(np.float32)
-        h["targets/bvs_deviation_vu"] = (bvs - valence).astype(np.float32)
-        h["targets/gii_vu"] = np.zeros(n, np.float32)
-        h.create_dataset("meta/material_id", data=mids.astype(object), dtype=s)
-        h.create_dataset("meta/element", data=element.astype(object), dtype=s)
-        h.create_dataset("meta/origin", data=np.array(["synthetic"] * n, dtype=object), dtype=s)
-        h["meta/site_index"] = np.tile(np.arange(sites), n_materials).astype(np.int32)
-        h.create_dataset("split", data=np.array([of[m] for m in mids], dtype=object), dtype=s)
-        h.create_dataset("materials/material_id", data=np.unique(mids).astype(object), dtype=s)
+    write_minimal_h5(path, dos=dos, structure=structure,
+                     labels=["site_Z", "site_X", "cn", "ecn", "density_g_cm3", "volume_per_atom_ang3"],
+                     families=["site", "site", "coordination", "coordination", "global", "global"],
+                     bvs=bvs, valence=valence, mids=mids, elements=element, split=[of[m] for m in mids],
+                     sites=sites, grid=grid)
     return path
 
 

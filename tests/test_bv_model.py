@@ -9,6 +9,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+from h5_factory import write_minimal_h5
 
 from conftest import ROOT, run_cli
 
@@ -91,24 +92,9 @@ def write_learnable_h5(path, n_materials=150, sites=2, seed=0, poison=False):
         structure[bad] = -1e6
         bvs = np.where(bad, 1e3, bvs)
         valence = np.where(bad, 1e3, valence)
-    s = h5py.string_dtype()
-    with h5py.File(path, "w") as h:
-        h["dos"] = dos
-        h["dos"].attrs["channel_labels"] = [f"{a}:{o}" for a in ("site", "nbr1", "nbr2")
-                                            for o in ("s", "py", "pz", "px", "dxy", "dyz", "dz2", "dxz", "dx2")]
-        h["structure"] = structure
-        h.create_dataset("structure_labels", data=np.array(["s0", "s1", "g0", "g1", "g2", "g3"], dtype=object), dtype=s)
-        h.create_dataset("structure_families", data=np.array(["site"] * 2 + ["global"] * 4, dtype=object), dtype=s)
-        h["targets/bvs_vu"] = bvs.astype(np.float32)
-        h["targets/valence"] = valence.astype(np.float32)
-        h["targets/bvs_deviation_vu"] = (bvs - valence).astype(np.float32)
-        h["targets/gii_vu"] = np.zeros(n, np.float32)
-        h.create_dataset("meta/material_id", data=mids.astype(object), dtype=s)
-        h.create_dataset("meta/element", data=np.array(["Ti", "O"] * n_materials, dtype=object), dtype=s)
-        h.create_dataset("meta/origin", data=np.array(["synthetic"] * n, dtype=object), dtype=s)
-        h["meta/site_index"] = np.tile(np.arange(sites), n_materials).astype(np.int32)
-        h.create_dataset("split", data=split.astype(object), dtype=s)
-        h.create_dataset("materials/material_id", data=np.unique(mids).astype(object), dtype=s)
+    write_minimal_h5(path, dos=dos, structure=structure, labels=["s0", "s1", "g0", "g1", "g2", "g3"],
+                     families=["site"] * 2 + ["global"] * 4, bvs=bvs, valence=valence, mids=mids,
+                     elements=["Ti", "O"] * n_materials, split=split, sites=sites)
     return path
 
 

@@ -15,6 +15,7 @@ import os
 import h5py
 import numpy as np
 import pytest
+from h5_factory import write_minimal_h5
 
 from conftest import ROOT
 
@@ -53,24 +54,9 @@ def write_planted_h5(path, n_materials=300, sites=2, seed=0):
     valence = 3.0 + 0.8 * structure[:, labels.index(FEATURE)] + 0.01 * rng.normal(size=n)
     mids = np.repeat([f"planted-{i:03d}" for i in range(n_materials)], sites)
     of = grouped_split(mids, (0.6, 0.2, 0.2), 88)
-    s = h5py.string_dtype()
-    with h5py.File(path, "w") as h:
-        h["dos"] = dos
-        h["dos"].attrs["channel_labels"] = channel_labels(2)
-        h.attrs["grid"] = json.dumps(grid.as_dict())
-        h["structure"] = structure
-        h.create_dataset("structure_labels", data=np.array(labels, dtype=object), dtype=s)
-        h.create_dataset("structure_families", data=np.array(["site"] * 2 + ["global"] * 4, dtype=object), dtype=s)
-        h["targets/bvs_vu"] = bvs.astype(np.float32)
-        h["targets/valence"] = valence.astype(np.float32)
-        h["targets/bvs_deviation_vu"] = (bvs - valence).astype(np.float32)
-        h["targets/gii_vu"] = np.zeros(n, np.float32)
-        h.create_dataset("meta/material_id", data=mids.astype(object), dtype=s)
-        h.create_dataset("meta/element", data=rng.choice(["Ti", "O", "Fe", "Mg"], size=n).astype(object), dtype=s)
-        h.create_dataset("meta/origin", data=np.array(["synthetic"] * n, dtype=object), dtype=s)
-        h["meta/site_index"] = np.tile(np.arange(sites), n_materials).astype(np.int32)
-        h.create_dataset("split", data=np.array([of[m] for m in mids], dtype=object), dtype=s)
-        h.create_dataset("materials/material_id", data=np.unique(mids).astype(object), dtype=s)
+    write_minimal_h5(path, dos=dos, structure=structure, labels=labels, families=["site"] * 2 + ["global"] * 4,
+                     bvs=bvs, valence=valence, mids=mids, elements=rng.choice(["Ti", "O", "Fe", "Mg"], size=n),
+                     split=[of[m] for m in mids], sites=sites, grid=grid)
     return path
 
 
