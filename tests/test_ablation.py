@@ -279,6 +279,23 @@ def test_learning_curve_on_a_tiny_file(tiny, ablation_run, tmp_path):
     assert "10^4 materials" in md and "0.273" in md and "samples per material" in md
 
 
+def test_quick_budget_caps_epochs_and_anneals_within_them():
+    params = json.loads((ROOT / "params.json").read_text())
+    p, text = train.ablation_budget(params)
+    assert p["epochs"] == min(params["epochs"], train.QUICK_EPOCHS) < params["epochs"]
+    assert 0 < p["early_stopping_patience"] <= train.QUICK_PATIENCE
+    # upstream's step schedule would not decay before epoch 15: within the budget it becomes a cosine
+    assert params["lr_schedule"] == "dosnet_step" and p["lr_schedule"] == "cosine" and "cosine" in text
+    import net
+
+    rates = [net.learning_rate(e, p) for e in range(p["epochs"])]
+    assert rates[0] == params["learning_rate"] and rates[-1] < 0.01 * params["learning_rate"]
+    full, text = train.ablation_budget(params, full=True)
+    assert full == params and "full budget" in text
+    constant = {**params, "lr_schedule": "constant"}  # a schedule the user chose is kept
+    assert train.ablation_budget(constant)[0]["lr_schedule"] == "constant"
+
+
 def test_training_subsets_are_nested_and_grouped():
     mids = np.repeat([f"m{i:02d}" for i in range(40)], 2)
     train_rows = np.arange(0, 60)
