@@ -1366,6 +1366,8 @@ def run_ablation(params: dict, data: Dataset, out_dir, n_seeds: int = 3, full: b
         summaries = {m: report.summarise([r["scores"] for r in rs]) for m, rs in results.items()}
         best_fused = report.select_best(summaries, [dosnet_key("late"), dosnet_key("early")], targets, "val")
         fused = best_fused.split("-", 1)[1]
+        # the estimate assumed the costlier fusion for the family runs; now the fusion is known
+        runner.total_cost = runner.cost_done + len(seeds) * n_family * _RUN_COST[fused]
         log(f"best fused model on the validation split: {best_fused}; "
             f"switching its structure families off one at a time")
         if not n_family:

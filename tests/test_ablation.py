@@ -242,6 +242,10 @@ def test_ablation_on_a_tiny_file_writes_table_json_and_plot(ablation_run):
     assert len(res["verdicts"]) == 2 and all("seed-to-seed std" in v["text"] for v in res["verdicts"])
     assert md.count("structure helps") + md.count("no clear effect") + md.count("structure hurts") >= 2
     assert "0.1164" in md and "Fung" in md and "Took" in md and "quick budget" in md
+    # progress lines: the estimate of the time left reaches zero with the last run (whichever fusion won)
+    progress = [ln for ln in (out / "ablation.log").read_text().splitlines() if ln.startswith("[")]
+    n = len(expected) * 2
+    assert len(progress) == n and progress[-1].startswith(f"[{n}/{n}]") and "left" not in progress[-1]
 
 
 def test_ablation_resumes_from_finished_runs(tiny, ablation_run):
