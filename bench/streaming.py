@@ -3,7 +3,7 @@
 Usage::
 
     python bench/streaming.py [--size-gb 10] [--reference-gb 1] [--epochs 1] [--fusion late]
-                              [--tmp-dir DIR] [--json PATH]
+                              [--dos-compression lzf|none] [--tmp-dir DIR] [--json PATH]
 
 1. Writes a synthetic file in data_prep's layout (``data_prep/synthetic_h5.py``: one sample per
    lzf chunk, 216 kB of float32 DOS per sample at 2000 x 27) whose DOS takes ``--size-gb`` GB
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import run_child  # noqa: E402
 
 
-def _write(path, gb: float, length: int) -> dict:
+def _write(path, gb: float, length: int, compression: str | None = "lzf") -> dict:
     from tqdm import tqdm
 
     from data_prep.synthetic_h5 import samples_for_bytes, write_synthetic_h5
@@ -50,7 +50,8 @@ def _write(path, gb: float, length: int) -> dict:
     n = samples_for_bytes(gb * 1e9, length)
     bar = tqdm(total=n, unit="sample", desc=f"writing {path.name}", disable=None)
     t0 = time.perf_counter()
-    info = write_synthetic_h5(path, n, n_points=length, progress=lambda j: bar.update(j - bar.n))
+    info = write_synthetic_h5(path, n, n_points=length, progress=lambda j: bar.update(j - bar.n),
+                              compression=compression)
     bar.close()
     info["seconds"] = round(time.perf_counter() - t0, 1)
     info["file_gb"] = round(path.stat().st_size / 1e9, 3)
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--fusion", default="late", help="root model fusion (default late, params.json's)")
     ap.add_argument("--length", type=int, default=2000, help="grid points (default 2000)")
+    ap.add_argument("--dos-compression", choices=("lzf", "none"), default="lzf",
+                    help="DOS compression of both files, as build --dos-compression (default lzf)")
     ap.add_argument("--tmp-dir", help="where the temporary folder goes (default: the system's)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -77,9 +80,10 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     try:
-        big = _write(work / "big.h5", args.size_gb, args.length)
+        comp = None if args.dos_compression == "none" else args.dos_compression
+        big = _write(work / "big.h5", args.size_gb, args.length, comp)
         if args.reference_gb < args.size_gb:
-            ref = _write(work / "reference.h5", args.reference_gb, args.length)
+            ref = _write(work / "reference.h5", args.reference_gb, args.length, comp)
         else:
             ref = big
         base = {"epochs": args.epochs, "params": {"fusion": args.fusion, "length": args.length}}
@@ -95,11 +99,12 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     ratio = runs["reference, streaming"]["samples_per_s"] / runs["reference, in memory"]["samples_per_s"]
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-              "big_file": big, "reference_file": ref, "runs": runs,
+              "dos_compression": args.dos_compression, "big_file": big, "reference_file": ref, "runs": runs,
               "streaming_over_in_memory": round(ratio, 3),
               "goals": {"peak_rss_gb_at_big": runs["big, streaming"]["peak_rss_gb"], "peak_rss_goal_gb": 3.0,
                         "throughput_ratio": round(ratio, 3), "throughput_ratio_goal": 0.8}}
-    print(f"\nsynthetic files: {big['dos_bytes'] / 1e9:.2f} GB of DOS ({big['n_samples']} samples, written in "
+    print(f"\nsynthetic files ({args.dos_compression}): {big['dos_bytes'] / 1e9:.2f} GB of DOS ({big['n_samples']} "
+          f"samples, written in "
           f"{big['seconds']} s, {big['file_gb']} GB on disk)"
           + ("" if ref is big else f"; reference {ref['dos_bytes'] / 1e9:.2f} GB ({ref['n_samples']} samples)"))
     print(f"{'run':24s} {'DOS GB':>7s} {'train rows':>10s} {'samples/s':>10s} {'1st epoch':>10s} "
