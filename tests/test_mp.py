@@ -180,14 +180,21 @@ def test_ctrl_c_keeps_finished_records_and_a_rerun_completes(srv, standin, refer
         # Delta reads hold the GIL) and could see the whole fetch finish first.
         if len(list(out.glob("*.npz"))) >= 2 and not self.stop.is_set():
             signal.pthread_kill(main_thread, signal.SIGINT)
-            self.stop.wait(30)
+            if not self.stop.wait(30):
+                raise AssertionError("SIGINT did not stop the fetch within 30 s")
             return
         return one(self, mid, *args)
 
     monkeypatch.setattr(fetch_module.Fetcher, "_one", ctrl_c_after_two_records)
-    with pytest.raises(KeyboardInterrupt):
-        fetch_mp(FetchConfig(concurrency=1, **FAST), out, progress=False, log=lambda line: None)
-    monkeypatch.undo()
+    # In a terminal Ctrl-C raises KeyboardInterrupt; a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored (POSIX), so Python's default handler is set here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fetch_mp(FetchConfig(concurrency=1, **FAST), out, progress=False, log=lambda line: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
     first = set(_records(out))  # every file there is a complete record
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["interrupted"] and 2 <= len(first) < len(_expected(specs))
