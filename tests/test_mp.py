@@ -176,8 +176,7 @@ def test_ctrl_c_keeps_finished_records_and_a_rerun_completes(srv, standin, refer
     def ctrl_c_after_two_records(self, mid, *args):
         # Deterministic timing: once two records are on disk, the worker delivers what a terminal's
         # Ctrl-C does (SIGINT to the main thread) and waits until the main thread has stopped the
-        # workers. A watcher thread polling the folder raced the fetch on a loaded machine (mp-api's
-        # Delta reads hold the GIL) and could see the whole fetch finish first.
+        # workers (rather than a watcher thread polling the folder, which depends on scheduling).
         if len(list(out.glob("*.npz"))) >= 2 and not self.stop.is_set():
             signal.pthread_kill(main_thread, signal.SIGINT)
             if not self.stop.wait(30):
