@@ -98,7 +98,7 @@ class Settings:
     window_ev: float = 1.0
     step_ev: float = 0.25
     repeats: int = 5
-    ig_steps: int = 32
+    ig_steps: int = 128
     top_labels: int = 10
     seed: int = 0
     batch_rows: int = 256

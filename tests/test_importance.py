@@ -153,19 +153,18 @@ def test_structure_permutation_ranks_the_planted_feature_first_and_the_dos_stays
 
 # ------------------------------------------------------------------ completeness and outputs
 def test_integrated_gradients_completeness_on_the_trained_model(planted, tmp_path):
-    """The attributions sum to F(x) - F(baseline): with the default 32 steps to a few per cent
-    (reported), and closer with 64 steps, which pass the module's 5 % tolerance on every target."""
+    """The attributions sum to F(x) - F(baseline): with the default 128 steps within the module's
+    5 % tolerance on every target, and less closely with 8 steps (the error shrinks with steps)."""
     comp = planted["summary"]["integrated_gradients"]["completeness"]
     assert [c["target"] for c in comp] == ["bvs_vu", "valence"]
     for c in comp:
-        assert c["max_rel_error"] < 0.1 and c["tolerance"] == 0.05, c
+        assert c["ok"] and c["max_rel_error"] < 0.05 and c["tolerance"] == 0.05, c
     run = planted["dir"].parent
     params = json.loads((run / "params.json").read_text())
-    fine = dict(params, importance_window_ev=5.0, importance_step_ev=5.0, importance_repeats=2, importance_ig_steps=64)
-    s = train.run_importance(run, fine, out_dir=tmp_path / "ig64", log=train.Log(quiet=True))
-    for c32, c64 in zip(comp, s["integrated_gradients"]["completeness"]):
-        assert c64["ok"] and c64["max_rel_error"] < 0.05, c64
-        assert c64["max_abs_error"] < c32["max_abs_error"], (c32, c64)
+    coarse = dict(params, importance_window_ev=5.0, importance_step_ev=5.0, importance_repeats=2, importance_ig_steps=8)
+    s = train.run_importance(run, coarse, out_dir=tmp_path / "ig8", log=train.Log(quiet=True))
+    for c128, c8 in zip(comp, s["integrated_gradients"]["completeness"]):
+        assert c8["max_abs_error"] > c128["max_abs_error"], (c128, c8)
     with open(planted["dir"] / "ig_completeness.csv") as fh:
         rows = list(csv.DictReader(fh))
     n_test = planted["summary"]["n_samples"]
@@ -187,7 +186,7 @@ def test_importance_writes_report_tables_and_figures(planted):
     for text in ("## bvs_vu", "## valence", "nbr1:pz", FEATURE, "Completeness", "trapezoid", "training mean",
                  "## Timing", "Took"):
         assert text in md, text
-    assert s["settings"] == {"window_ev": 1.0, "step_ev": 0.25, "repeats": 5, "ig_steps": 32, "ig_rule": "trapezoid",
+    assert s["settings"] == {"window_ev": 1.0, "step_ev": 0.25, "repeats": 5, "ig_steps": 128, "ig_rule": "trapezoid",
                              "top_labels": 10, "seed": 1}
     assert s["timing"]["total"]["seconds"] > 0 and s["seconds_in_all"] >= s["timing"]["total"]["seconds"]
     with open(out / "ig_dos.csv") as fh:
