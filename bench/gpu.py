@@ -35,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed import epoch_timer  # noqa: E402
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 _ARRAYS: dict = {}
@@ -115,15 +118,8 @@ def measure(config: dict, params: dict, n: int, epochs: int, n_structure: int, s
                 x["structure"] = rng.standard_normal((n, n_structure), dtype=np.float32)
             y = {t: rng.standard_normal((n, 1), dtype=np.float32) for t in p["targets"]}
         times = []
-
-        class Timer(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                times.append(time.perf_counter() - self.t)
-
-        hist = model.fit(x, y, batch_size=bsz, epochs=epochs, shuffle=True, verbose=0, callbacks=[Timer()])
+        hist = model.fit(x, y, batch_size=bsz, epochs=epochs, shuffle=True, verbose=0,
+                         callbacks=[epoch_timer(times)])
     finally:
         keras.mixed_precision.set_global_policy("float32")
     steady = times[1:] or times

@@ -37,6 +37,20 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def epoch_timer(times: list):
+    """A Keras callback that appends each epoch's wall-clock seconds to ``times``."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t)
+
+    return EpochTimer()
+
+
 def measure(h5, config: dict) -> dict:
     if config.get("threads"):
         import tensorflow as tf
@@ -96,15 +110,7 @@ def measure(h5, config: dict) -> dict:
     if config.get("jit_compile"):
         model.jit_compile = True
     times = []
-
-    class Timer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.t)
-
-    hist = model.fit(**fit, epochs=epochs, verbose=0, callbacks=[Timer()])
+    hist = model.fit(**fit, epochs=epochs, verbose=0, callbacks=[epoch_timer(times)])
     n = len(rows)
     return {"model": kind, "fusion": params["fusion"], "batch_size": params["batch_size"],
             "input": "streaming" if streaming else "in memory", "precision": params["precision"],
