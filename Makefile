@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all patches demo clean data
+.PHONY: train test test-all patches demo clean data compute-env
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ patches: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m DOSnet.demo
+
+# Optional: what `python -m data_prep compute-embedded` needs (GPAW, CHGNet). Needs
+# `apt-get install libxc-dev libopenblas-dev` first; torch: the CPU build (data_prep/README.md).
+compute-env: $(STAMP)
+	GPAW_CONFIG=data_prep/gpaw_siteconfig.py $(PY) -m pip install -e ".[compute]"
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 EMBEDDED_SPECTRA = Path(__file__).resolve().parent / "embedded" / "spectra"
+EMBEDDED_SPECTRA_PBE = Path(__file__).resolve().parent / "embedded" / "spectra_pbe"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,8 +54,10 @@ def _parser():
     i.add_argument("--plot", action="store_true", help="also save <h5>.png (one sample's DOS, target histograms)")
     i.add_argument("--sample", type=int, default=0)
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
-    c = sub.add_parser("compute-embedded", help="recompute the embedded GFN1-xTB spectra (hours)")
-    c.add_argument("--out", default=str(EMBEDDED_SPECTRA))
+    c = sub.add_parser("compute-embedded", help="recompute the embedded spectra (PBE: a day on 2 cores)")
+    c.add_argument("--method", choices=("pbe", "xtb"), default="pbe",
+                   help="pbe: GPAW PBE + CHGNet relaxation (needs the 'compute' extra); xtb: GFN1-xTB")
+    c.add_argument("--out", help=f"record folder (default {EMBEDDED_SPECTRA_PBE} for pbe, {EMBEDDED_SPECTRA} for xtb)")
     c.add_argument("--procs", type=int, default=2)
     c.add_argument("--time-limit", type=float, default=600.0, help="seconds per material")
     c.add_argument("--limit", type=int, help="compute at most this many materials")
@@ -210,8 +213,9 @@ def main(argv=None) -> int:
                 shard = parse_shard(args.shard)
                 entries = [e for e in entries if in_shard(e.material_id, shard)]
                 print(f"shard {args.shard}: {len(entries)} materials", file=sys.stderr)
-            summary_ = compute_embedded(entries, args.out, n_procs=args.procs, time_limit_s=args.time_limit,
-                                        retry_failed=args.retry_failed)
+            out = args.out or str(EMBEDDED_SPECTRA_PBE if args.method == "pbe" else EMBEDDED_SPECTRA)
+            summary_ = compute_embedded(entries, out, n_procs=args.procs, time_limit_s=args.time_limit,
+                                        retry_failed=args.retry_failed, method=args.method)
             print(json.dumps(summary_, indent=1, default=str))
         return 0
     except BuildError as exc:
