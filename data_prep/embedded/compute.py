@@ -64,9 +64,6 @@ def make_record(entry: StructureEntry, min_length_ang: float = MIN_LENGTH_ANG,
     return record
 
 
-#: the PBE spectra are merged more coarsely than the xTB ones: a k-mesh gives ~10^4 states, and
-#: merging within 0.02 eV (a fifth of the 0.1 eV smearing) changes the gridded DOS by < 1 %
-PBE_COMPACT = {"merge_tol_ev": 0.02, "weight_threshold": 1e-4}
 ANION_ELEMENTS = frozenset({"O", "F", "Cl", "Br", "I", "S", "Se", "Te", "N"})
 
 
@@ -102,7 +99,7 @@ def make_record_pbe(entry: StructureEntry, compact_kwargs: dict | None = None) -
         provenance["relaxed"] = True
         provenance["note"] = "hypothetical, relaxed with CHGNet"
     result = pbe.run_pbe(structure, provenance.get("bv_valences"))
-    spectrum, summary = compact(result.spectrum, **(compact_kwargs or PBE_COMPACT))
+    spectrum, summary = compact(result.spectrum, **(compact_kwargs or pbe.COMPACT))
     provenance["calculation"] = result.info
     provenance["compaction"] = summary
     record = MaterialRecord(material_id=entry.material_id, formula=entry.formula, origin=entry.origin,
