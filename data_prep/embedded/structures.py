@@ -1,35 +1,66 @@
-"""Structures of the embedded dataset (collected from packages the project already installs).
+"""Structures of the embedded dataset (collected offline from installed registry packages).
 
-Sources, in order of preference when two of them hold the same structure:
+Sources, in order of preference when two of them hold the same structure (raw entries -> kept
+real structures with the defaults, ``max_sites=64``; before issue 13 only the first three were
+read and they kept 70 + 23 + 10 = 103):
 
-1. ``mineral``: emmet-core's robocrys mineral database (``condense/mineral_db.json.gz``);
-2. ``prototype``: pymatgen's AFLOW prototype library (``pymatgen.analysis.prototypes``);
-3. ``pymatgen-example``: the example structures pymatgen ships in ``pymatgen/util/structures``;
-4. ``substituted``: hypothetical, unrelaxed analogues of the kept real structures, made with
-   pymatgen's data-mined ionic substitution probabilities (Hautier et al., Inorg. Chem. 50, 656
-   (2011)), restricted to substitutions that keep every ion's oxidation state (so the result is
-   charge neutral), and rescaled with pymatgen's ``DLSVolumePredictor``.
+1. ``mineral``: emmet-core's robocrys mineral database (``condense/mineral_db.json.gz``): 180 -> 63;
+2. ``prototype``: pymatgen's AFLOW prototype library (``pymatgen.analysis.prototypes``): 288 -> 18;
+3. ``pymatgen-example``: the example structures pymatgen ships in ``pymatgen/util/structures``: 21 -> 10;
+4. ``ase-cod``: the Crystallography Open Database minerals in ase's test data: 8 -> 2;
+5. ``dans-diffraction``: Dans_Diffraction's example structures: 32 -> 7;
+6. ``crystals``: the built-in CIF database of ``crystals`` (plus its test CIFs): 90 -> 3;
+7. ``xrayutilities``: xrayutilities' predefined materials (built from their space-group lattices): 80 -> 19;
+8. ``pyxtal``: the CIFs of pyxtal's database (inorganic, JARVIS-DFT and molecular crystals): 77 -> 26;
+9. ``cif2cell``: cif2cell's sample CIFs: 101 -> 1;
+
+in all 149 real structures; then
+
+10. ``substituted``: hypothetical, unrelaxed analogues of the kept real structures, made with
+    pymatgen's data-mined ionic substitution probabilities (Hautier et al., Inorg. Chem. 50, 656
+    (2011)), restricted to substitutions that keep every ion's oxidation state (so the result is
+    charge neutral), and rescaled with pymatgen's ``DLSVolumePredictor``; at most
+    ``MAX_SUBSTITUTIONS_PER_PARENT`` per real parent.
+
+Sources 4-9 are read from the installed files of their packages (the ``structures`` extra, pinned;
+``PACKAGE_SOURCES``), never downloaded. Sources are appended in order: adding one never changes the
+ids of the earlier ones (records already computed are keyed by id; the ids of sources 1-3 are
+checked against main's list in the tests).
 
 Every kept structure
 
 - is ordered and has at most ``max_sites`` sites in its primitive standard cell
   (``SpacegroupAnalyzer``; real structures are stored in that cell, substituted ones keep their
   parent's);
-- contains only elements GFN1-xTB parametrises (Z <= 86) and no lanthanoid or actinoid (f states
-  are not a channel); substitutions also never introduce H or noble gases;
-- is assigned oxidation states by pymatgen's ``BVAnalyzer``, and every cation-anion pair has a
-  bond valence parameter in bvparm2020 (so its bond valence sums are computable later); for a
+- contains only elements GPAW has a PAW setup for (Z <= 83, Bi, except Tc: no Po, At, Fr, Ra, Ac
+  and beyond) and no lanthanoid or actinoid (f states are not a channel); substitutions also
+  never introduce H or noble gases;
+- is assigned oxidation states by pymatgen's ``BVAnalyzer``, its anions are among those bond
+  valence theory is made for (``ANION_ELEMENTS``: O, F, Cl, Br, I, S, Se, Te, N; carbides,
+  pnictides such as NiAs or TiAs, silicides and hydrides are dropped: their formal valences,
+  e.g. Si4+/C4- in SiC, have no bond valence meaning), and every cation-anion pair has a bond
+  valence parameter in bvparm2020 (so its bond valence sums are computable later); for a
   substituted structure the valences must equal the substituted ions' states;
 - has a geometry pymatgen's DLS volume predictor accepts: the volume change it asks for lies in its
   own guard range [0.5, 1.5] (this drops a few defective source entries, e.g. a GeS2 with an S-S
   contact of 1.28 A, and substituted cells DLS would have to clamp);
 - duplicates no structure kept before it (``StructureMatcher``, grouped by reduced formula).
 
+Why candidates are dropped (``collect_structures(stats=...)["skipped"]``, defaults): most real
+candidates are elements or intermetallics (``BVAnalyzer`` assigns no valences: 74 minerals, 133
+prototypes, most of the package CIFs), duplicates of an earlier source (68 prototypes), f-block
+elements, or anions outside ``ANION_ELEMENTS`` (16 minerals, 29 prototypes).
+
 Substituted structures are picked deterministically: every parent's substitutions are ranked by
 probability; the parents (order shuffled once with ``seed``) take turns, each contributing its next
-acceptable candidate, until ``n_substituted`` are kept. Ids: ``min-<formula>-<mineral>``,
-``proto-<formula>-<aflow label>``, ``ex-<file stem>``, ``sub-<parent id>-<formula>`` (a numeric
-suffix resolves the rare clash).
+acceptable candidate, until ``n_substituted`` are kept or every parent has given its maximum. Ids:
+``min-<formula>-<mineral>``, ``proto-<formula>-<aflow label>``, ``ex-<file stem>``,
+``<package prefix>-<formula>-<file stem or name>`` (``PackageSource.prefix``: ase, dans, crystals,
+xu, pyxtal, cif2cell), ``sub-<parent id>-<formula>`` (a numeric suffix resolves the rare clash).
+
+Every entry's provenance has ``parent_id`` (a real structure is its own parent),
+``prototype_group`` and ``family_id`` (``data_prep.families``: real parents that match by
+prototype, ``StructureMatcher.fit_anonymous``, share a family with all their substituted analogues).
 
 Stored structures carry plain elements (no oxidation states); the ``BVAnalyzer`` valences of the
 sites are kept in ``provenance["bv_valences"]``.
@@ -388,6 +419,17 @@ def _element_symbol(name: str) -> str:
     return m.group(0)
 
 
+def _leading_element(name: str) -> str | None:
+    """The element a material name starts with (``"CdSe_ZB"`` -> ``"Cd"``), or None."""
+    m = re.match(r"[A-Z][a-z]?", str(name))
+    if not m:
+        return None
+    try:
+        return Element(m.group(0)).symbol
+    except ValueError:
+        return None
+
+
 def _raw_xrayutilities(source: PackageSource):
     """(name, structure, provenance) of every ``Crystal`` of xrayutilities' predefined materials
     (conventional cell from its space-group lattice; a site with occupancy < 1 makes the structure
@@ -421,6 +463,11 @@ def _raw_xrayutilities(source: PackageSource):
             structure = Structure(lattice, species, coords, coords_are_cartesian=False)
         except Exception as exc:
             out.append((name, None, {**prov, "error": type(exc).__name__}))
+            continue
+        lead = _leading_element(name)
+        if lead is not None and lead not in {el.symbol for el in structure.composition.elements}:
+            # e.g. xrayutilities 1.8.0 defines CdSe with the atoms of wurtzite InSb
+            out.append((name, None, {**prov, "error": f"atoms do not match the name {name!r}"}))
             continue
         out.append((name, structure, prov))
     return out
