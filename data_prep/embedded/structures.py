@@ -61,6 +61,9 @@ xu, pyxtal, cif2cell), ``sub-<parent id>-<formula>`` (a numeric suffix resolves 
 Every entry's provenance has ``parent_id`` (a real structure is its own parent),
 ``prototype_group`` and ``family_id`` (``data_prep.families``: real parents that match by
 prototype, ``StructureMatcher.fit_anonymous``, share a family with all their substituted analogues).
+With the defaults (149 real + 1000 substituted): 111 families; 54 real parents fall into 16
+prototype groups of more than one parent; the largest family is the rock-salt group (12 real
+parents, 71 materials), then perovskite (46) and zinc blende (38).
 
 Stored structures carry plain elements (no oxidation states); the ``BVAnalyzer`` valences of the
 sites are kept in ``provenance["bv_valences"]``.
@@ -112,8 +115,9 @@ ANION_ELEMENTS = frozenset({"O", "F", "Cl", "Br", "I", "S", "Se", "Te", "N"})
 #: Probability threshold of the substitution model (pymatgen's default for its predictors).
 SUBSTITUTION_THRESHOLD = 1e-3
 #: At most this many substituted analogues per real parent (families stay small; see
-#: ``_collect_substituted``).
-MAX_SUBSTITUTIONS_PER_PARENT = 8
+#: ``_collect_substituted``): the smallest cap that still reaches the default 1000 (146 parents
+#: have candidates; a cap of 8 leaves 961, since 100 parents reach it and the rest run out).
+MAX_SUBSTITUTIONS_PER_PARENT = 9
 #: pymatgen's guard range for a DLS volume change (its ``DLSVolumePredictor`` defaults).
 DLS_MIN_SCALE, DLS_MAX_SCALE = 0.5, 1.5
 HALOGENS = frozenset({"F", "Cl", "Br", "I"})
