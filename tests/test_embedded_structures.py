@@ -299,3 +299,24 @@ def test_is_safe_id():
     assert S.is_safe_id("sub-min-NaCl-halite-rock-salt-KCl")
     for bad in ("", "-x", "a/b", "a b", "a(b)", "a:b"):
         assert not S.is_safe_id(bad), bad
+
+
+def test_element_and_anion_rules():
+    from pymatgen.core import Lattice, Structure
+
+    from data_prep.embedded.compute import bv_scope_reason
+
+    assert S.element_reason(Element("Bi")) is None and S.element_reason(Element("Rb")) is None
+    for sym in ("Tc", "Po", "At", "Rn", "Fr", "Ra"):
+        assert S.element_reason(Element(sym)) == "no GPAW PAW setup", sym
+    for sym in ("La", "Ce", "Lu", "Ac", "U", "Pu"):
+        assert S.element_reason(Element(sym)) == "f-block element", sym
+    nias = Structure.from_spacegroup("P6_3/mmc", Lattice.hexagonal(3.6, 5.0), ["Ni", "As"],
+                                     [[0, 0, 0], [1 / 3, 2 / 3, 0.25]])
+    assert "anion As" in S.bv_anion_reason(nias, [3, 3, -3, -3])
+    nis = nias.copy()
+    nis.replace_species({"As": "S"})
+    assert S.bv_anion_reason(nis, [2, 2, -2, -2]) is None
+    # the PBE engine's guard is the same rule
+    entry = S.StructureEntry("proto-NiAs", "NiAs", "prototype", nias, {"bv_valences": [3, 3, -3, -3]})
+    assert bv_scope_reason(entry) == S.bv_anion_reason(nias, [3, 3, -3, -3])
