@@ -22,8 +22,9 @@ in all 149 real structures; then
     charge neutral), and rescaled with pymatgen's ``DLSVolumePredictor``; at most
     ``MAX_SUBSTITUTIONS_PER_PARENT`` per real parent.
 
-Sources 4-9 are read from the installed files of their packages (the ``structures`` extra, pinned;
-``PACKAGE_SOURCES``), never downloaded. Sources are appended in order: adding one never changes the
+Sources 4-9 come from their installed packages (the ``structures`` extra, pinned;
+``PACKAGE_SOURCES``): CIF files are read from the package's files without importing it,
+xrayutilities' materials by importing its ``predefined_materials``; nothing is downloaded. Sources are appended in order: adding one never changes the
 ids of the earlier ones (records already computed are keyed by id; the ids of sources 1-3 are
 checked against main's list in the tests).
 
