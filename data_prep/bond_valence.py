@@ -230,6 +230,37 @@ class BVParams:
             detail = "only 'unchecked' entries exist and allow_unchecked is False"
         raise MissingBVParameter(*key, detail=detail)
 
+    def candidates(self, cation: str, cation_valence: int, anion: str, anion_valence: int
+                   ) -> list[BVChoice]:
+        """Every entry usable for the pair, most preferred first: the tiers of the module
+        docstring in order, file order within a tier (so ``candidates(...)[0]`` is ``choose``'s
+        entry). Empty when there is none."""
+        key = (cation, int(cation_valence), anion, int(anion_valence))
+        if key[1] <= 0 or key[3] >= 0:
+            return []
+        exact = self._by_key.get(key, [])
+        generic = self._by_key.get((cation, UNSPECIFIED_VALENCE, anion, key[3]), [])
+        tiers = [("exact", [e for e in exact if not e.unchecked]),
+                 ("unspecified-valence", [e for e in generic if not e.unchecked])]
+        if self.allow_unchecked:
+            tiers += [("exact-unchecked", [e for e in exact if e.unchecked]),
+                      ("unspecified-valence-unchecked", [e for e in generic if e.unchecked])]
+        return [BVChoice(*key, entry=e, tier=tier, reference=self.references.get(e.ref_id, e.ref_id))
+                for tier, found in tiers for e in found]
+
+    def alternative(self, cation: str, cation_valence: int, anion: str, anion_valence: int
+                    ) -> BVChoice | None:
+        """The next-preferred entry after ``choose``'s with different ``(R0, b)``, or None.
+
+        Entries repeating the chosen values (the same numbers from another reference) are passed
+        over: they would move no bond valence sum. Raises ``MissingBVParameter`` like ``choose``.
+        """
+        chosen = self.choose(cation, cation_valence, anion, anion_valence)
+        for c in self.candidates(cation, cation_valence, anion, anion_valence):
+            if (c.entry.r0_ang, c.entry.b_ang) != (chosen.entry.r0_ang, chosen.entry.b_ang):
+                return c
+        return None
+
     def lookup(self, cation: str, cation_valence: int, anion: str, anion_valence: int
                ) -> tuple[float, float, str]:
         """``(r0_ang, b_ang, ref_id)`` for a cation-anion pair; raises ``MissingBVParameter``."""
@@ -279,9 +310,12 @@ def assign_valences(structure: Structure) -> list[int]:
 
 
 # --- bond valence sums ----------------------------------------------------------------------
-def _bvs(structure: Structure, valences, cutoff_ang: float, table: BVParams | None
+def _bvs(structure: Structure, valences, cutoff_ang: float, table: BVParams | None, chooser=None
          ) -> tuple[np.ndarray, list[BVChoice]]:
+    """BVS and the parameters used; ``chooser(cation, vc, anion, va) -> BVChoice`` replaces
+    ``table.choose`` (e.g. to use alternative entries)."""
     table = table if table is not None else BVParams.default()
+    chooser = chooser if chooser is not None else table.choose
     v = np.asarray(valences, dtype=int)
     n = len(structure)
     if v.shape != (n,):
@@ -311,7 +345,7 @@ def _bvs(structure: Structure, valences, cutoff_ang: float, table: BVParams | No
     choices = []
     for code in np.unique(pair_code):
         (cs, cv), (as_, av) = inverse_kind[code // len(kinds)], inverse_kind[code % len(kinds)]
-        choice = table.choose(cs, cv, as_, av)
+        choice = chooser(cs, cv, as_, av)
         choices.append(choice)
         sel = pair_code == code
         r0[sel], b[sel] = choice.r0_ang, choice.b_ang
@@ -361,3 +395,58 @@ def compute_targets(structure: Structure, cutoff_ang: float = DEFAULT_CUTOFF_ANG
         "cutoff_ang": float(cutoff_ang),
         "table": table.describe(),
     }
+
+
+# --- parameter choice: which entry, and how much the next one would move the sums -----------
+def _pair_kinds(structure: Structure, valences) -> list[tuple[str, int, str, int]]:
+    """Sorted (cation, vc, anion, va) kinds of the structure (every cation kind with every anion kind)."""
+    ions = {(site.specie.symbol, int(v)) for site, v in zip(structure, valences)}
+    cats = sorted(i for i in ions if i[1] > 0)
+    ans = sorted(i for i in ions if i[1] < 0)
+    return [(c, cv, a, av) for c, cv in cats for a, av in ans]
+
+
+def _choice_dict(c: BVChoice | None) -> dict | None:
+    if c is None:
+        return None
+    return {"r0_ang": c.entry.r0_ang, "b_ang": c.entry.b_ang, "ref_id": c.entry.ref_id,
+            "reference": c.reference, "tier": c.tier, "table_valence": c.entry.cation_valence,
+            "details": c.entry.details, "table_line": c.entry.line}
+
+
+def pair_parameters(structure: Structure, valences, table: BVParams | None = None) -> list[dict]:
+    """For every cation-anion pair kind of the structure (with oxidation states): the entry used
+    (``used``: R0, b, reference id and text, tier, table line) and the ``alternative`` entry
+    (``BVParams.alternative``; None when the table has no other values for the pair).
+
+    Raises ``MissingBVParameter`` when a pair has no entry at all.
+    """
+    table = table if table is not None else BVParams.default()
+    out = []
+    for cat, vc, an, va in _pair_kinds(structure, valences):
+        used = table.choose(cat, vc, an, va)
+        out.append({"pair": f"{cat}{vc:+d}-{an}{va:+d}", "cation": cat, "cation_valence": vc,
+                    "anion": an, "anion_valence": va, "used": _choice_dict(used),
+                    "alternative": _choice_dict(table.alternative(cat, vc, an, va))})
+    return out
+
+
+def bond_valence_sums_alternative(structure: Structure, valences, cutoff_ang: float = DEFAULT_CUTOFF_ANG,
+                                  table: BVParams | None = None, pairs=None) -> np.ndarray:
+    """(n_sites,) signed BVS with the alternative entry (``BVParams.alternative``) of every pair
+    kind in ``pairs`` (``(cation, vc, anion, va)`` tuples; None: all pairs); other pairs, and
+    pairs without an alternative, keep the entry ``bond_valence_sums`` uses.
+    ``bond_valence_sums_alternative(...) - bond_valence_sums(...)`` is the sensitivity of the sums
+    to the choice among bvparm2020's entries.
+    """
+    table = table if table is not None else BVParams.default()
+    switch = None if pairs is None else {(c, int(vc), a, int(va)) for c, vc, a, va in pairs}
+
+    def chooser(cat, vc, an, va):
+        if switch is None or (cat, int(vc), an, int(va)) in switch:
+            alt = table.alternative(cat, vc, an, va)
+            if alt is not None:
+                return alt
+        return table.choose(cat, vc, an, va)
+
+    return _bvs(structure, valences, cutoff_ang, table, chooser)[0]

@@ -20,7 +20,8 @@ from pymatgen.core import Structure
 
 from data_prep.layout import GAP_THRESHOLD_EV, N_ORBITALS, ORBITALS
 
-ORIGINS = ("mineral", "prototype", "pymatgen-example", "substituted", "mp", "user")
+ORIGINS = ("mineral", "prototype", "pymatgen-example", "substituted", "mp", "user",
+           "ase-cod", "dans-diffraction", "crystals", "xrayutilities", "pyxtal", "cif2cell")
 RECORD_FORMAT_VERSION = 1
 
 

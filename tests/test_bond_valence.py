@@ -203,3 +203,96 @@ def test_cutoff_and_shape_checks():
     assert np.allclose(nn_only[:4], 6 * s(2.15, 0.37, 2.82))
     with pytest.raises(ValueError):
         bv.bond_valence_sums(st, [1, -1])
+
+
+# --- entry per pair, alternative entry and sensitivity (issue 13) ----------------------------
+def nickeline_nis() -> Structure:
+    """NiS in the NiAs type (P6_3/mmc), a = 3.44, c = 5.35 A."""
+    return Structure.from_spacegroup("P6_3/mmc", Lattice.hexagonal(3.44, 5.35), ["Ni", "S"],
+                                     [[0, 0, 0], [1 / 3, 2 / 3, 0.25]])
+
+
+def test_candidates_start_with_the_chosen_entry():
+    t = bv.BVParams.default()
+    for pair in [("Ni", 2, "S", -2), ("Ni", 2, "O", -2), ("Ti", 4, "O", -2), ("Na", 1, "Cl", -1)]:
+        cands = t.candidates(*pair)
+        assert cands and cands[0] == t.choose(*pair)
+        tiers = [bv.TIERS.index(c.tier) for c in cands]
+        assert tiers == sorted(tiers)  # tier order, file order within a tier
+    assert t.candidates("Ni", 2, "S", 2) == []
+
+
+def test_nis_entry_used_and_alternative_move_the_sum():
+    """Ni2+-S: Liu & Thorp's value from complexes (j) is used, Brese & O'Keeffe's (b) is next."""
+    nis = nickeline_nis()
+    v = [2, 2, -2, -2]
+    (p,) = bv.pair_parameters(nis, v)
+    assert p["pair"] == "Ni+2-S-2"
+    assert (p["used"]["ref_id"], p["used"]["r0_ang"], p["used"]["b_ang"], p["used"]["tier"]) == ("j", 1.937, 0.37, "exact")
+    alt = p["alternative"]
+    assert (alt["ref_id"], alt["r0_ang"], alt["b_ang"], alt["tier"]) == ("b", 2.04, 0.37, "unspecified-valence")
+    assert "Brese" in alt["reference"]
+    base = bv.bond_valence_sums(nis, v)
+    other = bv.bond_valence_sums_alternative(nis, v)
+    d = other - base
+    # every bond scales by exp((2.04 - 1.937) / 0.37): the sums grow by that factor
+    np.testing.assert_allclose(other, base * math.exp((2.04 - 1.937) / 0.37), rtol=1e-12)
+    assert 0.5 < d[0] < 0.7 and np.allclose(d[:2], d[0]) and np.allclose(d[2:], -d[0])
+    # switching no pair changes nothing
+    np.testing.assert_array_equal(bv.bond_valence_sums_alternative(nis, v, pairs=[]), base)
+
+
+def test_nio_alternative_is_gagne_hawthorne():
+    nio = rocksalt(4.177, "Ni", "O")
+    v = [2] * 4 + [-2] * 4
+    (p,) = bv.pair_parameters(nio, v)
+    assert (p["used"]["ref_id"], p["used"]["r0_ang"]) == ("e", 1.675)
+    assert (p["alternative"]["ref_id"], p["alternative"]["r0_ang"], p["alternative"]["b_ang"]) == ("bs", 1.689, 0.347)
+    base, other = bv.bond_valence_sums(nio, v), bv.bond_valence_sums_alternative(nio, v)
+    h = 4.177 / 2
+
+    def hand(r0, b):  # O shells n = 1 (6), 3 (8), 5 (24) within the 6 A cutoff
+        return 6 * s(r0, b, h) + 8 * s(r0, b, h * math.sqrt(3)) + 24 * s(r0, b, h * math.sqrt(5))
+
+    assert base[0] == pytest.approx(hand(1.675, 0.37), abs=1e-9)
+    assert other[0] == pytest.approx(hand(1.689, 0.347), abs=1e-9)
+    assert abs(other[0] - base[0]) > 0.05
+
+
+def test_alternative_skips_repeated_values_and_may_be_none():
+    t = bv.BVParams.default()
+    for key in list(t._by_key)[:400]:
+        cat, vc, an, va = key
+        if vc <= 0 or va >= 0 or vc == bv.UNSPECIFIED_VALENCE:
+            continue
+        cands = t.candidates(*key)
+        alt = t.alternative(*key)
+        values = {(c.entry.r0_ang, c.entry.b_ang) for c in cands}
+        if len(values) == 1:
+            assert alt is None
+        else:
+            assert alt is not None and (alt.r0_ang, alt.b_ang) != (cands[0].r0_ang, cands[0].b_ang)
+            assert alt == next(c for c in cands if (c.r0_ang, c.b_ang) != (cands[0].r0_ang, cands[0].b_ang))
+
+
+def test_sensitivity_table(tmp_path):
+    from data_prep.bv_sensitivity import COLUMNS, sensitivity_rows, write_table
+
+    nis = nickeline_nis()
+    nio = rocksalt(4.177, "Ni", "O")
+    records = [("NiS", nis, [2, 2, -2, -2]), ("NiO", nio, [2] * 4 + [-2] * 4), ("NiO-2", nio)]
+    rows, summary = sensitivity_rows(records)
+    by_pair = {r["pair"]: r for r in rows}
+    assert set(by_pair) == {"Ni+2-S-2", "Ni+2-O-2"}
+    r = by_pair["Ni+2-S-2"]
+    assert (r["used_ref"], r["alt_ref"], r["n_materials"], r["n_sites"]) == ("j", "b", 1, 2)
+    assert 0.5 < r["max_abs_dbvs_vu"] < 0.7 and r["mean_abs_dbvs_vu"] == pytest.approx(r["max_abs_dbvs_vu"])
+    assert r["max_abs_dbvs_anion_vu"] == pytest.approx(r["max_abs_dbvs_vu"], abs=1e-3)
+    assert r["max_material"] == "NiS"
+    assert by_pair["Ni+2-O-2"]["n_materials"] == 2 and by_pair["Ni+2-O-2"]["n_sites"] == 8
+    assert summary["n_materials"] == 3 and summary["n_skipped"] == 0
+    assert summary["max_abs_dbvs_vu"] == r["max_abs_dbvs_vu"]
+    out = write_table(rows, tmp_path / "t.csv")
+    lines = out.read_text().splitlines()
+    assert lines[0].split(",") == list(COLUMNS)
+    assert lines[1].startswith("Ni+2-S-2,")  # largest change first

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.embedded.structures import StructureEntry
+from data_prep.embedded.structures import ANION_ELEMENTS, StructureEntry, bv_anion_reason  # noqa: F401
 from data_prep.embedded.xtb import (DEFAULT_ETEMP_K, MAX_SUPERCELL_AO, MAX_SUPERCELL_ATOMS, METHOD,
                                     MIN_LENGTH_ANG, single_thread_env)
 from data_prep.records import MaterialRecord, atomic_write_bytes
@@ -64,20 +64,16 @@ def make_record(entry: StructureEntry, min_length_ang: float = MIN_LENGTH_ANG,
     return record
 
 
-ANION_ELEMENTS = frozenset({"O", "F", "Cl", "Br", "I", "S", "Se", "Te", "N"})
 
 
 def bv_scope_reason(entry: StructureEntry) -> str | None:
-    """Why bond valence theory does not fit ``entry`` (an anion outside O, F, Cl, Br, I, S, Se, Te, N), or None."""
+    """Why bond valence theory does not fit ``entry`` (an anion outside ``ANION_ELEMENTS``: O, F, Cl,
+    Br, I, S, Se, Te, N), or None. The collection already drops such structures
+    (``structures.bv_anion_reason``); this guards entries from older structure files."""
     valences = entry.provenance.get("bv_valences")
     if not valences:
         return None
-    anions = sorted({site.specie.symbol for site, v in zip(entry.structure, valences) if v < 0})
-    bad = [a for a in anions if a not in ANION_ELEMENTS]
-    if bad:
-        return (f"anion {', '.join(bad)} is outside the ones bond valence theory is made for "
-                f"({', '.join(sorted(ANION_ELEMENTS))})")
-    return None
+    return bv_anion_reason(entry.structure, valences)
 
 
 def make_record_pbe(entry: StructureEntry, compact_kwargs: dict | None = None) -> MaterialRecord:

@@ -1,35 +1,70 @@
-"""Structures of the embedded dataset (collected from packages the project already installs).
+"""Structures of the embedded dataset (collected offline from installed registry packages).
 
-Sources, in order of preference when two of them hold the same structure:
+Sources, in order of preference when two of them hold the same structure (raw entries -> kept
+real structures with the defaults, ``max_sites=64``; before issue 13 only the first three were
+read and they kept 70 + 23 + 10 = 103):
 
-1. ``mineral``: emmet-core's robocrys mineral database (``condense/mineral_db.json.gz``);
-2. ``prototype``: pymatgen's AFLOW prototype library (``pymatgen.analysis.prototypes``);
-3. ``pymatgen-example``: the example structures pymatgen ships in ``pymatgen/util/structures``;
-4. ``substituted``: hypothetical, unrelaxed analogues of the kept real structures, made with
-   pymatgen's data-mined ionic substitution probabilities (Hautier et al., Inorg. Chem. 50, 656
-   (2011)), restricted to substitutions that keep every ion's oxidation state (so the result is
-   charge neutral), and rescaled with pymatgen's ``DLSVolumePredictor``.
+1. ``mineral``: emmet-core's robocrys mineral database (``condense/mineral_db.json.gz``): 180 -> 63;
+2. ``prototype``: pymatgen's AFLOW prototype library (``pymatgen.analysis.prototypes``): 288 -> 18;
+3. ``pymatgen-example``: the example structures pymatgen ships in ``pymatgen/util/structures``: 21 -> 10;
+4. ``ase-cod``: the Crystallography Open Database minerals in ase's test data: 8 -> 2;
+5. ``dans-diffraction``: Dans_Diffraction's example structures: 32 -> 7;
+6. ``crystals``: the built-in CIF database of ``crystals`` (plus its test CIFs): 90 -> 3;
+7. ``xrayutilities``: xrayutilities' predefined materials (built from their space-group lattices): 80 -> 19;
+8. ``pyxtal``: the CIFs of pyxtal's database (inorganic, JARVIS-DFT and molecular crystals): 77 -> 26;
+9. ``cif2cell``: cif2cell's sample CIFs: 101 -> 1;
+
+in all 149 real structures; then
+
+10. ``substituted``: hypothetical, unrelaxed analogues of the kept real structures, made with
+    pymatgen's data-mined ionic substitution probabilities (Hautier et al., Inorg. Chem. 50, 656
+    (2011)), restricted to substitutions that keep every ion's oxidation state (so the result is
+    charge neutral), and rescaled with pymatgen's ``DLSVolumePredictor``; at most
+    ``MAX_SUBSTITUTIONS_PER_PARENT`` per real parent.
+
+Sources 4-9 come from their installed packages (the ``structures`` extra, pinned;
+``PACKAGE_SOURCES``): CIF files are read from the package's files without importing it,
+xrayutilities' materials by importing its ``predefined_materials``; nothing is downloaded. Sources are appended in order: adding one never changes the
+ids of the earlier ones (records already computed are keyed by id; the ids of sources 1-3 are
+checked against main's list in the tests).
 
 Every kept structure
 
 - is ordered and has at most ``max_sites`` sites in its primitive standard cell
   (``SpacegroupAnalyzer``; real structures are stored in that cell, substituted ones keep their
   parent's);
-- contains only elements GFN1-xTB parametrises (Z <= 86) and no lanthanoid or actinoid (f states
-  are not a channel); substitutions also never introduce H or noble gases;
-- is assigned oxidation states by pymatgen's ``BVAnalyzer``, and every cation-anion pair has a
-  bond valence parameter in bvparm2020 (so its bond valence sums are computable later); for a
+- contains only elements GPAW has a PAW setup for (Z <= 83, Bi, except Tc: no Po, At, Fr, Ra, Ac
+  and beyond) and no lanthanoid or actinoid (f states are not a channel); substitutions also
+  never introduce H or noble gases;
+- is assigned oxidation states by pymatgen's ``BVAnalyzer``, its anions are among those bond
+  valence theory is made for (``ANION_ELEMENTS``: O, F, Cl, Br, I, S, Se, Te, N; carbides,
+  pnictides such as NiAs or TiAs, silicides and hydrides are dropped: their formal valences,
+  e.g. Si4+/C4- in SiC, have no bond valence meaning), and every cation-anion pair has a bond
+  valence parameter in bvparm2020 (so its bond valence sums are computable later); for a
   substituted structure the valences must equal the substituted ions' states;
 - has a geometry pymatgen's DLS volume predictor accepts: the volume change it asks for lies in its
   own guard range [0.5, 1.5] (this drops a few defective source entries, e.g. a GeS2 with an S-S
   contact of 1.28 A, and substituted cells DLS would have to clamp);
 - duplicates no structure kept before it (``StructureMatcher``, grouped by reduced formula).
 
+Why candidates are dropped (``collect_structures(stats=...)["skipped"]``, defaults): most real
+candidates are elements or intermetallics (``BVAnalyzer`` assigns no valences: 74 minerals, 133
+prototypes, most of the package CIFs), duplicates of an earlier source (68 prototypes), f-block
+elements, or anions outside ``ANION_ELEMENTS`` (16 minerals, 29 prototypes).
+
 Substituted structures are picked deterministically: every parent's substitutions are ranked by
 probability; the parents (order shuffled once with ``seed``) take turns, each contributing its next
-acceptable candidate, until ``n_substituted`` are kept. Ids: ``min-<formula>-<mineral>``,
-``proto-<formula>-<aflow label>``, ``ex-<file stem>``, ``sub-<parent id>-<formula>`` (a numeric
-suffix resolves the rare clash).
+acceptable candidate, until ``n_substituted`` are kept or every parent has given its maximum. Ids:
+``min-<formula>-<mineral>``, ``proto-<formula>-<aflow label>``, ``ex-<file stem>``,
+``<package prefix>-<formula>-<file stem or name>`` (``PackageSource.prefix``: ase, dans, crystals,
+xu, pyxtal, cif2cell), ``sub-<parent id>-<formula>`` (a numeric suffix resolves the rare clash).
+
+Every entry's provenance has ``parent_id`` (a real structure is its own parent),
+``prototype_group`` and ``family_id`` (``data_prep.families``: real parents that match by
+prototype, ``StructureMatcher.fit_anonymous``, share a family with all their substituted analogues).
+With the defaults (149 real + 1000 substituted): 111 families; 54 real parents fall into 16
+prototype groups of more than one parent; the largest family is the rock-salt group (12 real
+parents, 71 materials), then perovskite (46) and zinc blende (38).
 
 Stored structures carry plain elements (no oxidation states); the ``BVAnalyzer`` valences of the
 sites are kept in ``provenance["bv_valences"]``.
@@ -69,14 +104,23 @@ class StructureEntry:
 # constants and small helpers
 # --------------------------------------------------------------------------------------------
 
-#: Highest atomic number GFN1-xTB parametrises.
-MAX_Z = 86
+#: Highest atomic number with a GPAW PAW setup (Bi); the PBE engine (``pbe``) needs one per element.
+MAX_Z = 83
+#: Elements up to ``MAX_Z`` for which GPAW has no PAW setup.
+NO_GPAW_SETUP = frozenset({"Tc"})
+#: Anions bond valence theory is made for (bvparm2020's bulk of parameters, Brown's "ionic"
+#: compounds): a structure whose ``BVAnalyzer`` anions include any other element (C, Si, B, P, As,
+#: Sb, H, ...) is a carbide, pnictide, hydride or intermetallic-like compound in which the formal
+#: valences (e.g. Ni3+/As3- in NiAs, Si4+/C4- in SiC) have no bond valence meaning.
+ANION_ELEMENTS = frozenset({"O", "F", "Cl", "Br", "I", "S", "Se", "Te", "N"})
 #: Probability threshold of the substitution model (pymatgen's default for its predictors).
 SUBSTITUTION_THRESHOLD = 1e-3
+#: At most this many substituted analogues per real parent (families stay small; see
+#: ``_collect_substituted``): the smallest cap that still reaches the default 1000 (146 parents
+#: have candidates; a cap of 8 leaves 961, since 100 parents reach it and the rest run out).
+MAX_SUBSTITUTIONS_PER_PARENT = 9
 #: pymatgen's guard range for a DLS volume change (its ``DLSVolumePredictor`` defaults).
 DLS_MIN_SCALE, DLS_MAX_SCALE = 0.5, 1.5
-#: Order of preference of the real sources when deduplicating.
-REAL_ORIGINS = ("mineral", "prototype", "pymatgen-example")
 HALOGENS = frozenset({"F", "Cl", "Br", "I"})
 CHALCOGENS = frozenset({"S", "Se", "Te"})
 STRUCTURES_JSON_FORMAT_VERSION = 1
@@ -84,7 +128,7 @@ STRUCTURES_JSON_FORMAT_VERSION = 1
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-#: Largest primitive cell kept; the supercell caps of ``xtb`` bound the cost of large cells.
+#: Largest primitive cell kept (bounds the cost of the PBE calculations).
 MAX_SITES = 64
 
 
@@ -99,8 +143,29 @@ def _slug(text: str) -> str:
 
 
 def element_allowed(el: Element) -> bool:
-    """An element the embedded set may contain: Z <= 86 (GFN1-xTB), no lanthanoid or actinoid."""
-    return el.Z <= MAX_Z and not el.is_lanthanoid and not el.is_actinoid
+    """An element the embedded set may contain: one GPAW has a PAW setup for (Z <= 83 except Tc),
+    no lanthanoid or actinoid (f states are not a DOS channel)."""
+    return el.Z <= MAX_Z and el.symbol not in NO_GPAW_SETUP and not el.is_lanthanoid and not el.is_actinoid
+
+
+def element_reason(el: Element) -> str | None:
+    """Why ``el`` is not allowed (see ``element_allowed``), or None."""
+    if el.is_lanthanoid or el.is_actinoid:
+        return "f-block element"
+    if el.Z > MAX_Z or el.symbol in NO_GPAW_SETUP:
+        return "no GPAW PAW setup"
+    return None
+
+
+def bv_anion_reason(structure: Structure, valences: list[int]) -> str | None:
+    """Why bond valence theory does not fit a structure with these valences (an anion outside
+    ``ANION_ELEMENTS``), or None."""
+    anions = sorted({site.specie.symbol for site, v in zip(structure, valences) if v < 0})
+    bad = [a for a in anions if a not in ANION_ELEMENTS]
+    if bad:
+        return (f"anion {', '.join(bad)} is outside the ones bond valence theory is made for "
+                f"({', '.join(sorted(ANION_ELEMENTS))})")
+    return None
 
 
 def _package_version(name: str) -> str:
@@ -158,9 +223,13 @@ def _check_basic(structure: Structure, max_sites: int):
 
     if not structure.is_ordered:
         return None, "disordered"
-    bad = sorted({el.symbol for el in structure.composition.elements if not element_allowed(el)})
+    bad = {}
+    for el in structure.composition.elements:
+        reason = element_reason(el)
+        if reason:
+            bad.setdefault(reason, []).append(el.symbol)
     if bad:
-        return None, "element not allowed (Z > 86 or f-block): " + ",".join(bad)
+        return None, "; ".join(f"{r}: {','.join(sorted(els))}" for r, els in sorted(bad.items()))
     try:
         sga = SpacegroupAnalyzer(_plain(structure))
         prim = _plain(sga.get_primitive_standard_structure())
@@ -266,6 +335,157 @@ def _raw_examples():
     return out
 
 
+@dataclass(frozen=True)
+class PackageSource:
+    """A structure collection shipped inside an installed registry package.
+
+    ``origin`` is the records origin, ``prefix`` the id prefix (``<prefix>-<formula>-<name>``),
+    ``distribution`` the package (its version goes into the provenance). For ``kind="cif"`` the
+    ``*.cif``/``*.mcif`` files under the package-relative ``folders`` are read from the installed
+    files (the package is not imported); ``kind="xrayutilities"`` reads the crystals that
+    ``xrayutilities.materials.predefined_materials`` defines.
+    """
+
+    origin: str
+    distribution: str
+    prefix: str
+    kind: str
+    folders: tuple[str, ...]
+    description: str
+
+
+#: Structure collections shipped inside registry packages, read after the three original sources
+#: in this order of preference (experimental CIFs first, pyxtal's mixed set last). Installed with
+#: the ``structures`` extra (``pip install -e ".[structures]"``; ``make`` installs it).
+PACKAGE_SOURCES: tuple[PackageSource, ...] = (
+    PackageSource("ase-cod", "ase", "ase", "cif", ("ase/test/testdata/minerals",),
+                  "Crystallography Open Database minerals shipped with ase's test data"),
+    PackageSource("dans-diffraction", "Dans_Diffraction", "dans", "cif", ("Dans_Diffraction/Structures",),
+                  "example structures of Dans_Diffraction"),
+    PackageSource("crystals", "crystals", "crystals", "cif", ("crystals/cifs", "crystals/tests/data"),
+                  "built-in CIF database of the crystals package"),
+    PackageSource("xrayutilities", "xrayutilities", "xu", "xrayutilities",
+                  ("xrayutilities/materials/predefined_materials.py",),
+                  "predefined materials of xrayutilities (experimental lattice parameters and sites)"),
+    PackageSource("pyxtal", "pyxtal", "pyxtal", "cif", ("pyxtal/database/cifs",),
+                  "CIF examples of pyxtal's database (inorganic, JARVIS-DFT and molecular crystals)"),
+    PackageSource("cif2cell", "cif2cell", "cif2cell", "cif", ("../../cif2cell/sample_cifs",),
+                  "sample CIFs of cif2cell (installed beside site-packages)"),
+)
+#: Order of preference of the real sources when deduplicating.
+REAL_ORIGINS = ("mineral", "prototype", "pymatgen-example") + tuple(src.origin for src in PACKAGE_SOURCES)
+
+
+def _cif_files(source: PackageSource) -> list[tuple[str, Path]] | None:
+    """(package-relative path, absolute path) of a source's CIF files, sorted; None when the
+    package is not installed."""
+    try:
+        dist = metadata.distribution(source.distribution)
+    except metadata.PackageNotFoundError:
+        return None
+    out = []
+    for f in dist.files or ():
+        rel = str(f).replace("\\", "/")
+        if rel.lower().endswith((".cif", ".mcif")) and any(rel.startswith(d + "/") for d in source.folders):
+            out.append((rel, Path(dist.locate_file(f))))
+    return sorted(out)
+
+
+def _raw_cif_source(source: PackageSource):
+    """(file stem, structure, provenance) of every CIF of ``source`` (first block, symmetry-expanded
+    conventional cell; structure None when pymatgen cannot parse it), or None when the package is
+    not installed."""
+    from pymatgen.io.cif import CifParser
+
+    files = _cif_files(source)
+    if files is None:
+        return None
+    version = _package_version(source.distribution)
+    out = []
+    for rel, path in files:
+        prov = {"source": source.description, "package": source.distribution, "package_version": version,
+                "file": rel}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                structure = CifParser(path).parse_structures(primitive=False)[0]
+        except Exception as exc:  # a CIF pymatgen cannot read counts as unparsable
+            out.append((Path(rel).stem, None, {**prov, "error": type(exc).__name__}))
+            continue
+        out.append((Path(rel).stem, structure, prov))
+    return out
+
+
+def _element_symbol(name: str) -> str:
+    """Element symbol of an xrayutilities atom name (``"Fe"``, ``"Fe2+"``, ``"O2-"``)."""
+    m = re.match(r"[A-Z][a-z]?", name)
+    if not m:
+        raise ValueError(f"no element in atom name {name!r}")
+    return m.group(0)
+
+
+def _leading_element(name: str) -> str | None:
+    """The element a material name starts with (``"CdSe_ZB"`` -> ``"Cd"``), or None."""
+    m = re.match(r"[A-Z][a-z]?", str(name))
+    if not m:
+        return None
+    try:
+        return Element(m.group(0)).symbol
+    except ValueError:
+        return None
+
+
+def _raw_xrayutilities(source: PackageSource):
+    """(name, structure, provenance) of every ``Crystal`` of xrayutilities' predefined materials
+    (conventional cell from its space-group lattice; a site with occupancy < 1 makes the structure
+    disordered), sorted by name; None when xrayutilities is not installed."""
+    from importlib.util import find_spec
+
+    from pymatgen.core import Lattice
+
+    if find_spec("xrayutilities") is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from xrayutilities.materials import predefined_materials as pm
+        from xrayutilities.materials.material import Crystal
+    version = _package_version(source.distribution)
+    out = []
+    for name in sorted(n for n in dir(pm) if isinstance(getattr(pm, n), Crystal)):
+        crystal = getattr(pm, name)
+        prov = {"source": source.description, "package": source.distribution, "package_version": version,
+                "file": source.folders[0], "name": name,
+                "space_group": str(crystal.lattice.space_group)}
+        try:
+            lat = crystal.lattice
+            species, coords = [], []
+            for atom, pos, occ, _b in lat.base():
+                sym = _element_symbol(atom.basename)
+                species.append({sym: float(occ)} if float(occ) < 1.0 else sym)
+                coords.append([float(x) for x in pos])
+            lattice = Lattice.from_parameters(float(lat.a), float(lat.b), float(lat.c),
+                                              float(lat.alpha), float(lat.beta), float(lat.gamma))
+            structure = Structure(lattice, species, coords, coords_are_cartesian=False)
+        except Exception as exc:
+            out.append((name, None, {**prov, "error": type(exc).__name__}))
+            continue
+        lead = _leading_element(name)
+        if lead is not None and lead not in {el.symbol for el in structure.composition.elements}:
+            # e.g. xrayutilities 1.8.0 defines CdSe with the atoms of wurtzite InSb
+            out.append((name, None, {**prov, "error": f"atoms do not match the name {name!r}"}))
+            continue
+        out.append((name, structure, prov))
+    return out
+
+
+def _raw_package_source(source: PackageSource):
+    if source.kind == "cif":
+        return _raw_cif_source(source)
+    if source.kind == "xrayutilities":
+        return _raw_xrayutilities(source)
+    raise ValueError(f"unknown source kind {source.kind!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # deduplication
 # --------------------------------------------------------------------------------------------
@@ -312,8 +532,12 @@ class _IdMaker:
 # real structures
 # --------------------------------------------------------------------------------------------
 
-def _real_candidates():
-    """All raw real structures in order of preference: (origin, id candidates, structure, prov)."""
+def _real_candidates(missing: list[str] | None = None):
+    """All raw real structures in order of preference: (origin, id candidates, structure, prov).
+
+    ``structure`` is None for a file that could not be parsed. Sources whose package is not
+    installed are skipped and their origins appended to ``missing``.
+    """
     out = []
     for mineral, label, s, prov in _raw_minerals():
         f = _slug(s.composition.reduced_formula)
@@ -325,6 +549,15 @@ def _real_candidates():
         out.append(("prototype", [f"proto-{f}-{_slug(label)}"], s, prov))
     for stem, s, prov in _raw_examples():
         out.append(("pymatgen-example", [f"ex-{_slug(stem)}"], s, prov))
+    for source in PACKAGE_SOURCES:
+        raw = _raw_package_source(source)
+        if raw is None:
+            if missing is not None:
+                missing.append(source.origin)
+            continue
+        for stem, s, prov in raw:
+            f = _slug(s.composition.reduced_formula) if s is not None else "unknown"
+            out.append((source.origin, [f"{source.prefix}-{f}-{_slug(stem)}"], s, prov))
     return out
 
 
@@ -339,6 +572,7 @@ class _Collection:
         self.raw: Counter = Counter()
         self.n_parents = 0
         self.n_tried = 0
+        self.missing_sources: list[str] = []
 
     def keep(self, entry: StructureEntry) -> None:
         self.dedup.add(entry.material_id, entry.structure)
@@ -346,13 +580,16 @@ class _Collection:
 
 
 def _collect_real(col: _Collection, max_sites: int, progress: bool) -> list[StructureEntry]:
-    """Real structures of the three sources, filtered and deduplicated, in order of preference."""
+    """Real structures of every source, filtered and deduplicated, in order of preference."""
     from tqdm.auto import tqdm
 
     kept: list[StructureEntry] = []
-    candidates = _real_candidates()
+    candidates = _real_candidates(col.missing_sources)
     col.raw.update(c[0] for c in candidates)
     for origin, id_cands, raw, prov in tqdm(candidates, desc="real structures", disable=not progress):
+        if raw is None:
+            col.skipped[f"{origin}: unreadable source entry"] += 1
+            continue
         checked, reason = _check_basic(raw, max_sites)
         if checked is None:
             col.skipped[f"{origin}: {reason}"] += 1
@@ -361,6 +598,9 @@ def _collect_real(col: _Collection, max_sites: int, progress: bool) -> list[Stru
         valences = _bv_valences(prim)
         if valences is None:
             col.skipped[f"{origin}: BVAnalyzer cannot assign"] += 1
+            continue
+        if bv_anion_reason(prim, valences):
+            col.skipped[f"{origin}: anion outside those of bond valence theory (O, F, Cl, Br, I, S, Se, Te, N)"] += 1
             continue
         if _missing_bv_parameter(prim, valences):
             col.skipped[f"{origin}: no bond valence parameter for a cation-anion pair"] += 1
@@ -381,7 +621,7 @@ def _collect_real(col: _Collection, max_sites: int, progress: bool) -> list[Stru
         p = dict(prov)
         p.update(info)
         p.update({"n_sites_original": len(raw), "n_sites": len(prim), "cell": "primitive standard (SpacegroupAnalyzer)",
-                  "bv_valences": valences, "hypothetical": False,
+                  "bv_valences": valences, "hypothetical": False, "parent_id": mid,
                   "dls_volume_scale": None if scale is None else round(scale, 5)})
         entry = StructureEntry(mid, prim.composition.reduced_formula, origin, prim, p)
         col.keep(entry)
@@ -533,13 +773,15 @@ def _substituted_structure(parent_dec: Structure, subs: dict):
 
 
 def _collect_substituted(col: _Collection, real: list[StructureEntry], n_substituted: int, seed: int,
-                         progress: bool) -> list[StructureEntry]:
+                         progress: bool, max_per_parent: int = MAX_SUBSTITUTIONS_PER_PARENT
+                         ) -> list[StructureEntry]:
     """Substituted analogues of ``real``, at most ``n_substituted``, spread over the parents.
 
     Every parent gets its list of same-oxidation-state substitutions, most probable first. The
     parents are visited round-robin (their order shuffled once with ``seed``); in each round a
-    parent contributes its next candidate that BVAnalyzer assigns, that is charge neutral and that
-    duplicates no structure kept so far.
+    parent contributes its next candidate that BVAnalyzer assigns, that is charge neutral, keeps
+    its anions among ``ANION_ELEMENTS`` and duplicates no structure kept so far, until it has
+    contributed ``max_per_parent`` (``None``: no cap).
     """
     from tqdm.auto import tqdm
 
@@ -559,6 +801,7 @@ def _collect_substituted(col: _Collection, real: list[StructureEntry], n_substit
 
     kept: list[StructureEntry] = []
     cursor = [0] * len(parents)
+    n_kept = [0] * len(parents)
     bar = tqdm(total=n_substituted, desc="substituted structures", disable=not progress)
     active = True
     while len(kept) < n_substituted and active:
@@ -566,6 +809,8 @@ def _collect_substituted(col: _Collection, real: list[StructureEntry], n_substit
         for k, (parent, dec, preds) in enumerate(parents):
             if len(kept) >= n_substituted:
                 break
+            if max_per_parent is not None and n_kept[k] >= max_per_parent:
+                continue
             while cursor[k] < len(preds):
                 pred = preds[cursor[k]]
                 cursor[k] += 1
@@ -586,6 +831,9 @@ def _collect_substituted(col: _Collection, real: list[StructureEntry], n_substit
                 intended = [int(round(sp.oxi_state)) for sp in _decorated_sub(dec, subs)]
                 if valences != intended:
                     skipped["BVAnalyzer valences differ from the substituted oxidation states"] += 1
+                    continue
+                if bv_anion_reason(struct, valences):
+                    skipped["anion outside those of bond valence theory"] += 1
                     continue
                 if _missing_bv_parameter(struct, valences):
                     skipped["no bond valence parameter for a cation-anion pair"] += 1
@@ -611,6 +859,7 @@ def _collect_substituted(col: _Collection, real: list[StructureEntry], n_substit
                 entry = StructureEntry(mid, formula, "substituted", struct, prov)
                 col.keep(entry)
                 kept.append(entry)
+                n_kept[k] += 1
                 bar.update(1)
                 break
     bar.close()
@@ -628,27 +877,53 @@ def _decorated_sub(parent_dec: Structure, subs: dict) -> list[Species]:
 # --------------------------------------------------------------------------------------------
 
 def collect_structures(n_substituted: int = 1000, max_sites: int = MAX_SITES, seed: int = 88, progress: bool = True,
-                       stats: dict | None = None) -> list[StructureEntry]:
+                       stats: dict | None = None, max_per_parent: int | None = MAX_SUBSTITUTIONS_PER_PARENT,
+                       require_sources: bool = True) -> list[StructureEntry]:
     """All structures of the embedded dataset, sorted by material id (deterministic).
 
-    Real structures (mineral, prototype, pymatgen-example) come first in that order of preference,
-    then up to ``n_substituted`` substituted analogues of them (see ``_collect_substituted``;
-    ``seed`` fixes the order in which their parents take turns). ``stats``, when given, is filled
-    with the number of raw structures per source, the skipped candidates by reason, the number of
-    substitution parents and of substitution candidates tried.
+    Real structures (``REAL_ORIGINS``, in that order of preference) come first, then up to
+    ``n_substituted`` substituted analogues of them, at most ``max_per_parent`` per parent (see
+    ``_collect_substituted``; ``seed`` fixes the order in which their parents take turns). Every
+    entry gets ``parent_id`` (a real structure is its own parent), ``prototype_group`` and
+    ``family_id`` in its provenance (``data_prep.families.assign_families``).
+
+    The sources of ``CIF_SOURCES`` need their packages (the ``structures`` extra): a missing one
+    raises ``RuntimeError`` unless ``require_sources=False``, which collects without it (and lists
+    it in ``stats["missing_sources"]``); ids of the other sources do not depend on it.
+
+    ``stats``, when given, is filled with the number of raw structures per source, the kept ones
+    per origin, the skipped candidates by reason, the number of substitution parents and of
+    substitution candidates tried, and the family statistics.
     """
+    from data_prep.families import assign_families, family_statistics
+
     col = _Collection()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         real = _collect_real(col, max_sites, progress)
-        subst = _collect_substituted(col, real, n_substituted, seed, progress) if n_substituted > 0 else []
+        if col.missing_sources and require_sources:
+            raise RuntimeError(f"structure sources not installed: {', '.join(col.missing_sources)} "
+                               "(pip install -e '.[structures]', or pass require_sources=False)")
+        subst = (_collect_substituted(col, real, n_substituted, seed, progress, max_per_parent)
+                 if n_substituted > 0 else [])
+        entries = sorted(real + subst, key=lambda e: e.material_id)
+        families = assign_families((e.material_id, e.origin, e.provenance.get("parent_id"), e.structure)
+                                   for e in entries)
+    for e in entries:
+        fam = families[e.material_id]
+        e.provenance["parent_id"] = fam.parent_id
+        e.provenance["prototype_group"] = fam.prototype_group
+        e.provenance["family_id"] = fam.family_id
     if stats is not None:
         stats["raw"] = dict(col.raw)
-        stats["kept"] = dict(Counter(e.origin for e in real + subst))
+        stats["kept"] = dict(Counter(e.origin for e in entries))
         stats["skipped"] = dict(sorted(col.skipped.items()))
+        stats["missing_sources"] = list(col.missing_sources)
         stats["substitution_parents"] = col.n_parents
         stats["substitution_candidates_tried"] = col.n_tried
-    return sorted(real + subst, key=lambda e: e.material_id)
+        stats["max_substitutions_per_parent"] = max_per_parent
+        stats["families"] = family_statistics(families)
+    return entries
 
 
 def _entry_valences(e: StructureEntry) -> list[int] | None:
