@@ -62,6 +62,9 @@ def _parser():
     c.add_argument("--time-limit", type=float, default=600.0, help="seconds per material")
     c.add_argument("--limit", type=int, help="compute at most this many materials")
     c.add_argument("--n-substituted", type=int, default=1000)
+    c.add_argument("--structures", metavar="JSON",
+                   help="read the collected structures from this file if it exists, else collect them and write it "
+                        "there (a resumed run then skips the minutes of collection)")
     c.add_argument("--retry-failed", action="store_true")
     c.add_argument("--shard", metavar="I/N", help="compute part I of N (stable hash of the material id; applied "
                                                   "after --limit); give each shard its own --out")
@@ -202,9 +205,16 @@ def main(argv=None) -> int:
             return _mp_command(args)
         elif args.cmd == "compute-embedded":
             from data_prep.embedded.compute import compute_embedded
-            from data_prep.embedded.structures import collect_structures
+            from data_prep.embedded.structures import (collect_structures, read_structures_json,
+                                                       write_structures_json)
 
-            entries = collect_structures(n_substituted=args.n_substituted)
+            if args.structures and Path(args.structures).is_file():
+                entries = read_structures_json(args.structures)
+                print(f"{len(entries)} structures read from {args.structures}", file=sys.stderr)
+            else:
+                entries = collect_structures(n_substituted=args.n_substituted)
+                if args.structures:
+                    write_structures_json(entries, args.structures)
             if args.limit:
                 entries = entries[: args.limit]
             if args.shard:
