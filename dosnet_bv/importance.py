@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.plotting import pyplot
+
 
 # =========================================================================== inputs and settings
 @dataclass
@@ -451,15 +453,6 @@ def _g(v) -> str:
     return f"{v:.6g}"
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _unit(p: Problem, t: str) -> str:
     u = p.units.get(t, "")
     return f" {u}" if u else ""
@@ -509,7 +502,7 @@ def _occlusion_outputs(out: Path, p: Problem, occ: dict, summary: dict) -> list:
     _write_csv(out / "occlusion.csv", ["target", "window_lo_ev", "window_hi_ev", "window_centre_ev"]
                + [f"delta_mae:{g}" for g in groups], rows)
     centres = np.array([(lo + hi) / 2 for lo, hi, _, _ in occ["windows"]])
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(targets), figsize=(7.5 * len(targets), 7.5), squeeze=False)
     for ti, t in enumerate(targets):
         ax = axes[0, ti]
@@ -564,7 +557,7 @@ def _permutation_outputs(out: Path, p: Problem, perm: dict, part: str, summary: 
     _write_csv(out / f"{name}.csv", ["target", "kind", "label", "delta_mae_mean", "delta_mae_std", "repeats"]
                + [f"delta_mae_repeat{r + 1}" for r in range(perm["delta"].shape[0])], rows)
     kinds = list(dict.fromkeys(perm["kinds"]))
-    plt = _plt()
+    plt = pyplot()
     widths = []
     for kind in kinds:
         widths.append(min(30, perm["kinds"].count(kind)) + 2)
@@ -606,7 +599,7 @@ def _ig_outputs(out: Path, p: Problem, s: Settings, ig: dict, occ: dict | None, 
                  _g(ig["attribution_sum"][ti, i] - ig["f_x"][ti, i] + ig["f_baseline"][ti, i])]
                 for ti, t in enumerate(targets) for i in range(p.n)])
     files.append("ig_completeness.csv")
-    plt = _plt()
+    plt = pyplot()
     if ig["dos_mean_abs"] is not None:
         e, labels, groups = np.asarray(p.energies_ev), list(p.channel_labels), dict(p.occlusion_groups)
         dm = ig["dos_mean_abs"]  # (T, L, K)
