@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import __version__, h5schema
-from data_prep.h5schema import SPLITS, TARGETS, BuildError  # noqa: F401  (re-exported: build's errors and names)
+from data_prep.h5schema import SPLITS, TARGETS, BuildError  # noqa: F401  (re-exported for build's callers)
 from data_prep.layout import DEFAULT_N_NEIGHBOURS, REFERENCE_RULE, EnergyGrid, channel_labels
 from data_prep.records import MaterialRecord, RecordError
 from data_prep.shards import select_records

@@ -12,7 +12,7 @@ import numpy as np
 
 from dosnet_bv import report
 from dosnet_bv.data import Dataset, load_data, target_matrix
-from dosnet_bv.fit import fit_predict, predict_outputs, stream_errors, stream_input
+from dosnet_bv.fit import fit_predict, predict_outputs, strategy_for, stream_errors, stream_input
 from dosnet_bv.metrics import data_counts, metrics_for, summary_table
 from dosnet_bv.outputs import Log, plot_learning_curve, plot_parity, write_history, write_json, write_predictions
 from dosnet_bv.params import (PARAM_RULES, SPLITS, TARGET_UNITS, TrainError, load_params, resolve_data_file,
