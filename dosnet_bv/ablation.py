@@ -166,6 +166,34 @@ def score_splits(data: Dataset, targets, rows: dict, preds: dict) -> dict:
 
 
 @dataclass
+class Study:
+    """What ``--ablation`` and ``--learning-curve`` start from: the run folder, the log (lines
+    beside a progress bar) and the quiet per-epoch log in the same file, the rows of each split
+    (all three must be non-empty) and the params with the study's budget (``ablation_budget``)."""
+
+    out: Path
+    log: Log
+    epoch_log: Log
+    rows: dict
+    params: dict
+    budget: str
+
+    @classmethod
+    def start(cls, params: dict, data: Dataset, out_dir, name: str, full: bool, log: Log | None) -> "Study":
+        from tqdm import tqdm
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        log = log or Log(out / f"{name}.log", printer=tqdm.write)
+        rows = {s: np.flatnonzero(data.split == s) for s in SPLITS}
+        for s in SPLITS:
+            if not len(rows[s]):
+                raise TrainError(f"{data.path}: the {s} split is empty; the {name.replace('_', ' ')} needs train, "
+                                 f"val and test")
+        return cls(out, log, Log(log.path, quiet=True), rows, *ablation_budget(params, full))
+
+
+@dataclass
 class ModelSpec:
     """One model of a study: ``model`` (its name: a key of ``BASELINES`` or ``dosnet_key``), ``kind``
     (baseline, dosnet or families), and for DOSnet its ``fusion`` and ``structure_families``."""
@@ -271,20 +299,11 @@ def run_ablation(params: dict, data: Dataset, out_dir, n_seeds: int = 3, full: b
     ``ablation.json``, ``ablation.png``, ``ablation.log`` and ``results/`` (one file per model and
     seed: rerunning with the same ``out_dir`` resumes). Returns the ablation.json content.
     """
-    from tqdm import tqdm
-
     t_start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = log or Log(out / "ablation.log", printer=tqdm.write)
-    epoch_log = Log(log.path, quiet=True)
+    st = Study.start(params, data, out_dir, "ablation", full, log)
+    out, log, epoch_log, rows, run_params, budget_text = st.out, st.log, st.epoch_log, st.rows, st.params, st.budget
     targets = params["targets"]
-    run_params, budget_text = ablation_budget(params, full)
     seeds = [params["seed"] + k for k in range(n_seeds)]
-    rows = {s: np.flatnonzero(data.split == s) for s in SPLITS}
-    for s in SPLITS:
-        if not len(rows[s]):
-            raise TrainError(f"{data.path}: the {s} split is empty; the ablation needs train, val and test")
     families = list(params["structure_families"])
     if not families:
         raise TrainError("params: 'structure_families' is empty; the ablation's fused models need the structure vector")

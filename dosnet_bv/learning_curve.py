@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from dosnet_bv import report
-from dosnet_bv.ablation import BASELINES, Features, ModelSpec, ablation_budget, cn_column, dosnet_key, run_model
+from dosnet_bv.ablation import BASELINES, Features, ModelSpec, Study, cn_column, dosnet_key, run_model
 from dosnet_bv.data import Dataset, structure_columns
 from dosnet_bv.outputs import Log, write_json
-from dosnet_bv.params import FUSIONS, SPLITS, TARGET_UNITS, TrainError
+from dosnet_bv.params import FUSIONS, TARGET_UNITS, TrainError
 
 LC_FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.0)
 
@@ -51,16 +51,9 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
     from tqdm import tqdm
 
     t_start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = log or Log(out / "learning_curve.log", printer=tqdm.write)
-    epoch_log = Log(log.path, quiet=True)
+    st = Study.start(params, data, out_dir, "learning_curve", full, log)
+    out, log, epoch_log, rows, run_params, budget_text = st.out, st.log, st.epoch_log, st.rows, st.params, st.budget
     targets = params["targets"]
-    run_params, budget_text = ablation_budget(params, full)
-    rows = {s: np.flatnonzero(data.split == s) for s in SPLITS}
-    for s in SPLITS:
-        if not len(rows[s]):
-            raise TrainError(f"{data.path}: the {s} split is empty; the learning curve needs train, val and test")
     fusion, families, baseline, chosen_by = params["fusion"], list(params["structure_families"]), None, "params.json"
     dosnet = dosnet_key(fusion)
     if from_ablation:
