@@ -10,7 +10,7 @@ Usage::
 
 Why a second throughput bench: ``bench/throughput.py`` goes through ``train.py``, whose input
 pipeline, seeding and distribution are TensorFlow's. This one uses only Keras and NumPy (the two
-``net.py`` files and ``build_network``, which casts a mixed-precision model's outputs to float32),
+``net.py`` files and ``dosnet_bv.fit.build_network``, which casts a mixed-precision model's outputs to float32),
 so it runs under any Keras 3 backend: the JAX or PyTorch builds that a GPU machine already holds,
 where a GPU build of TensorFlow cannot be installed. The figures measure the same networks and
 optimiser, not ``train.py``'s TensorFlow input path.

@@ -117,7 +117,7 @@ ELEMENTS = {"Ti": (22, 1.54, 4.0), "Fe": (26, 1.83, 3.0), "Mg": (12, 1.31, 2.0),
 
 
 def write_tiny_h5(path, n_materials=40, sites=3, seed=0):
-    """An h5 in data_prep's layout (see data_prep/build.py) with a grid attribute and named
+    """An h5 in data_prep's layout (see data_prep/h5schema.py) with a grid attribute and named
     structure columns in three families (site, coordination, global, with ``cn``); bvs_vu depends
     on the site's element, its coordination number and the centre of its d band."""
     from data_prep.build import grouped_split

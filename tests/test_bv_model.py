@@ -63,7 +63,7 @@ def small_h5(tmp_path_factory):
 
 
 def write_learnable_h5(path, n_materials=150, sites=2, seed=0, poison=False):
-    """An h5 in data_prep's layout (see data_prep/build.py) whose target is a known function:
+    """An h5 in data_prep's layout (see data_prep/h5schema.py) whose target is a known function:
 
     bvs_vu = 2 + 1.5 * z(w) + 0.5 * s0, where w is the mean of the site's s channel over grid
     points 100..139 (a peak of random height sits there on a random background; z: standardised)
@@ -210,7 +210,7 @@ def test_learning_rate_schedules():
 def cli_run(small_h5, tmp_path_factory):
     d = tmp_path_factory.mktemp("bv_run")
     params = _write_params(d / "params.json", data_file=str(small_h5), out_dir=str(d / "runs"))
-    r = run_cli("train.py", "--params", params, "--out", d / "run", "--epochs", "2")
+    r = run_cli("train.py", "--params", params, "--out", d / "run", "--epochs", "2", "--tensorboard")
     assert r.returncode == 0, r.stderr[-3000:]
     return d / "run", r, small_h5
 
@@ -221,6 +221,9 @@ def test_run_folder_contents(cli_run):
                  "parity.png", "learning_curve.png", "train.log"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert f"run folder: {run}" in r.stdout and "MAE" in r.stdout
+    # as upstream: model.summary() (in the log) and TensorBoard logs (--tensorboard)
+    assert "Total params" in (run / "train.log").read_text()
+    assert any(p.is_file() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
     m = json.loads((run / "metrics.json").read_text())
     assert m["targets"] == ["bvs_vu", "valence"] and m["epochs_run"] == 2
     for split in ("train", "val", "test"):

@@ -34,7 +34,7 @@ FEATURE = "g1"
 
 
 def write_planted_h5(path, n_materials=300, sites=2, seed=0):
-    """An h5 in data_prep's layout (data_prep/build.py) with the planted targets described above."""
+    """An h5 in data_prep's layout (data_prep/h5schema.py) with the planted targets described above."""
     from data_prep.build import grouped_split
     from data_prep.layout import EnergyGrid, channel_index, channel_labels
 
