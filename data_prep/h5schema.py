@@ -152,8 +152,7 @@ class Writer:
     def attrs(self, **values) -> None:
         """Root attributes; dicts and lists are stored as JSON text."""
         for key, val in values.items():
-            self.h.attrs[key] = json.dumps(val, sort_keys=key == SKIPPED_ATTR) if isinstance(val, (dict, list)) \
-                else val
+            self.h.attrs[key] = json.dumps(val, sort_keys=True) if isinstance(val, (dict, list)) else val
 
 
 # ----------------------------------------------------------------------------- reading
