@@ -222,6 +222,10 @@ def _fit(model, inputs, y, params, validation=None, tensorboard: Path | None = N
 
     callbacks = [keras.callbacks.LearningRateScheduler(decay_schedule)]
     if tensorboard is not None:  # upstream: TensorBoard(log_dir="logs/<time>", histogram_freq=1)
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise DOSnetError("--tensorboard needs the tensorboard package (pip install tensorboard)")
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard), histogram_freq=1))
     model.fit(inputs, y, epochs=params["epochs"], batch_size=params["batch_size"],
               validation_data=validation, shuffle=True, verbose=2, callbacks=callbacks)

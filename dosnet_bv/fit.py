@@ -115,6 +115,10 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=params["early_stopping_patience"],
                                                        restore_best_weights=True))
     if tensorboard_dir is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise TrainError("--tensorboard needs the tensorboard package (pip install 'tensorboard>=2.16,<2.22')")
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
     t0 = time.time()
     with stream_errors(data, streaming):
