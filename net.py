@@ -5,11 +5,13 @@ Shapes: L = grid length (2000 points by default), C = channels per atom (9 orbit
 px, dxy, dyz, dz2, dxz, dx2), A = atoms per sample (3 by default), N = batch size.
 
 - ``dos_featurizer``: one atom's DOS (N, L, C) -> learned features (N, 4, 150) at L = 2000.
-- ``create_model``: A atoms (site + neighbours; in the adsorption work: the surface atoms
+- ``create_model``: three atoms (site + 2 neighbours, in the adsorption work: the surface atoms
   bound to the adsorbate) through ONE shared featurizer -> dense head -> one energy (eV).
 - ``create_model_combined``: as above plus the gas-phase adsorbate DOS through a separate
   featurizer of the same architecture.
 - ``decay_schedule``: the step learning-rate schedule used for training.
+- ``atoms_per_sample``: A = 1 + ``n_neighbours`` from params; C = ``channels`` and L = ``length``
+  come from params too.
 - ``build_model``: the network with every size taken from params: A = 1 + ``n_neighbours``,
   C = ``channels``, L = ``length``; the structure vector (F features per sample) joins the DOS
   as chosen by ``fusion``: ``none``, ``late``, ``early`` or ``structure_only``; one output per
@@ -67,22 +69,21 @@ def _head(features, dropout: float = 0.2, targets=None):
     return {t: layers.Dense(1, activation="linear", name=t)(x) for t in targets}
 
 
-def create_model(shared_conv: keras.Model, channels: int = 9, length: int = 2000, n_atoms: int = 3) -> keras.Model:
-    """``n_atoms`` atoms' DOS, each (N, length, channels), through the SAME featurizer -> (N, 1).
+def create_model(shared_conv: keras.Model, channels: int = 9, length: int = 2000) -> keras.Model:
+    """Three atoms' DOS, each (N, length, channels), through the SAME featurizer -> (N, 1).
 
-    ``shared_conv`` is one ``dos_featurizer`` instance, so the atoms share its weights.
+    ``shared_conv`` is one ``dos_featurizer`` instance, so the three atoms share its weights.
     """
-    inputs = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos") for i in range(n_atoms)]
+    inputs = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos") for i in range(3)]
     feats = [shared_conv(x) for x in inputs]
     merged = layers.Concatenate(axis=-1, name="atoms")(feats)
     return keras.Model(inputs, _head(merged), name="dosnet")
 
 
-def create_model_combined(shared_conv: keras.Model, channels: int = 9, length: int = 2000,
-                          n_atoms: int = 3) -> keras.Model:
-    """``n_atoms`` surface atoms through the shared featurizer plus the gas-phase adsorbate DOS
+def create_model_combined(shared_conv: keras.Model, channels: int = 9, length: int = 2000) -> keras.Model:
+    """Three surface atoms through the shared featurizer plus the gas-phase adsorbate DOS
     (N, length, channels) through a SEPARATE featurizer of the same architecture -> (N, 1)."""
-    inputs = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos") for i in range(n_atoms)]
+    inputs = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos") for i in range(3)]
     ads_input = keras.Input(shape=(length, channels), name="adsorbate_dos")
     ads_conv = dos_featurizer(channels, length, name="adsorbate_featurizer")
     feats = [shared_conv(x) for x in inputs] + [ads_conv(ads_input)]

@@ -26,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 PARAMS_PATH = Path(__file__).with_name("params.json")
+#: Upstream's train/test split is fixed (``train_test_split(..., random_state=88)``): ``--seed``
+#: does not move it; it seeds the 5-fold CV shuffle (``KFold(shuffle=True, random_state=seed)``)
+#: and, here, the network's initialisation.
+SPLIT_SEED = 88
 
 
 class DOSnetError(Exception):
@@ -163,16 +167,10 @@ def _tf_setup(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def build_model(params: dict, multi_adsorbate: bool):
+def compile_model(model, params: dict):
+    """Adam at ``learning_rate``, the loss, MAE as metric (upstream: log-cosh, ``Adam(0.001)``)."""
     import keras
 
-    from DOSnet.net import create_model, create_model_combined, dos_featurizer
-
-    if params.get("sites", 3) != 3:
-        raise DOSnetError("the upstream DOSnet model takes exactly 3 atoms (sites = 3)")
-    shared = dos_featurizer(params["channels"], params["length"])
-    maker = create_model_combined if multi_adsorbate else create_model
-    model = maker(shared, params["channels"], params["length"])
     losses = {"log_cosh": keras.losses.LogCosh(), "mse": "mse", "mae": "mae"}
     if params["loss"] not in losses:
         raise DOSnetError(f"unknown loss {params['loss']!r}; expected one of {sorted(losses)}")
@@ -181,14 +179,56 @@ def build_model(params: dict, multi_adsorbate: bool):
     return model
 
 
-def _fit(model, inputs, y, params, validation=None):
+def build_model(params: dict, multi_adsorbate: bool):
+    from DOSnet.net import create_model, create_model_combined, dos_featurizer
+
+    if params.get("sites", 3) != 3:
+        raise DOSnetError("the upstream DOSnet model takes exactly 3 atoms (sites = 3)")
+    shared = dos_featurizer(params["channels"], params["length"])
+    maker = create_model_combined if multi_adsorbate else create_model
+    return compile_model(maker(shared, params["channels"], params["length"]), params)
+
+
+def load_saved(model_dir: Path, params: dict, multi_adsorbate: bool):
+    """``--load_model 1``, upstream's transfer-learning mode: the saved model (``model.keras``),
+    recompiled with a fresh optimiser as upstream does (``load_model(..., compile=False)`` then
+    ``compile``), and the scalers of the saved run (``scalers.npz``).
+
+    Upstream saved ``DOSnet_saved.h5`` (Keras 2 HDF5, a model built with ``Model(input=...,
+    output=...)``); such a file is not read here: Keras 3 reads only Keras 3 ``.keras`` files and
+    tf.keras 2 ``.h5`` files, and upstream's was never available to test. Retrain with
+    ``--save_model 1`` to get a ``model.keras``.
+    """
+    import keras
+
+    if not (model_dir / "model.keras").is_file() or not (model_dir / "scalers.npz").is_file():
+        raise DOSnetError(f"--load_model 1: no saved run (model.keras + scalers.npz) in {model_dir} (use --model_dir; "
+                          f"upstream's Keras 2 DOSnet_saved.h5 cannot be read)")
+    model = compile_model(keras.models.load_model(model_dir / "model.keras", compile=False), params)
+    want = 4 if multi_adsorbate else 3
+    if len(model.inputs) != want:
+        raise DOSnetError(f"--load_model 1: the model in {model_dir} has {len(model.inputs)} inputs, "
+                          f"--multi_adsorbate {int(multi_adsorbate)} needs {want}")
+    sc = np.load(model_dir / "scalers.npz")
+    surface = ChannelScaler(sc["surface_mean"], sc["surface_scale"])
+    adsorbate = ChannelScaler(sc["adsorbate_mean"], sc["adsorbate_scale"]) if multi_adsorbate else None
+    return model, surface, adsorbate
+
+
+def _fit(model, inputs, y, params, validation=None, tensorboard: Path | None = None):
     import keras
 
     from DOSnet.net import decay_schedule
 
+    callbacks = [keras.callbacks.LearningRateScheduler(decay_schedule)]
+    if tensorboard is not None:  # upstream: TensorBoard(log_dir="logs/<time>", histogram_freq=1)
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise DOSnetError("--tensorboard needs the tensorboard package (pip install tensorboard)")
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard), histogram_freq=1))
     model.fit(inputs, y, epochs=params["epochs"], batch_size=params["batch_size"],
-              validation_data=validation, shuffle=True, verbose=2,
-              callbacks=[keras.callbacks.LearningRateScheduler(decay_schedule)])
+              validation_data=validation, shuffle=True, verbose=2, callbacks=callbacks)
 
 
 def _predict(model, inputs, batch_size):
@@ -205,33 +245,30 @@ def _save_pairs(path: Path, y_true, y_pred) -> None:
 
 
 # --------------------------------------------------------------------------- run modes
-def run_train_test(surface, targets, adsorbate, params, out: Path, model_dir: Path | None = None) -> dict:
+def run_train_test(surface, targets, adsorbate, params, out: Path, model_dir: Path | None = None,
+                   tensorboard: bool = False) -> dict:
+    """Upstream's run mode 0: the fixed 80/20 split (``SPLIT_SEED``), train (from scratch, or with
+    ``load_model`` on from a saved run with its scalers), predict both parts."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(targets))
-    train_idx, test_idx = train_test_split(idx, test_size=params["split_ratio"], random_state=params["seed"])
-    d = scale_fold(surface, adsorbate, train_idx, test_idx)
-    tr = model_inputs(d["x_train"], d.get("a_train"), params["sites"], params["channels"])
-    te = model_inputs(d["x_test"], d.get("a_test"), params["sites"], params["channels"])
+    train_idx, test_idx = train_test_split(idx, test_size=params["split_ratio"], random_state=SPLIT_SEED)
     _tf_setup(params["seed"])
     if params["load_model"]:
-        import keras
-
-        model_dir = Path(model_dir or out)
-        if not (model_dir / "model.keras").is_file():
-            raise DOSnetError(f"--load_model 1: no saved model at {model_dir / 'model.keras'} (use --model_dir)")
-        model = keras.models.load_model(model_dir / "model.keras")
-        sc = np.load(model_dir / "scalers.npz")
-        d["surface_scaler"] = ChannelScaler(sc["surface_mean"], sc["surface_scale"])
-        tr = model_inputs(d["surface_scaler"].transform(surface[train_idx]), None, params["sites"], params["channels"])
-        te = model_inputs(d["surface_scaler"].transform(surface[test_idx]), None, params["sites"], params["channels"])
-        if adsorbate is not None:
-            a_sc = ChannelScaler(sc["adsorbate_mean"], sc["adsorbate_scale"])
-            tr.append(a_sc.transform(adsorbate[train_idx]))
-            te.append(a_sc.transform(adsorbate[test_idx]))
+        model, s_scaler, a_scaler = load_saved(Path(model_dir or out), params, adsorbate is not None)
+        d = {"surface_scaler": s_scaler, "x_train": s_scaler.transform(surface[train_idx]),
+             "x_test": s_scaler.transform(surface[test_idx])}
+        if a_scaler is not None:
+            d.update(adsorbate_scaler=a_scaler, a_train=a_scaler.transform(adsorbate[train_idx]),
+                     a_test=a_scaler.transform(adsorbate[test_idx]))
     else:
+        d = scale_fold(surface, adsorbate, train_idx, test_idx)
         model = build_model(params, adsorbate is not None)
-        _fit(model, tr, targets[train_idx], params, validation=(te, targets[test_idx]))
+    tr = model_inputs(d["x_train"], d.get("a_train"), params["sites"], params["channels"])
+    te = model_inputs(d["x_test"], d.get("a_test"), params["sites"], params["channels"])
+    model.summary()
+    _fit(model, tr, targets[train_idx], params, validation=(te, targets[test_idx]),
+         tensorboard=out / "tensorboard" if tensorboard else None)
     p_train = _predict(model, tr, params["batch_size"])
     p_test = _predict(model, te, params["batch_size"])
     _save_pairs(out / "predict_train.txt", targets[train_idx], p_train)
@@ -287,10 +324,12 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch_size", type=int)
     p.add_argument("--channels", type=int, help="channels per atom (9 orbitals)")
-    p.add_argument("--seed", type=int, help="split and initialisation seed")
+    p.add_argument("--seed", type=int, help="CV shuffle and initialisation seed; 0: a random one, as upstream "
+                                            "(the train/test split stays fixed at 88)")
     p.add_argument("--save_model", type=_bool01)
     p.add_argument("--load_model", type=_bool01)
     p.add_argument("--model_dir", help="run folder holding model.keras + scalers.npz for --load_model 1")
+    p.add_argument("--tensorboard", action="store_true", help="TensorBoard logs in RUN/tensorboard (as upstream)")
     p.add_argument("--out", help="run folder (default: <out_dir>/dosnet-<mode>-<time>)")
     return p.parse_args(argv)
 
@@ -319,6 +358,8 @@ def main(argv=None) -> int:
             if value is not None:
                 params[key] = value
         _validate(params)
+        if params["seed"] == 0:  # upstream: --seed 0 draws a random seed
+            params["seed"] = int(np.random.default_rng().integers(1, 1_000_000))
         if not params.get("data_file"):
             raise DOSnetError("no data file: pass --data_dir PATH (upstream pickle format) "
                               "or try the synthetic demo: python -m DOSnet.demo")
@@ -339,7 +380,7 @@ def main(argv=None) -> int:
         if params["run_mode"] == 1:
             result = run_cross_validation(surface, targets, adsorbate, params, out)
         else:
-            result = run_train_test(surface, targets, adsorbate, params, out, args.model_dir)
+            result = run_train_test(surface, targets, adsorbate, params, out, args.model_dir, args.tensorboard)
         result["seconds"] = round(time.time() - t0, 1)
         (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         for split in ("train", "test", "cv"):

@@ -10,7 +10,7 @@ Usage::
 
 Why a second throughput bench: ``bench/throughput.py`` goes through ``train.py``, whose input
 pipeline, seeding and distribution are TensorFlow's. This one uses only Keras and NumPy (the two
-``net.py`` files and ``train._build``, which casts a mixed-precision model's outputs to float32),
+``net.py`` files and ``dosnet_bv.fit.build_network``, which casts a mixed-precision model's outputs to float32),
 so it runs under any Keras 3 backend: the JAX or PyTorch builds that a GPU machine already holds,
 where a GPU build of TensorFlow cannot be installed. The figures measure the same networks and
 optimiser, not ``train.py``'s TensorFlow input path.
@@ -85,7 +85,7 @@ def measure(config: dict, params: dict, n: int, epochs: int, n_structure: int, s
     import numpy as np
 
     import net
-    import train
+    from dosnet_bv.fit import build_network
     from DOSnet.net import create_model, dos_featurizer
 
     keras.backend.clear_session()
@@ -112,7 +112,7 @@ def measure(config: dict, params: dict, n: int, epochs: int, n_structure: int, s
             x, y = dos, rng.standard_normal((n, 1), dtype=np.float32)
         else:
             p["fusion"] = config["fusion"]
-            model = net.compile_model(train._build(p, n_structure), p)
+            model = net.compile_model(build_network(p, n_structure), p)
             x = {f"atom{i + 1}_dos": d for i, d in enumerate(dos)}
             if p["fusion"] != "none":
                 x["structure"] = rng.standard_normal((n, n_structure), dtype=np.float32)

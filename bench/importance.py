@@ -1,4 +1,4 @@
-"""Benchmark: time of the default feature-importance analysis (``DOSnet/importance.py``) at full size.
+"""Benchmark: time of the default feature-importance analysis (``dosnet_bv/importance.py``) at full size.
 
 Usage::
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     import net
     from data_prep.layout import ORBITAL_GROUPS, EnergyGrid, atom_roles, channel_labels
-    from DOSnet import importance
+    from dosnet_bv import importance
 
     p = json.loads((ROOT / "params.json").read_text())
     p["fusion"] = args.fusion

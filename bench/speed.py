@@ -61,7 +61,9 @@ def measure(h5, config: dict) -> dict:
     import keras
     import numpy as np
 
-    import train
+    from dosnet_bv.data import load_data, target_matrix
+    from dosnet_bv.fit import build_network, model_scope, strategy_for, stream_input, tf_setup
+    from dosnet_bv.scalers import fit_scalers, model_inputs
 
     params = json.loads((ROOT / "params.json").read_text())
     over = dict(config.get("params", {}))
@@ -72,17 +74,17 @@ def measure(h5, config: dict) -> dict:
     epochs = int(config.get("epochs", 2))
     kind = config.get("model", "root")
     t0 = time.perf_counter()
-    data = train.load_data(h5, params)
+    data = load_data(h5, params)
     load_s = time.perf_counter() - t0
     rows = np.flatnonzero(data.split == "train")
     t0 = time.perf_counter()
     if kind == "dosnet":  # upstream: per-channel scaler on the training rows, 3 atom inputs, one target
         params = {**params, "fusion": "none", "targets": ["bvs_vu"]}
-    scalers = train.fit_scalers(params, data, rows)
+    scalers = fit_scalers(params, data, rows)
     scaler_s = time.perf_counter() - t0
-    y = train.target_matrix(data, params["targets"])
-    y_scaled = ((y - scalers["targets"].mean) / scalers["targets"].scale).astype(np.float32)
-    train._tf_setup(params["seed"])
+    y = target_matrix(data, params["targets"])
+    y_scaled = ((y - scalers.targets.mean) / scalers.targets.scale).astype(np.float32)
+    tf_setup(params["seed"])
     streaming = data.streaming and params["fusion"] != "structure_only"
     if kind == "dosnet":
         from DOSnet.net import create_model, dos_featurizer
@@ -91,20 +93,20 @@ def measure(h5, config: dict) -> dict:
                              params["length"])
         model.compile(optimizer=keras.optimizers.Adam(learning_rate=params["learning_rate"]),
                       loss=keras.losses.LogCosh(), metrics=["mae"])
-        x = train.model_inputs(params, data, scalers, rows)
+        x = model_inputs(params, data, scalers, rows)
         fit = {"x": [x[f"atom{i}_dos"] for i in (1, 2, 3)], "y": y_scaled[rows, :1],
                "batch_size": params["batch_size"], "shuffle": True}
         streaming = False
     else:
-        strategy = train._strategy(params)
-        with train._model_scope(strategy, params["precision"]):
+        strategy = strategy_for(params)
+        with model_scope(strategy, params["precision"]):
             import net
 
-            model = net.compile_model(train._build(params, len(scalers["structure_columns"])), params)
+            model = net.compile_model(build_network(params, len(scalers.structure_columns)), params)
         if streaming:
-            fit = {"x": train._stream(params, data, scalers, rows, y_scaled, True), "shuffle": False}
+            fit = {"x": stream_input(params, data, scalers, rows, y_scaled, True), "shuffle": False}
         else:
-            x = train.model_inputs(params, data, scalers, rows)
+            x = model_inputs(params, data, scalers, rows)
             fit = {"x": x, "y": {t: y_scaled[rows, j:j + 1] for j, t in enumerate(params["targets"])},
                    "batch_size": params["batch_size"], "shuffle": True}
     if config.get("jit_compile"):

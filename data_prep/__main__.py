@@ -14,24 +14,20 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
+from data_prep.cli import OneLineParser, error_tail
+
 EMBEDDED_SPECTRA = Path(__file__).resolve().parent / "embedded" / "spectra"
 EMBEDDED_SPECTRA_PBE = Path(__file__).resolve().parent / "embedded" / "spectra_pbe"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def _parser():
-    p = _Parser(prog="python -m data_prep", description="DOSnet-BV data preparation")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="python -m data_prep", description="DOSnet-BV data preparation")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
     b = sub.add_parser("build", help="records -> one h5")
     b.add_argument("--source", nargs="+", required=True, metavar="SOURCE",
                    help="'embedded' or 'records DIR'")
@@ -150,7 +146,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from data_prep.build import BuildConfig, BuildError
 
-    try:
+    def run() -> int:
         if args.cmd == "build":
             from data_prep.build import build_h5
 
@@ -228,12 +224,8 @@ def main(argv=None) -> int:
                                         retry_failed=args.retry_failed, method=args.method)
             print(json.dumps(summary_, indent=1, default=str))
         return 0
-    except BuildError as exc:
-        print(f"data_prep: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("data_prep: interrupted; finished work is kept", file=sys.stderr)
-        return 130
+
+    return error_tail("data_prep", run, (BuildError,), "interrupted; finished work is kept")
 
 
 def _is_h5_merge(args) -> bool:
@@ -247,7 +239,7 @@ def _mp_command(args) -> int:
     """fetch / merge: one line on stderr for every error, never a traceback, never the API key."""
     from data_prep.mp import FetchError, MergeError
 
-    try:
+    def run() -> int:
         if args.cmd == "merge":
             from data_prep.mp import merge_folders
 
@@ -261,9 +253,9 @@ def _mp_command(args) -> int:
         summary = fetch_mp(cfg, args.out, progress=not args.no_progress)
         print(format_summary(summary, args.out))
         return 1 if summary["counts"]["failed"] else 0
-    except (FetchError, MergeError, OSError) as exc:  # OSError: an output folder that cannot be written
-        print(f"data_prep: error: {exc}", file=sys.stderr)
-        return 1
+
+    # OSError: an output folder that cannot be written
+    return error_tail("data_prep", run, (FetchError, MergeError, OSError))
 
 
 if __name__ == "__main__":

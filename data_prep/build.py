@@ -1,23 +1,8 @@
 """Records -> one HDF5 file of DOSnet inputs: gridded DOS channels, structure vector, bond valence
 targets, per-sample metadata and a material-grouped train/val/test split.
 
-File layout (``n`` samples, ``P`` grid points, ``C = (1 + n_neighbours) * 9`` channels, ``F``
-structure features, ``M`` materials):
-
-- ``dos`` (n, P, C) float32, states/eV, chunked one sample per chunk; attrs ``channel_labels``.
-- ``structure`` (n, F) float32; ``structure_labels`` (F,) and ``structure_families`` (F,) strings.
-- ``targets/bvs_vu``, ``targets/valence``, ``targets/bvs_deviation_vu``, ``targets/gii_vu`` (n,)
-  float32 (gii is the material's value repeated on its samples).
-- ``meta/material_id``, ``meta/element``, ``meta/origin`` (n,) strings; ``meta/site_index`` (n,),
-  ``meta/neighbour_indices`` (n, n_neighbours), ``meta/multiplicity`` (n,) int32;
-  ``meta/neighbour_distances_ang`` (n, n_neighbours); ``meta/outside_weight`` (n, C) states
-  beyond the grid window.
-- ``split`` (n,) strings ``train``/``val``/``test``, grouped by material.
-- ``materials/*`` (M,): ``material_id``, ``formula``, ``origin``, ``method``, ``split``,
-  ``structure_json`` (pymatgen ``Structure.as_dict``), ``gii_vu``, ``band_gap_ev``,
-  ``reference_ev``, ``f_weight_fraction``, ``n_samples``.
-- root attrs: grid, reference-level rule, parameters, citations, skipped materials with reasons,
-  source package versions, data_prep version.
+The file layout (dataset and attribute names, ``schema_version``) is owned by ``data_prep.h5schema``;
+this module featurises records and writes through ``h5schema.Writer``.
 """
 from __future__ import annotations
 
@@ -31,19 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep import __version__
+from data_prep import __version__, h5schema
+from data_prep.h5schema import SPLITS, TARGETS, BuildError  # noqa: F401  (re-exported for build's callers)
 from data_prep.layout import DEFAULT_N_NEIGHBOURS, REFERENCE_RULE, EnergyGrid, channel_labels
 from data_prep.records import MaterialRecord, RecordError
+from data_prep.shards import select_records
+from data_prep.split import grouped_split
 
-TARGETS = ("bvs_vu", "valence", "bvs_deviation_vu", "gii_vu")
-SPLITS = ("train", "val", "test")
-#: Keys of a params.json ``data`` section that train.py reads (how to read the h5, see stream.py);
+#: Keys of a params.json ``data`` section that say how train.py reads the h5 (``dosnet_bv.streaming``);
 #: build ignores them, so one params.json can hold both.
 TRAIN_READ_KEYS = ("in_memory", "block_samples", "shuffle_buffer")
-
-
-class BuildError(Exception):
-    """A problem with the build as a whole (bad option, duplicate ids, existing output)."""
+#: What a params.json ``data`` section must be (``data_section_problem``).
+DATA_SECTION_RULE = ("an object with in_memory ('auto', true or false), block_samples (a positive integer) and "
+                     "shuffle_buffer (a non-negative integer), and optionally data_prep build keys")
 
 
 @dataclass
@@ -75,14 +60,39 @@ class BuildConfig:
     def from_params(cls, params: dict) -> "BuildConfig":
         """From the ``data`` section of a params.json (keys as in ``as_dict``; all optional).
         The keys that tell train.py how to read the file (``TRAIN_READ_KEYS``) are ignored."""
+        problem = data_section_problem(params or {}, for_training=False)
+        if problem:
+            raise BuildError(f"params 'data': {problem}")
         d = {k: v for k, v in dict(params or {}).items() if k not in TRAIN_READ_KEYS}
-        known = set(cls().as_dict())
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise BuildError(f"unknown data parameter(s) {unknown}; known: {sorted(known)}")
         if "grid" in d:
             d["grid"] = EnergyGrid.from_dict(d["grid"])
         return cls(**d)
+
+
+def _count(v, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def data_section_problem(section, for_training: bool = True) -> str | None:
+    """The one check of a params.json ``data`` section (``DATA_SECTION_RULE``), used by build
+    (``BuildConfig.from_params``) and by train.py (``dosnet_bv.params``): what is wrong, or None.
+
+    ``for_training``: the read keys (``TRAIN_READ_KEYS``) are required; build only needs them valid
+    when present. Build keys must be ``BuildConfig`` fields (their values are checked when built).
+    """
+    if not isinstance(section, dict):
+        return "not an object"
+    known = set(BuildConfig().as_dict())
+    unknown = sorted(set(section) - known - set(TRAIN_READ_KEYS))
+    if unknown:
+        return f"unknown data parameter(s) {unknown}; known: {sorted(known | set(TRAIN_READ_KEYS))}"
+    missing = [k for k in TRAIN_READ_KEYS if k not in section]
+    if for_training and missing:
+        return f"missing {missing}"
+    checks = {"in_memory": lambda v: v == "auto" or isinstance(v, bool), "block_samples": lambda v: _count(v, 1),
+              "shuffle_buffer": lambda v: _count(v, 0)}
+    bad = [k for k, ok in checks.items() if k in section and not ok(section[k])]
+    return f"bad value of {bad[0]}: {json.dumps(section[bad[0]])}" if bad else None
 
 
 # ----------------------------------------------------------------------------- per material
@@ -163,23 +173,6 @@ def _work(args):
     return featurise_record(rec, cfg)
 
 
-# ----------------------------------------------------------------------------- split
-def grouped_split(material_ids, fractions=(0.8, 0.1, 0.1), seed: int = 88) -> dict[str, str]:
-    """Assign each material (not each sample) to train/val/test: deterministic for a seed."""
-    ids = sorted(set(material_ids))
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n = len(ids)
-    n_train = int(round(fractions[0] * n))
-    n_val = int(round(fractions[1] * n))
-    if n >= 3:  # keep every split non-empty where there are enough materials
-        n_train = min(max(n_train, 1), n - 2) if fractions[2] > 0 and fractions[1] > 0 else n_train
-        n_val = min(max(n_val, 1 if fractions[1] > 0 else 0), n - n_train - (1 if fractions[2] > 0 else 0))
-    labels = {}
-    for rank, i in enumerate(order):
-        labels[ids[i]] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
-    return labels
-
-
 # ----------------------------------------------------------------------------- writing
 def _versions() -> dict:
     out = {"data_prep": __version__}
@@ -216,8 +209,6 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
     if not paths:
         raise BuildError("no records to build from")
     if shard is not None:
-        from data_prep.shards import select_records
-
         n_all = len(paths)
         paths = select_records(paths, shard)
         if not paths:
@@ -251,49 +242,41 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
-    str_dt = h5py.string_dtype()
     try:
         with h5py.File(tmp, "w") as h:
-            dos = h.create_dataset("dos", (n, P, C), dtype="float32", chunks=(1, P, C), compression=dos_compression)
-            dos.attrs["channel_labels"] = channel_labels(cfg.n_neighbours)
-            dos.attrs["units"] = "states/eV per cell, spin summed"
+            w = h5schema.Writer(h)
+            dos = w.dos(n, P, C, channel_labels(cfg.n_neighbours), "states/eV per cell, spin summed",
+                        compression=dos_compression)
             i = 0
             for r in tqdm(results, desc="writing", unit="material", disable=not progress):
                 dos[i:i + len(r.site_index)] = r.dos
                 i += len(r.site_index)
-            h["structure"] = np.concatenate([r.structure for r in results]).astype(np.float32)
-            h["structure_labels"] = np.array(feat.feature_labels(), dtype=object).astype(str_dt)
-            h["structure_families"] = np.array(feat.families_of_labels(), dtype=object).astype(str_dt)
-            for name in TARGETS:
-                h[f"targets/{name}"] = np.concatenate([r.targets[name] for r in results]).astype(np.float32)
+            w.structure(np.concatenate([r.structure for r in results]), feat.feature_labels(),
+                        feat.families_of_labels())
+            w.targets({name: np.concatenate([r.targets[name] for r in results]) for name in TARGETS})
             rep = lambda get: np.concatenate([[get(r)] * len(r.site_index) for r in results])  # noqa: E731
-            h.create_dataset("meta/material_id", data=rep(lambda r: r.material_id).astype(object), dtype=str_dt)
-            h.create_dataset("meta/origin", data=rep(lambda r: r.origin).astype(object), dtype=str_dt)
-            h.create_dataset("meta/element", data=np.array(sum((r.elements for r in results), []), dtype=object), dtype=str_dt)
-            h["meta/site_index"] = np.concatenate([r.site_index for r in results])
-            h["meta/neighbour_indices"] = np.concatenate([r.neighbour_indices for r in results]).reshape(n, cfg.n_neighbours)
-            h["meta/neighbour_distances_ang"] = np.concatenate([r.neighbour_distances_ang for r in results]).reshape(n, cfg.n_neighbours)
-            h["meta/multiplicity"] = np.concatenate([r.multiplicity for r in results])
-            h["meta/outside_weight"] = np.concatenate([r.outside for r in results])
-            h.create_dataset("split", data=rep(lambda r: split_of[r.material_id]).astype(object), dtype=str_dt)
-            m = h.create_group("materials")
-            for key in ("material_id", "formula", "origin", "method", "structure_json"):
-                m.create_dataset(key, data=np.array([getattr(r, key) for r in results], dtype=object), dtype=str_dt)
-            m.create_dataset("split", data=np.array([split_of[r.material_id] for r in results], dtype=object), dtype=str_dt)
-            for key in ("gii_vu", "band_gap_ev", "reference_ev", "f_weight_fraction"):
-                m[key] = np.array([getattr(r, key) for r in results], dtype=np.float64)
-            m["n_samples"] = np.array([len(r.site_index) for r in results], dtype=np.int32)
-            m.create_dataset("bv_params_json", data=np.array([json.dumps(r.bv_params) for r in results], dtype=object), dtype=str_dt)
-            h.attrs["grid"] = json.dumps(cfg.grid.as_dict())
-            h.attrs["config"] = json.dumps(cfg.as_dict())
-            h.attrs["reference_rule"] = REFERENCE_RULE
-            h.attrs["citations"] = json.dumps({"bond_valence": BV_CITATIONS, "structure_features": feat.citations()})
-            h.attrs["skipped"] = json.dumps(skipped, sort_keys=True)
-            h.attrs["versions"] = json.dumps(_versions())
-            h.attrs["source"] = source
-            h.attrs["data_prep_version"] = __version__
+            w.sample_meta(
+                rep(lambda r: r.material_id), sum((r.elements for r in results), []), rep(lambda r: r.origin),
+                np.concatenate([r.site_index for r in results]),
+                neighbour_indices=np.concatenate([r.neighbour_indices for r in results]).reshape(n, cfg.n_neighbours),
+                neighbour_distances_ang=np.concatenate([r.neighbour_distances_ang for r in results]).reshape(
+                    n, cfg.n_neighbours),
+                multiplicity=np.concatenate([r.multiplicity for r in results]),
+                outside_weight=np.concatenate([r.outside for r in results]))
+            w.split(rep(lambda r: split_of[r.material_id]))
+            w.materials(**{key: [getattr(r, key) for r in results] for key in h5schema.MATERIAL_STRINGS},
+                        split=[split_of[r.material_id] for r in results],
+                        **{key: np.array([getattr(r, key) for r in results], dtype=np.float64)
+                           for key in h5schema.MATERIAL_FLOATS},
+                        n_samples=np.array([len(r.site_index) for r in results], dtype=np.int32),
+                        bv_params_json=[json.dumps(r.bv_params) for r in results])
+            w.attrs(grid=json.dumps(cfg.grid.as_dict()), config=json.dumps(cfg.as_dict()),
+                    reference_rule=REFERENCE_RULE,
+                    citations=json.dumps({"bond_valence": BV_CITATIONS, "structure_features": feat.citations()}),
+                    skipped=json.dumps(skipped, sort_keys=True), versions=json.dumps(_versions()), source=source,
+                    data_prep_version=__version__)
             if shard is not None:
-                h.attrs["shard"] = f"{shard[0]}/{shard[1]}"
+                w.attrs(shard=f"{shard[0]}/{shard[1]}")
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,61 +1,40 @@
-"""Reading an h5 written by ``data_prep build``: opening with clear errors, and a summary."""
+"""A summary (counts, target statistics, a figure) of an h5 written by ``data_prep build``;
+opening and the layout are ``data_prep.h5schema``'s."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.build import SPLITS, TARGETS, BuildError
-
-REQUIRED = ("dos", "structure", "structure_labels", "split", "meta/material_id", "materials/material_id") + tuple(
-    f"targets/{t}" for t in TARGETS)
-
-
-def open_h5(path):
-    """Open a data_prep h5 read-only; a missing, truncated or foreign file raises ``BuildError``."""
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise BuildError(f"data file not found: {path}")
-    try:
-        h = h5py.File(path, "r")
-    except OSError as exc:
-        raise BuildError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {exc}") from None
-    missing = [k for k in REQUIRED if k not in h]
-    if missing:
-        h.close()
-        raise BuildError(f"{path} is not a data_prep file: missing {missing}")
-    return h
+from data_prep.h5schema import SPLITS, TARGETS, BuildError, open_h5
 
 
 def summary(path) -> dict:
     """Counts and per-split target statistics of a data_prep h5."""
     with open_h5(path) as h:
-        split = h["split"].asstr()[...]
-        origin = h["meta/origin"].asstr()[...]
-        m_origin = h["materials/origin"].asstr()[...]
-        m_split = h["materials/split"].asstr()[...]
-        elements = h["meta/element"].asstr()[...]
+        split = h.split()
+        origin = h.meta_strings("origin")
+        m_origin = h.material_strings("origin")
+        m_split = h.material_strings("split")
+        elements = h.meta_strings("element")
         out = {
             "file": str(path),
             "n_materials": int(len(m_origin)),
             "n_samples": int(len(split)),
-            "dos_shape": list(h["dos"].shape),
-            "n_structure_features": int(h["structure"].shape[1]),
+            "dos_shape": list(h.dos.shape),
+            "n_structure_features": int(h.structure().shape[1]),
             "materials_per_origin": dict(sorted(Counter(m_origin).items())),
             "samples_per_origin": dict(sorted(Counter(origin).items())),
             "materials_per_split": {s: int(np.sum(m_split == s)) for s in SPLITS},
             "samples_per_split": {s: int(np.sum(split == s)) for s in SPLITS},
             "n_elements": int(len(set(elements))),
             "targets": {},
-            "skipped": json.loads(h.attrs.get("skipped", "{}")),
-            "grid": json.loads(h.attrs["grid"]),
+            "skipped": h.attr_json("skipped", {}),
+            "grid": h.attr_json("grid"),
         }
         for t in TARGETS:
-            y = h[f"targets/{t}"][...]
+            y = h.target(t)
             out["targets"][t] = {s: _stats(y[split == s]) for s in SPLITS}
     return out
 
@@ -88,22 +67,20 @@ def format_summary(s: dict) -> str:
 
 def plot_summary(path, out_png, sample: int = 0) -> Path:
     """Figure: one sample's 27 DOS channels (by atom) and the target distributions per split."""
-    import matplotlib
+    from data_prep.layout import ORBITALS
+    from data_prep.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from data_prep.layout import ORBITALS, EnergyGrid
-
+    plt = pyplot()
     with open_h5(path) as h:
-        if not 0 <= sample < h["dos"].shape[0]:
-            raise BuildError(f"sample {sample} out of range (0..{h['dos'].shape[0] - 1})")
-        x = h["dos"][sample]
-        labels = list(h["dos"].attrs["channel_labels"])
-        grid = EnergyGrid.from_dict(json.loads(h.attrs["grid"]))
-        title = f"{h['meta/material_id'].asstr()[sample]} site {h['meta/site_index'][sample]} ({h['meta/element'].asstr()[sample]})"
-        split = h["split"].asstr()[...]
-        ys = {t: h[f"targets/{t}"][...] for t in TARGETS}
+        if not 0 <= sample < h.n:
+            raise BuildError(f"sample {sample} out of range (0..{h.n - 1})")
+        x = h.dos[sample]
+        labels = h.channel_labels()
+        grid = h.grid()
+        title = (f"{h.meta_strings('material_id')[sample]} site {h.meta('site_index')[sample]} "
+                 f"({h.meta_strings('element')[sample]})")
+        split = h.split()
+        ys = {t: h.target(t) for t in TARGETS}
     n_atoms = x.shape[1] // len(ORBITALS)
     fig, axes = plt.subplots(2, max(n_atoms, len(TARGETS)), figsize=(4 * max(n_atoms, len(TARGETS)), 7))
     e = grid.energies_ev

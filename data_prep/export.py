@@ -14,9 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.build import TARGETS, BuildError
-from data_prep.dataset import open_h5
-from data_prep.layout import EnergyGrid
+from data_prep.h5schema import TARGETS, BuildError, open_h5
 from data_prep.records import atomic_write_bytes
 
 
@@ -36,21 +34,20 @@ def export_npy(h5_path, out_dir, overwrite: bool = False) -> list[Path]:
         raise BuildError(f"{out_dir} already holds {existing}; pass --overwrite to replace them")
     out_dir.mkdir(parents=True, exist_ok=True)
     with open_h5(h5_path) as h:
-        _save_npy(out_dir / "dos.npy", h["dos"][...])
-        _save_npy(out_dir / "structure.npy", h["structure"][...])
-        _save_npy(out_dir / "targets.npy", np.stack([h[f"targets/{t}"][...] for t in TARGETS], axis=1))
-        split = h["split"].asstr()[...]
-        _save_npy(out_dir / "split.npy", split.astype("U5"))
+        _save_npy(out_dir / "dos.npy", h.dos[...])
+        _save_npy(out_dir / "structure.npy", h.structure())
+        _save_npy(out_dir / "targets.npy", np.stack([h.target(t) for t in TARGETS], axis=1))
+        _save_npy(out_dir / "split.npy", h.split().astype("U5"))
         meta = {
             "targets": list(TARGETS),
-            "channel_labels": list(h["dos"].attrs["channel_labels"]),
-            "structure_labels": list(h["structure_labels"].asstr()[...]),
-            "structure_families": list(h["structure_families"].asstr()[...]),
-            "material_id": list(h["meta/material_id"].asstr()[...]),
-            "site_index": h["meta/site_index"][...].tolist(),
-            "element": list(h["meta/element"].asstr()[...]),
-            "grid": json.loads(h.attrs["grid"]),
-            "reference_rule": h.attrs["reference_rule"],
+            "channel_labels": h.channel_labels(),
+            "structure_labels": h.structure_labels(),
+            "structure_families": h.structure_families(),
+            "material_id": list(h.meta_strings("material_id")),
+            "site_index": h.meta("site_index").tolist(),
+            "element": list(h.meta_strings("element")),
+            "grid": h.attr_json("grid"),
+            "reference_rule": h.attr("reference_rule"),
             "source_h5": str(h5_path),
         }
     atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=1).encode())
@@ -65,9 +62,9 @@ def export_upstream(h5_path, out_path, target: str = "bvs_vu", overwrite: bool =
     if target not in TARGETS:
         raise BuildError(f"unknown target {target!r}; expected one of {TARGETS}")
     with open_h5(h5_path) as h:
-        dos = h["dos"][...]
-        y = h[f"targets/{target}"][...]
-        grid = EnergyGrid.from_dict(json.loads(h.attrs["grid"]))
+        dos = h.dos[...]
+        y = h.target(target)
+        grid = h.grid()
     if dos.shape[2] != 27:
         raise BuildError(f"the upstream DOSnet takes 3 atoms x 9 orbitals = 27 channels; this file has {dos.shape[2]}")
     full = np.empty((dos.shape[0], dos.shape[1], 1 + dos.shape[2]), dtype=np.float32)

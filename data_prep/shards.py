@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.build import BuildError, grouped_split
-
-PER_SAMPLE_GROUPS = ("targets/", "meta/")
-PER_SAMPLE_ROOT = ("dos", "structure", "split")
+from data_prep import h5schema as sch
+from data_prep.h5schema import BuildError
+from data_prep.split import grouped_split
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -47,13 +46,13 @@ def in_shard(material_id: str, shard: tuple[int, int]) -> bool:
 
 def record_ids(paths) -> list[str]:
     """Material id of each record file (read from the record, not its name)."""
-    from data_prep.mp.fetch import _peek_id
+    from data_prep.mp.fetch import peek_id
     from data_prep.records import RecordError
 
     out = []
     for p in paths:
         try:
-            out.append(_peek_id(Path(p)))
+            out.append(peek_id(Path(p)))
         except RecordError:
             out.append(Path(p).stem)  # unreadable: build reports it as skipped, in the shard of its name
     return out
@@ -66,10 +65,6 @@ def select_records(paths, shard: tuple[int, int]) -> list:
 
 
 # ----------------------------------------------------------------------------- merge
-def _per_sample(name: str) -> bool:
-    return name in PER_SAMPLE_ROOT or name.startswith(PER_SAMPLE_GROUPS)
-
-
 def _datasets(h) -> list[str]:
     import h5py
 
@@ -99,26 +94,24 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
     files = []
     try:
         for p in inputs:
-            try:
-                files.append(h5py.File(p, "r"))
-            except OSError as exc:
-                raise BuildError(f"{p} is not a readable HDF5 file: {exc}") from None
+            files.append(sch.open_raw(p))  # readable, current schema version
         first = files[0]
         names = _datasets(first)
         for p, h in zip(inputs, files):
-            if "materials/n_samples" not in h or "config" not in h.attrs:
-                raise BuildError(f"{p} is not a data_prep build (no materials/n_samples or config)")
+            if sch.material("n_samples") not in h or sch.CONFIG_ATTR not in h.attrs:
+                raise BuildError(f"{p} is not a data_prep build (no {sch.material('n_samples')} or "
+                                 f"{sch.CONFIG_ATTR})")
             if sorted(_datasets(h)) != sorted(names):
                 raise BuildError(f"{p} holds other datasets than {inputs[0]}")
-            if json.loads(h.attrs["config"]) != json.loads(first.attrs["config"]):
+            if json.loads(h.attrs[sch.CONFIG_ATTR]) != json.loads(first.attrs[sch.CONFIG_ATTR]):
                 raise BuildError(f"{p} was built with another configuration than {inputs[0]} (attribute config)")
             for name in names:
-                if not _per_sample(name) and not name.startswith("materials/") and \
+                if not sch.per_sample(name) and not name.startswith(sch.MATERIALS_GROUP) and \
                         not np.array_equal(h[name][...], first[name][...]):
                     raise BuildError(f"{p}: {name} differs from {inputs[0]}")
-            if h["dos"].shape[1:] != first["dos"].shape[1:]:
-                raise BuildError(f"{p}: DOS shape {h['dos'].shape[1:]} differs from {first['dos'].shape[1:]}")
-        shards = [h.attrs.get("shard") for h in files]
+            if h[sch.DOS].shape[1:] != first[sch.DOS].shape[1:]:
+                raise BuildError(f"{p}: DOS shape {h[sch.DOS].shape[1:]} differs from {first[sch.DOS].shape[1:]}")
+        shards = [h.attrs.get(sch.SHARD_ATTR) for h in files]
         if any(s is not None for s in shards):
             parsed = [parse_shard(s) if s is not None else None for s in shards]
             ns = {s[1] for s in parsed if s}
@@ -128,12 +121,12 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
         # materials in id order; each with (input, material row, first sample, samples)
         entries = []
         for k, h in enumerate(files):
-            mids = h["materials/material_id"].asstr()[...]
-            counts = np.asarray(h["materials/n_samples"][...], dtype=np.int64)
+            mids = h[sch.material("material_id")].asstr()[...]
+            counts = np.asarray(h[sch.material("n_samples")][...], dtype=np.int64)
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            if counts.sum() != h["dos"].shape[0]:
+            if counts.sum() != h[sch.DOS].shape[0]:
                 raise BuildError(f"{inputs[k]}: materials/n_samples does not add up to the samples")
-            sample_mids = h["meta/material_id"].asstr()[...]
+            sample_mids = h[sch.meta("material_id")].asstr()[...]
             for j, (m, s, c) in enumerate(zip(mids, starts, counts)):
                 if c and not np.all(sample_mids[s:s + c] == m):
                     raise BuildError(f"{inputs[k]}: samples of {m} are not where materials/n_samples puts them")
@@ -142,7 +135,7 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
         dup = sorted({e[0] for a, e in zip(entries, entries[1:]) if a[0] == e[0]})
         if dup:
             raise BuildError(f"material(s) in more than one input: {dup[:10]}")
-        cfg = json.loads(first.attrs["config"])
+        cfg = json.loads(first.attrs[sch.CONFIG_ATTR])
         split_of = grouped_split([e[0] for e in entries], tuple(cfg["split_fractions"]), cfg["split_seed"])
         n = sum(e[4] for e in entries)
         # per input: the output positions of its samples / materials, as index arrays
@@ -160,11 +153,11 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
             with h5py.File(tmp, "w") as o:
                 for name in names:
                     src = first[name]
-                    if name == "dos":
+                    if name == sch.DOS:
                         continue
-                    if _per_sample(name):
+                    if sch.per_sample(name):
                         shape = (n,) + src.shape[1:]
-                    elif name.startswith("materials/"):
+                    elif name.startswith(sch.MATERIALS_GROUP):
                         shape = (len(entries),) + src.shape[1:]
                     else:
                         shape = src.shape
@@ -172,15 +165,15 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
                                          compression=src.compression, compression_opts=src.compression_opts)
                     for key, val in src.attrs.items():
                         d.attrs[key] = val
-                    if name == "split":
+                    if name == sch.SPLIT:
                         d[...] = np.array([split_of[e[0]] for e in entries for _ in range(e[4])], dtype=object)
-                    elif name == "materials/split":
+                    elif name == sch.material("split"):
                         d[...] = np.array([split_of[e[0]] for e in entries], dtype=object)
-                    elif _per_sample(name) or name.startswith("materials/"):
+                    elif sch.per_sample(name) or name.startswith(sch.MATERIALS_GROUP):
                         buf = np.empty(shape, dtype=src.dtype)
                         for k, h in enumerate(files):
                             a = h[name][...]
-                            if _per_sample(name):
+                            if sch.per_sample(name):
                                 for rows_in, rows_out in sample_src[k]:
                                     buf[rows_out] = a[rows_in]
                             else:
@@ -189,8 +182,8 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
                         d[...] = buf
                     else:
                         d[...] = src[...]
-                src = first["dos"]
-                dos = o.create_dataset("dos", shape=(n,) + src.shape[1:], dtype=src.dtype, chunks=src.chunks,
+                src = first[sch.DOS]
+                dos = o.create_dataset(sch.DOS, shape=(n,) + src.shape[1:], dtype=src.dtype, chunks=src.chunks,
                                        compression=src.compression, compression_opts=src.compression_opts)
                 for key, val in src.attrs.items():
                     dos.attrs[key] = val
@@ -203,18 +196,18 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
                     else:
                         for a in range(0, run_c, 256):
                             b = min(run_c, a + 256)
-                            dos[run_start + a:run_start + b] = files[run_k]["dos"][run_s + a:run_s + b]
+                            dos[run_start + a:run_start + b] = files[run_k][sch.DOS][run_s + a:run_s + b]
                             bar.update(b - a)
                         run_start, run_k, run_s, run_c = pos, k, s, c
                     pos += c
                 bar.close()
                 for key, val in first.attrs.items():
-                    if key not in ("shard", "skipped"):
+                    if key not in (sch.SHARD_ATTR, sch.SKIPPED_ATTR):
                         o.attrs[key] = val
                 skipped = {}
                 for h in files:
-                    skipped.update(json.loads(h.attrs.get("skipped", "{}")))
-                o.attrs["skipped"] = json.dumps(skipped, sort_keys=True)
+                    skipped.update(json.loads(h.attrs.get(sch.SKIPPED_ATTR, "{}")))
+                o.attrs[sch.SKIPPED_ATTR] = json.dumps(skipped, sort_keys=True)
             os.replace(tmp, out_path)
         except BaseException:
             if os.path.exists(tmp):

@@ -1,4 +1,4 @@
-"""A synthetic h5 in data_prep's layout (``data_prep/build.py``), of any size, written fast: for the
+"""A synthetic h5 in data_prep's layout (``data_prep/h5schema.py``), of any size, written fast: for the
 scaling benches (``bench/streaming.py``, ``bench/throughput.py``) and the streaming tests.
 
 ``write_synthetic_h5(path, n_samples)``: ``n_samples`` samples of ``sites_per_material`` sites
@@ -8,7 +8,7 @@ compresses like real data), scaled per channel by a random amplitude a (W,); the
 learnable: ``bvs_vu = 2 + 0.5 * z(mean a of the site's s channel) + 0.3 * structure[:, 0]``. The
 structure vector has 4 standard-normal columns per family (all six build families). Layout as a
 real build: ``dos`` chunked one sample per chunk with lzf compression, grouped split by
-``data_prep.build.grouped_split`` (0.8/0.1/0.1, seed 88), grid and config attributes.
+``data_prep.split.grouped_split`` (0.8/0.1/0.1, seed 88), grid and config attributes.
 Size: ``n_samples * n_points * W * 4`` bytes of DOS (216 kB per sample at 2000 x 27).
 """
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.build import grouped_split
+from data_prep.h5schema import Writer
 from data_prep.layout import EnergyGrid, channel_labels
+from data_prep.split import grouped_split
 
 FAMILIES = ("site", "neighbours", "coordination", "distances", "gaussian", "global")
 
@@ -68,34 +69,21 @@ def write_synthetic_h5(path, n_samples: int, n_points: int = 2000, n_neighbours:
     a0 = amp[:, 0].astype(np.float64)
     bvs = 2.0 + 0.5 * (a0 - a0.mean()) / a0.std() + 0.3 * structure[:, 0]
     valence = np.rint(bvs)
-    str_dt = h5py.string_dtype()
     grid = EnergyGrid(n_points=n_points)
     with h5py.File(path, "w") as h:
-        dos = h.create_dataset("dos", (n, n_points, width), dtype="float32", chunks=(1, n_points, width),
-                               compression=compression)
-        dos.attrs["channel_labels"] = channel_labels(n_neighbours)
-        dos.attrs["units"] = "states/eV per cell, spin summed (synthetic)"
+        w = Writer(h)
+        dos = w.dos(n, n_points, width, channel_labels(n_neighbours), "states/eV per cell, spin summed (synthetic)",
+                    compression=compression)
         for i in range(0, n, block):
             j = min(n, i + block)
             dos[i:j] = bank[np.arange(i, j) % len(bank)] * amp[i:j, None, :]
             if progress:
                 progress(j)
-        h["structure"] = structure
-        labels = [f"{f}_{k}" for f in FAMILIES for k in range(4)]
-        h.create_dataset("structure_labels", data=np.array(labels, dtype=object), dtype=str_dt)
-        h.create_dataset("structure_families", data=np.array([f for f in FAMILIES for _ in range(4)], dtype=object),
-                         dtype=str_dt)
-        h["targets/bvs_vu"] = bvs.astype(np.float32)
-        h["targets/valence"] = valence.astype(np.float32)
-        h["targets/bvs_deviation_vu"] = (bvs - valence).astype(np.float32)
-        h["targets/gii_vu"] = np.zeros(n, np.float32)
-        h.create_dataset("meta/material_id", data=mid_of.astype(object), dtype=str_dt)
-        h.create_dataset("meta/element", data=np.array(["Ti", "O", "O", "Sr"] * n_mat, dtype=object)[:n], dtype=str_dt)
-        h.create_dataset("meta/origin", data=np.array(["synthetic"] * n, dtype=object), dtype=str_dt)
-        h["meta/site_index"] = np.tile(np.arange(sites_per_material), n_mat)[:n].astype(np.int32)
-        h.create_dataset("split", data=split.astype(object), dtype=str_dt)
-        h.create_dataset("materials/material_id", data=mids.astype(object), dtype=str_dt)
-        h.create_dataset("materials/split", data=np.array([of[m] for m in mids], dtype=object), dtype=str_dt)
-        h.attrs["grid"] = json.dumps(grid.as_dict())
-        h.attrs["source"] = "synthetic"
+        w.structure(structure, [f"{f}_{k}" for f in FAMILIES for k in range(4)], [f for f in FAMILIES for _ in range(4)])
+        w.targets({"bvs_vu": bvs, "valence": valence, "bvs_deviation_vu": bvs - valence, "gii_vu": np.zeros(n)})
+        w.sample_meta(mid_of, np.array(["Ti", "O", "O", "Sr"] * n_mat)[:n], ["synthetic"] * n,
+                      np.tile(np.arange(sites_per_material), n_mat)[:n].astype(np.int32))
+        w.split(split)
+        w.materials(material_id=mids, split=[of[m] for m in mids])
+        w.attrs(grid=json.dumps(grid.as_dict()), source="synthetic")
     return {"path": str(path), "n_samples": n, "dos_bytes": n * n_points * width * 4}

@@ -24,15 +24,18 @@ def main(argv):
         k = int(argv[argv.index("--logical-cpus") + 1])
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * k)
-    import train
+    from dosnet_bv.data import load_data
+    from dosnet_bv.fit import strategy_for
+    from dosnet_bv.outputs import Log
+    from dosnet_bv.runs import run_experiment
 
-    data = train.load_data(h5, params)
-    metrics = train.run_experiment(params, data, out, train.Log(quiet=True))
+    data = load_data(h5, params)
+    metrics = run_experiment(params, data, out, Log(quiet=True))
     import csv
 
-    from DOSnet import distribute
+    from dosnet_bv import distribute
 
-    strategy = train._strategy(params)
+    strategy = strategy_for(params)
     index = distribute.worker_of(strategy)[0]
     folder = Path(out) / f"worker{index}" if index else Path(out)
     with open(folder / "history.csv") as fh:

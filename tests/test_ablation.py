@@ -16,9 +16,15 @@ from conftest import ROOT
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import train  # noqa: E402
-from DOSnet import report  # noqa: E402
-from DOSnet.baselines import GBT, GroupMean, mean_predictor  # noqa: E402
-from DOSnet.descriptors import FEATURES, dos_descriptors, feature_names  # noqa: E402
+from dosnet_bv import ablation  # noqa: E402
+from dosnet_bv.ablation import BASELINES, QUICK_EPOCHS, QUICK_PATIENCE, ablation_budget, run_ablation  # noqa: E402
+from dosnet_bv.data import load_data  # noqa: E402
+from dosnet_bv.learning_curve import training_subsets  # noqa: E402
+from dosnet_bv.outputs import Log  # noqa: E402
+from dosnet_bv.params import FUSIONS  # noqa: E402
+from dosnet_bv import report  # noqa: E402
+from dosnet_bv.baselines import GBT, GroupMean, mean_predictor  # noqa: E402
+from dosnet_bv.descriptors import FEATURES, dos_descriptors, feature_names  # noqa: E402
 
 L = 400  # short grid: -14 .. 6 eV in 0.05 eV steps
 
@@ -112,7 +118,7 @@ ELEMENTS = {"Ti": (22, 1.54, 4.0), "Fe": (26, 1.83, 3.0), "Mg": (12, 1.31, 2.0),
 
 
 def write_tiny_h5(path, n_materials=40, sites=3, seed=0):
-    """An h5 in data_prep's layout (see data_prep/build.py) with a grid attribute and named
+    """An h5 in data_prep's layout (see data_prep/h5schema.py) with a grid attribute and named
     structure columns in three families (site, coordination, global, with ``cn``); bvs_vu depends
     on the site's element, its coordination number and the centre of its d band."""
     from data_prep.build import grouped_split
@@ -177,14 +183,14 @@ def test_the_best_fused_model_is_chosen_on_validation(tiny, tmp_path, monkeypatc
     early's families off), and say so; no network is trained here."""
     h5, _, _ = tiny
     p = _params(h5, tmp_path)
-    data = train.load_data(h5, p)
+    data = load_data(h5, p)
     val_mae = {"dosnet-late": 0.30, "dosnet-early": 0.20}
     test_mae = {"dosnet-late": 0.10, "dosnet-early": 0.40}
     seen = []
 
     def fake_run_model(spec, seed, params, data, train_rows, rows, features, epoch_log):
-        seen.append((spec["model"], spec["fusion"], tuple(spec["structure_families"])))
-        m = spec["model"]
+        seen.append((spec.model, spec.fusion, tuple(spec.structure_families)))
+        m = spec.model
         other = 0.25 if m.startswith("dosnet") else 0.5
         v, t = val_mae.get(m, other), test_mae.get(m, other)
 
@@ -194,8 +200,8 @@ def test_the_best_fused_model_is_chosen_on_validation(tiny, tmp_path, monkeypatc
         return {"scores": {split: {tt: sc(x) for tt in params["targets"]} for split, x in (("val", v), ("test", t))},
                 "info": {}, "seconds": 0.0}
 
-    monkeypatch.setattr(train, "run_model", fake_run_model)
-    res = train.run_ablation(p, data, tmp_path / "abl", n_seeds=3, log=train.Log(quiet=True))
+    monkeypatch.setattr(ablation, "run_model", fake_run_model)
+    res = run_ablation(p, data, tmp_path / "abl", n_seeds=3, log=Log(quiet=True))
     assert res["best_fused"] == "dosnet-early"
     drops = [s for s in seen if "-no-" in s[0]]
     assert {s[0] for s in drops} == {"dosnet-early-no-site", "dosnet-early-no-coordination"}
@@ -217,7 +223,7 @@ def test_ablation_on_a_tiny_file_writes_table_json_and_plot(ablation_run):
     res = json.loads((out / "ablation.json").read_text())
     fused = res["best_fused"]
     assert fused in ("dosnet-late", "dosnet-early") and res["seeds"] == [88, 89] and res["epochs"] == 1
-    expected = list(train.BASELINES) + [f"dosnet-{f}" for f in train.FUSIONS] + [f"{fused}-no-site",
+    expected = list(BASELINES) + [f"dosnet-{f}" for f in FUSIONS] + [f"{fused}-no-site",
                                                                                  f"{fused}-no-coordination"]
     assert list(res["models"]) == expected
     md = (out / "ablation.md").read_text()
@@ -285,30 +291,30 @@ def test_learning_curve_on_a_tiny_file(tiny, ablation_run, tmp_path):
 
 def test_quick_budget_caps_epochs_and_anneals_within_them():
     params = json.loads((ROOT / "params.json").read_text())
-    p, text = train.ablation_budget(params)
-    assert p["epochs"] == min(params["epochs"], train.QUICK_EPOCHS) < params["epochs"]
-    assert 0 < p["early_stopping_patience"] <= train.QUICK_PATIENCE
+    p, text = ablation_budget(params)
+    assert p["epochs"] == min(params["epochs"], QUICK_EPOCHS) < params["epochs"]
+    assert 0 < p["early_stopping_patience"] <= QUICK_PATIENCE
     # upstream's step schedule would not decay before epoch 15: within the budget it becomes a cosine
     assert params["lr_schedule"] == "dosnet_step" and p["lr_schedule"] == "cosine" and "cosine" in text
     import net
 
     rates = [net.learning_rate(e, p) for e in range(p["epochs"])]
     assert rates[0] == params["learning_rate"] and rates[-1] < 0.01 * params["learning_rate"]
-    full, text = train.ablation_budget(params, full=True)
+    full, text = ablation_budget(params, full=True)
     assert full == params and "full budget" in text
     constant = {**params, "lr_schedule": "constant"}  # a schedule the user chose is kept
-    assert train.ablation_budget(constant)[0]["lr_schedule"] == "constant"
+    assert ablation_budget(constant)[0]["lr_schedule"] == "constant"
 
 
 def test_training_subsets_are_nested_and_grouped():
     mids = np.repeat([f"m{i:02d}" for i in range(40)], 2)
     train_rows = np.arange(0, 60)
-    subs = train.training_subsets(mids, train_rows, seed=3)
+    subs = training_subsets(mids, train_rows, seed=3)
     assert [k for _, k, _ in subs] == [2, 3, 8, 15, 30]
     sets = [set(mids[r]) for _, _, r in subs]
     assert all(a < b for a, b in zip(sets, sets[1:])) and sets[-1] == set(mids[train_rows])
     assert all(len(r) == 2 * k for _, k, r in subs)  # whole materials only
-    again = train.training_subsets(mids, train_rows, seed=3)
+    again = training_subsets(mids, train_rows, seed=3)
     assert all(np.array_equal(a[2], b[2]) for a, b in zip(subs, again))
 
 
@@ -324,12 +330,13 @@ def test_study_flags_give_one_line_errors(tiny, capsys):
         assert err.startswith("train.py: error:") and "\n" not in err and expect in err, err
 
 
-# ------------------------------------------------------------------ DOSnet/ stays generic
+# ------------------------------------------------------------------ the study helpers stay generic
 @pytest.mark.parametrize("module", ["descriptors.py", "baselines.py", "report.py"])
 def test_generic_modules_import_nothing_of_the_project(module):
-    tree = ast.parse((ROOT / "DOSnet" / module).read_text())
+    """Only the published figures (DOSnet.compare) and the one lazy matplotlib (data_prep.plotting)."""
+    tree = ast.parse((ROOT / "dosnet_bv" / module).read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     allowed = ("__future__", "json", "math", "pathlib", "dataclasses", "numpy", "sklearn", "threadpoolctl", "matplotlib",
                "DOSnet")
-    assert all(name.split(".")[0] in allowed for name in names), names
+    assert all(name.split(".")[0] in allowed or name == "data_prep.plotting" for name in names), names

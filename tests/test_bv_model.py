@@ -16,6 +16,11 @@ from conftest import ROOT, run_cli
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import train  # noqa: E402
+from dosnet_bv.data import load_data  # noqa: E402
+from dosnet_bv.outputs import Log  # noqa: E402
+from dosnet_bv.params import BV_TARGETS, FUSIONS, LOSSES, LR_SCHEDULES, PARAM_RULES  # noqa: E402
+from dosnet_bv.runs import cv_splits, run_experiment  # noqa: E402
+from dosnet_bv.scalers import STRUCTURE_CLIP, Scaler  # noqa: E402
 
 L = 400  # a short grid keeps the tests fast; the featurizer works for any length
 ONE_LINE = "train.py: error:"
@@ -39,7 +44,7 @@ def _read_csv(path):
 
 
 def _quiet():
-    return train.Log(quiet=True)
+    return Log(quiet=True)
 
 
 # ------------------------------------------------------------------ data files
@@ -58,7 +63,7 @@ def small_h5(tmp_path_factory):
 
 
 def write_learnable_h5(path, n_materials=150, sites=2, seed=0, poison=False):
-    """An h5 in data_prep's layout (see data_prep/build.py) whose target is a known function:
+    """An h5 in data_prep's layout (see data_prep/h5schema.py) whose target is a known function:
 
     bvs_vu = 2 + 1.5 * z(w) + 0.5 * s0, where w is the mean of the site's s channel over grid
     points 100..139 (a peak of random height sits there on a random background; z: standardised)
@@ -115,7 +120,7 @@ def learned(learnable):
     out = {}
     for fusion in ("late", "structure_only"):
         p = _params(**LEARN, fusion=fusion)
-        out[fusion] = train.run_experiment(p, train.load_data(path, p), d / fusion, _quiet())
+        out[fusion] = run_experiment(p, load_data(path, p), d / fusion, _quiet())
     return out
 
 
@@ -123,9 +128,9 @@ def learned(learnable):
 def test_train_py_names_match_net():
     import net
 
-    assert train.FUSIONS == net.FUSIONS and train.BV_TARGETS == net.BV_TARGETS
-    assert train.LR_SCHEDULES == net.LR_SCHEDULES and set(train.LOSSES) == set(net.LOSSES)
-    assert set(train.PARAM_RULES) == set(json.loads((ROOT / "params.json").read_text()))
+    assert FUSIONS == net.FUSIONS and BV_TARGETS == net.BV_TARGETS
+    assert LR_SCHEDULES == net.LR_SCHEDULES and set(LOSSES) == set(net.LOSSES)
+    assert set(PARAM_RULES) == set(json.loads((ROOT / "params.json").read_text()))
 
 
 @pytest.mark.parametrize("length", [2000, L])
@@ -205,7 +210,7 @@ def test_learning_rate_schedules():
 def cli_run(small_h5, tmp_path_factory):
     d = tmp_path_factory.mktemp("bv_run")
     params = _write_params(d / "params.json", data_file=str(small_h5), out_dir=str(d / "runs"))
-    r = run_cli("train.py", "--params", params, "--out", d / "run", "--epochs", "2")
+    r = run_cli("train.py", "--params", params, "--out", d / "run", "--epochs", "2", "--tensorboard")
     assert r.returncode == 0, r.stderr[-3000:]
     return d / "run", r, small_h5
 
@@ -216,6 +221,9 @@ def test_run_folder_contents(cli_run):
                  "parity.png", "learning_curve.png", "train.log"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     assert f"run folder: {run}" in r.stdout and "MAE" in r.stdout
+    # as upstream: model.summary() (in the log) and TensorBoard logs (--tensorboard)
+    assert "Total params" in (run / "train.log").read_text()
+    assert any(p.is_file() for p in (run / "tensorboard").rglob("events.out.tfevents.*"))
     m = json.loads((run / "metrics.json").read_text())
     assert m["targets"] == ["bvs_vu", "valence"] and m["epochs_run"] == 2
     for split in ("train", "val", "test"):
@@ -285,19 +293,19 @@ def test_cross_validation_grouped_by_material(small_h5, tmp_path):
     assert m["splits"]["cv"]["bvs_vu"]["n"] == len(ids) and len(m["folds"]) == 3
     # inside every fold: train, early-stopping and test materials are disjoint and cover all
     mids = np.repeat([f"m{i}" for i in range(20)], 3)
-    for tr, va, te in train.cv_splits(mids, 4, 0.2, 88):
+    for tr, va, te in cv_splits(mids, 4, 0.2, 88):
         sets = [set(mids[x]) for x in (tr, va, te)]
         assert all(sets) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
         assert set.union(*sets) == set(mids)
-    tests = np.concatenate([te for _, _, te in train.cv_splits(mids, 4, 0.2, 88)])
+    tests = np.concatenate([te for _, _, te in cv_splits(mids, 4, 0.2, 88)])
     assert sorted(tests) == list(range(len(mids)))
 
 
 def test_same_seed_same_metrics(small_h5, tmp_path):
     p = _params(data_file=str(small_h5), epochs=2, fusion="late")
-    data = train.load_data(small_h5, p)
-    a = train.run_experiment(p, data, tmp_path / "a", _quiet())
-    b = train.run_experiment(p, data, tmp_path / "b", _quiet())
+    data = load_data(small_h5, p)
+    a = run_experiment(p, data, tmp_path / "a", _quiet())
+    b = run_experiment(p, data, tmp_path / "b", _quiet())
     assert a["splits"] == b["splits"]
     assert (tmp_path / "a" / "predictions.csv").read_text() == (tmp_path / "b" / "predictions.csv").read_text()
 
@@ -306,9 +314,9 @@ def test_same_seed_same_metrics(small_h5, tmp_path):
 def test_scalers_see_train_rows_only(learnable, learned):
     _, poisoned, d = learnable
     p = _params(**{**LEARN, "epochs": 1}, fusion="late")
-    data = train.load_data(poisoned, p)
+    data = load_data(poisoned, p)
     assert np.abs(data.dos[data.split != "train"]).max() == 1e6  # the poison is there
-    train.run_experiment(p, data, d / "poisoned_run", _quiet())
+    run_experiment(p, data, d / "poisoned_run", _quiet())
     clean = json.loads((d / "late" / "scalers.json").read_text())
     dirty = json.loads((d / "poisoned_run" / "scalers.json").read_text())
     for key in ("dos", "structure", "targets", "target_train_mean", "n_train_rows"):
@@ -418,12 +426,10 @@ def test_patch_series_reproduces_root_files_and_has_headers():
 
 def test_structure_scaler_clips_far_outliers():
     """A column almost constant in training must not blow up a test row (ammonia's N-H bins)."""
-    import train
-
     x = np.zeros((50, 3))
     x[:, 0] = np.linspace(0, 1, 50)
     x[0, 1] = 1e-3  # nearly constant column
-    sc = train.Scaler.fit(x, np.arange(50), clip=train.STRUCTURE_CLIP)
+    sc = Scaler.fit(x, np.arange(50), clip=STRUCTURE_CLIP)
     z = sc.transform(np.array([[0.5, 2.0, 0.0]]))
-    assert abs(z[0, 0]) < 1 and z[0, 1] == train.STRUCTURE_CLIP
-    assert train.Scaler.from_dict(sc.as_dict(["a", "b", "c"])).clip == train.STRUCTURE_CLIP
+    assert abs(z[0, 0]) < 1 and z[0, 1] == STRUCTURE_CLIP
+    assert Scaler.from_dict(sc.as_dict(["a", "b", "c"])).clip == STRUCTURE_CLIP

@@ -124,7 +124,9 @@ def test_protocol_both_run_modes(tmp_path, multi):
         assert "MAE" in r.stdout
 
 
-def test_same_seed_same_split_and_predictions(tmp_path):
+def test_same_seed_same_predictions_and_a_fixed_split(tmp_path):
+    """As upstream: the train/test split is fixed (random_state 88) whatever --seed says; the seed
+    changes the initialisation (and the CV shuffle)."""
     path, *_ = _write(tmp_path, n=30)
     outs = []
     for k in range(2):
@@ -134,7 +136,9 @@ def test_same_seed_same_split_and_predictions(tmp_path):
     np.testing.assert_array_equal(outs[0], outs[1])
     out = tmp_path / "r_other_seed"
     assert protocol.main(["--data_dir", str(path), "--epochs", "1", "--seed", "7", "--out", str(out)]) == 0
-    assert not np.array_equal(np.loadtxt(out / "predict_test.txt")[:, 0], outs[0][:, 0])
+    other = np.loadtxt(out / "predict_test.txt")
+    np.testing.assert_array_equal(other[:, 0], outs[0][:, 0])  # same test rows
+    assert not np.array_equal(other[:, 1], outs[0][:, 1])  # another initialisation
 
 
 def test_save_and_load_model(tmp_path):
@@ -143,9 +147,33 @@ def test_save_and_load_model(tmp_path):
     assert protocol.main(["--data_dir", str(path), "--multi_adsorbate", "1", "--epochs", "1",
                           "--save_model", "1", "--out", str(a)]) == 0
     assert (a / "model.keras").is_file() and (a / "scalers.npz").is_file()
-    assert protocol.main(["--data_dir", str(path), "--multi_adsorbate", "1", "--load_model", "1",
-                          "--model_dir", str(a), "--out", str(b)]) == 0
-    np.testing.assert_allclose(np.loadtxt(b / "predict_test.txt"), np.loadtxt(a / "predict_test.txt"), atol=1e-5)
+    # upstream's --load_model 1: load the saved model and go on training (its scalers reused)
+    assert protocol.main(["--data_dir", str(path), "--multi_adsorbate", "1", "--load_model", "1", "--epochs", "1",
+                          "--model_dir", str(a), "--save_model", "1", "--out", str(b)]) == 0
+    for key, val in np.load(a / "scalers.npz").items():
+        np.testing.assert_array_equal(np.load(b / "scalers.npz")[key], val)
+    pa, pb = np.loadtxt(a / "predict_test.txt"), np.loadtxt(b / "predict_test.txt")
+    np.testing.assert_array_equal(pa[:, 0], pb[:, 0])
+    assert not np.allclose(pa[:, 1], pb[:, 1], atol=1e-6)  # trained one more epoch from a's weights
+    assert protocol.main(["--data_dir", str(path), "--load_model", "1", "--model_dir", str(a),
+                          "--out", str(tmp_path / "c")]) == 1  # a 4-input model for a 3-input run: one line
+
+
+def test_in_place_cv_rescaling_is_a_no_op():
+    """patches/README.md item 1, measured: upstream standardised the whole array in place on every
+    fold; standardising is invariant to an earlier per-channel affine map of every row, so fold k's
+    inputs equal those of scaling the raw data once (to float32 rounding), and so do the metrics."""
+    from sklearn.model_selection import KFold
+
+    s, _, _ = make_synthetic(n=40, multi_adsorbate=False, length=64, seed=3)
+    raw = np.asarray(s[:, :, 1:28], dtype=np.float32)
+    inplace = raw.copy()
+    for tr, te in KFold(n_splits=5, shuffle=True, random_state=88).split(raw):
+        sc = protocol.ChannelScaler().fit(inplace[tr])
+        inplace[tr], inplace[te] = sc.transform(inplace[tr]), sc.transform(inplace[te])  # upstream, in place
+        fresh = protocol.scale_fold(raw, None, tr, te)
+        np.testing.assert_allclose(inplace[tr], fresh["x_train"], atol=2e-5)
+        np.testing.assert_allclose(inplace[te], fresh["x_test"], atol=2e-5)
 
 
 # ------------------------------------------------------------------ bad input

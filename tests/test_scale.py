@@ -1,4 +1,4 @@
-"""Scaling: streaming input from the h5 (DOSnet/streaming.py), tf.distribute strategies (DOSnet/distribute.py).
+"""Scaling: streaming input from the h5 (dosnet_bv/streaming.py), tf.distribute strategies (dosnet_bv/distribute.py).
 
 The streamed path must give the same scalers and the same standardised inputs as the in-memory
 path, train and predict with the same model API; MirroredStrategy on 2 logical CPUs and
@@ -19,8 +19,13 @@ from conftest import ROOT
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from DOSnet import streaming as stream  # noqa: E402
-import train  # noqa: E402
+from dosnet_bv import streaming as stream  # noqa: E402
+from dosnet_bv.data import load_data, target_matrix  # noqa: E402
+from dosnet_bv.fit import strategy_for  # noqa: E402
+from dosnet_bv.outputs import Log  # noqa: E402
+from dosnet_bv.params import DATA_READ_KEYS, TrainError, validate_params  # noqa: E402
+from dosnet_bv.runs import predict_run, run_experiment  # noqa: E402
+from dosnet_bv.scalers import fit_scalers, model_inputs  # noqa: E402
 
 L = 400
 WORKER = ROOT / "tests" / "scale_worker.py"
@@ -62,29 +67,29 @@ def test_in_memory_rule():
 def test_params_data_section_and_build_share_it():
     from data_prep.build import TRAIN_READ_KEYS, BuildConfig
 
-    assert tuple(train.DATA_READ_KEYS) == TRAIN_READ_KEYS
+    assert tuple(DATA_READ_KEYS) == TRAIN_READ_KEYS
     p = _params()
-    train.validate_params(dict(p))
+    validate_params(dict(p))
     both = _with_data(p, grid={"n_points": L}, n_neighbours=2)  # build keys may sit beside the read keys
-    train.validate_params(both)
+    validate_params(both)
     assert BuildConfig.from_params(both["data"]).grid.n_points == L
     for bad in ({"in_memory": "yes"}, {"in_memory": 1}, {"block_samples": 0}, {"shuffle_buffer": -1},
                 {"bogus": 1}):
-        with pytest.raises(train.TrainError, match="'data'"):
-            train.validate_params(_with_data(p, **bad))
-    with pytest.raises(train.TrainError, match="'distribute'"):
-        train.validate_params({**p, "distribute": "horovod"})
-    with pytest.raises(train.TrainError, match="TF_CONFIG"):  # no cluster described: one line, no hang
+        with pytest.raises(TrainError, match="'data'"):
+            validate_params(_with_data(p, **bad))
+    with pytest.raises(TrainError, match="'distribute'"):
+        validate_params({**p, "distribute": "horovod"})
+    with pytest.raises(TrainError, match="TF_CONFIG"):  # no cluster described: one line, no hang
         env = {k: os.environ.pop(k) for k in ("TF_CONFIG", "SLURM_STEP_ID") if k in os.environ}
         try:
-            train._strategy({**p, "distribute": "multi_worker"})
+            strategy_for({**p, "distribute": "multi_worker"})
         finally:
             os.environ.update(env)
 
 
 def test_slurm_job_step_gives_the_cluster(monkeypatch):
     """Inside ``srun`` (2 nodes, one task each; this is rank 1) the resolver names both workers."""
-    from DOSnet import distribute
+    from dosnet_bv import distribute
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -123,13 +128,13 @@ def test_streamed_scalers_equal_in_memory(syn, zero_tail):
     fitted = {}
     for mem in (True, False):
         p = _with_data(_params(zero_tail=zero_tail), in_memory=mem)
-        data = train.load_data(syn, p)
+        data = load_data(syn, p)
         assert data.streaming is (not mem)
-        fitted[mem] = train.fit_scalers(p, data, np.flatnonzero(data.split == "train"))
+        fitted[mem] = fit_scalers(p, data, np.flatnonzero(data.split == "train"))
     for key in ("dos", "structure", "targets"):
-        np.testing.assert_allclose(fitted[False][key].mean, fitted[True][key].mean, rtol=1e-12, atol=0)
-        np.testing.assert_allclose(fitted[False][key].scale, fitted[True][key].scale, rtol=1e-12, atol=0)
-    assert fitted[False]["json"] == fitted[True]["json"]
+        np.testing.assert_allclose(getattr(fitted[False], key).mean, getattr(fitted[True], key).mean, rtol=1e-12, atol=0)
+        np.testing.assert_allclose(getattr(fitted[False], key).scale, getattr(fitted[True], key).scale, rtol=1e-12, atol=0)
+    assert fitted[False].json == fitted[True].json
 
 
 def _batches(ds):
@@ -143,16 +148,16 @@ def _batches(ds):
 
 def test_stream_gives_the_in_memory_inputs(syn):
     p = _params(fusion="late", data={"in_memory": True, "block_samples": 8, "shuffle_buffer": 32})
-    mem = train.load_data(syn, p)
-    streamed = train.load_data(syn, _with_data(p, in_memory=False))
+    mem = load_data(syn, p)
+    streamed = load_data(syn, _with_data(p, in_memory=False))
     tr, va = np.flatnonzero(mem.split == "train"), np.flatnonzero(mem.split == "val")
-    sc = train.fit_scalers(p, mem, tr)
-    y = train.target_matrix(mem, p["targets"])
-    y_scaled = (y - sc["targets"].mean) / sc["targets"].scale
-    cols = sc["structure_columns"]
-    # in order: the arrays train.model_inputs gives (the stream standardises the DOS in float32)
+    sc = fit_scalers(p, mem, tr)
+    y = target_matrix(mem, p["targets"])
+    y_scaled = (y - sc.targets.mean) / sc.targets.scale
+    cols = sc.structure_columns
+    # in order: the arrays model_inputs gives (the stream standardises the DOS in float32)
     x, yy, sizes = _batches(stream.input_dataset(p, streamed.dos, sc, va, mem.structure[:, cols], y_scaled))
-    ref = train.model_inputs(p, mem, sc, va)
+    ref = model_inputs(p, mem, sc, va)
     assert set(x) == set(ref) == {"atom1_dos", "atom2_dos", "atom3_dos", "structure"}
     for k in ref:
         np.testing.assert_allclose(x[k], ref[k], rtol=3e-7, atol=3e-7 * np.abs(ref[k]).max(), err_msg=k)
@@ -163,7 +168,7 @@ def test_stream_gives_the_in_memory_inputs(syn):
     ds = stream.input_dataset(p, streamed.dos, sc, tr, mem.structure[:, cols], y_scaled, shuffle=True, seed=3)
     key = lambda b: b["structure"][:, 0]  # noqa: E731  (a per-sample fingerprint)
     e1, e2 = key(_batches(ds)[0]), key(_batches(ds)[0])
-    want = np.sort(train.model_inputs(p, mem, sc, tr)["structure"][:, 0])
+    want = np.sort(model_inputs(p, mem, sc, tr)["structure"][:, 0])
     assert np.array_equal(np.sort(e1), want) and np.array_equal(np.sort(e2), want)
     assert not np.array_equal(e1, e2) and not np.array_equal(e1, np.sort(e1))
     # several replicas: training drops the last partial batch; other passes pick a batch size
@@ -183,7 +188,7 @@ def both_runs(syn, tmp_path_factory):
     out = {}
     for mem in (True, False):
         p = _with_data(_params(fusion="late"), in_memory=mem, block_samples=16, shuffle_buffer=64)
-        out[mem] = (train.run_experiment(p, train.load_data(syn, p), d / str(mem), train.Log(quiet=True)), d / str(mem))
+        out[mem] = (run_experiment(p, load_data(syn, p), d / str(mem), Log(quiet=True)), d / str(mem))
     return out
 
 
@@ -211,7 +216,7 @@ def test_predict_run_streams(both_runs, syn, tmp_path):
     _, run = both_runs[False]
     p = json.loads((run / "params.json").read_text())
     assert p["data"]["in_memory"] is False
-    out = train.predict_run(run, syn, tmp_path / "pred", train.Log(quiet=True))
+    out = predict_run(run, syn, tmp_path / "pred", Log(quiet=True))
     with open(out / "predictions.csv") as a, open(run / "predictions.csv") as b:
         pa, pb = list(csv.DictReader(a)), list(csv.DictReader(b))
     by_key = {(r["material_id"], r["site_index"]): float(r["bvs_vu_pred"]) for r in pb}
@@ -229,16 +234,16 @@ def test_nan_in_a_streamed_dos_is_one_error(syn, tmp_path):
         x[5, 2] = np.nan
         h["dos"][v] = x
     p = _with_data(_params(fusion="none", epochs=1), in_memory=False)
-    data = train.load_data(bad, p)  # streaming: nothing read yet
-    with pytest.raises(train.TrainError, match=f"sample {v} contains NaN"):
-        train.run_experiment(p, data, tmp_path / "run", train.Log(quiet=True))
+    data = load_data(bad, p)  # streaming: nothing read yet
+    with pytest.raises(TrainError, match=f"sample {v} contains NaN"):
+        run_experiment(p, data, tmp_path / "run", Log(quiet=True))
 
 
 def test_mixed_precision_trains(syn, tmp_path):
     import keras
 
     p = _params(fusion="late", epochs=1, precision="mixed_bfloat16")
-    m = train.run_experiment(p, train.load_data(syn, p), tmp_path / "bf16", train.Log(quiet=True))
+    m = run_experiment(p, load_data(syn, p), tmp_path / "bf16", Log(quiet=True))
     assert np.isfinite(m["splits"]["test"]["bvs_vu"]["mae"])
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after building
     model = keras.models.load_model(tmp_path / "bf16" / "model.keras", compile=False)

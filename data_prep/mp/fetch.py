@@ -348,7 +348,7 @@ class FetchState:
             mid = p.stem
             if self.entries.get(mid, {}).get("status") != "complete":
                 try:
-                    rec_id = _peek_id(p)
+                    rec_id = peek_id(p)
                 except RecordError:
                     continue  # not readable: fetched again
                 self.entries[rec_id] = {"status": "complete", "file": p.name, "bytes": p.stat().st_size}
@@ -374,7 +374,7 @@ class FetchState:
             self._dirty = False
 
 
-def _peek_id(path: Path) -> str:
+def peek_id(path: Path) -> str:
     try:
         with np.load(path, allow_pickle=False) as z:
             return json.loads(bytes(z["meta"]).decode())["material_id"]

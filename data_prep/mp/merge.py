@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.mp.fetch import _peek_id
+from data_prep.mp.fetch import peek_id
 from data_prep.records import MaterialRecord, RecordError, atomic_write_bytes
 
 
@@ -79,7 +79,7 @@ def merge_folders(out_dir, inputs) -> dict:
     for f in ([out] if out.is_dir() else []) + folders:
         for p in sorted(f.glob("*.npz")):
             try:
-                mid = _peek_id(p)
+                mid = peek_id(p)
             except RecordError as exc:
                 raise MergeError(str(exc)) from None
             sources.setdefault(mid, []).append(p)

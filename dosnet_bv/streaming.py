@@ -10,14 +10,14 @@ block (params ``data.block_samples``), N batch size.
   keeps such a run at about half of what is free.
 - ``H5DOS``: the (n, L, W) float32 DOS of a file as a lazy array: ``x[rows]`` reads only those
   samples, as runs of consecutive samples (chunk-aligned: the file stores one sample per chunk),
-  applies ``zero_tail`` and refuses NaN/inf. ``train.Scaler.fit`` uses it unchanged, so the
+  applies ``zero_tail`` and refuses NaN/inf. ``dosnet_bv.scalers.Scaler.fit`` uses it unchanged, so the
   streaming scalers are computed by the same code (one pass over the training rows, running sums
   in float64, 256 samples at a time) and equal the in-memory ones.
 - ``input_dataset``: a ``tf.data`` pipeline over given rows: the sorted rows are cut into blocks
   of B consecutive rows; each epoch the block order is shuffled, blocks are read (one
   ``numpy_function`` per block), split into samples, shuffled again in a buffer of
   ``data.shuffle_buffer`` samples, batched, standardised and split into the network's inputs in a
-  parallel map (float32 arithmetic: ``train.model_inputs`` to within 2 units in the last place;
+  parallel map (float32 arithmetic: ``dosnet_bv.scalers.model_inputs`` to within 2 units in the last place;
   float64 here cost 0.15 ms of CPU per sample, a quarter of the pipeline), and prefetched.
   Runs on several replicas use it for in-memory data too (``safe_batch_size``, drop_remainder).
   Under ``multi_worker`` each worker runs the same pipeline and keeps its part of every batch.
@@ -95,11 +95,10 @@ class H5DOS:
     """
 
     def __init__(self, path, zero_tail=None):
-        import h5py
+        from data_prep.h5schema import open_dos
 
         self.path = str(path)
-        self._h5 = h5py.File(self.path, "r")
-        self._dset = self._h5["dos"]
+        self._h5, self._dset = open_dos(self.path)
         self.shape = tuple(self._dset.shape)
         self.dtype = np.dtype(np.float32)
         self.ndim = 3
@@ -186,7 +185,7 @@ def input_dataset(params: dict, dos, scalers: dict, rows, structure=None, y_scal
     dos: an ``H5DOS`` (streaming) or an (n, L, W) float32 array (in memory; what a run on
     several replicas uses). params: the run's params (``batch_size``, ``channels``,
     ``n_neighbours``, ``fusion``, ``targets``, ``data.block_samples``, ``data.shuffle_buffer``).
-    scalers: ``train.fit_scalers`` output (``dos`` Scaler with (W,) mean and scale). structure:
+    scalers: ``dosnet_bv.scalers.fit_scalers`` output (``dos`` Scaler with (W,) mean and scale). structure:
     (n, F) raw structure columns already selected (all file rows; None for ``fusion`` none).
     y_scaled: (n, T) standardised targets (all file rows) or None for prediction. batch_size:
     default params' ``batch_size`` (the global batch under a strategy).
@@ -211,7 +210,7 @@ def input_dataset(params: dict, dos, scalers: dict, rows, structure=None, y_scal
     with_y = y_scaled is not None
     z_struct = None
     if with_struct:  # small: standardised once, by the same code as in memory (clipping included)
-        z_struct = scalers["structure"].transform(np.asarray(structure, np.float32))
+        z_struct = scalers.structure.transform(np.asarray(structure, np.float32))
     y_all = np.asarray(y_scaled, np.float32) if with_y else None
     _, length, width = dos.shape
     n_struct = z_struct.shape[1] if with_struct else 0
@@ -233,11 +232,11 @@ def input_dataset(params: dict, dos, scalers: dict, rows, structure=None, y_scal
             t.set_shape(shapes[name])
         return dict(zip(parts, tensors))
 
-    mean = tf.constant(scalers["dos"].mean, tf.float32)
-    inv_scale = tf.constant(1.0 / scalers["dos"].scale, tf.float32)
-    clip = getattr(scalers["dos"], "clip", None)
+    mean = tf.constant(scalers.dos.mean, tf.float32)
+    inv_scale = tf.constant(1.0 / scalers.dos.scale, tf.float32)
+    clip = getattr(scalers.dos, "clip", None)
 
-    def standardise(batch):  # float32 (train.Scaler.transform works in float64: within 2 ulp of it)
+    def standardise(batch):  # float32 (Scaler.transform works in float64: within 2 ulp of it)
         z = (batch["dos"] - mean) * inv_scale
         if clip is not None:
             z = tf.clip_by_value(z, -clip, clip)

@@ -1,6 +1,6 @@
 """Scoring, seed statistics, tables, verdicts, power laws and plots for ablations and learning curves.
 
-Generic (numpy + matplotlib, no project imports outside ``DOSnet``): models are names, targets
+Generic (numpy + matplotlib, project imports: ``DOSnet.compare`` (the published figures) and the lazy matplotlib of ``data_prep.plotting``): models are names, targets
 are names, results are nested dicts. Terms used throughout:
 
 - a *score* of one model, seed, split and target: ``n``, ``mae``, ``rmse``, ``r2``, ``mad`` (the
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.plotting import pyplot
 from DOSnet.compare import published
 
 METRICS: tuple[str, ...] = ("mae", "rmse", "r2", "nmae", "accuracy")
@@ -335,15 +336,6 @@ def fit_power_law(n, mae) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 KIND_COLOURS = {"baseline": "0.6", "dosnet": "tab:blue", "families": "tab:orange"}
 
 
@@ -351,7 +343,7 @@ def plot_ablation(path, summaries: dict, order, targets, kinds: dict, units: dic
                   labels: dict | None = None, split: str = "test") -> None:
     """Bar plot: one panel per target, one bar per model (test MAE, mean over seeds, error bar =
     seed-to-seed std), coloured by ``kinds`` (model -> baseline / dosnet / families)."""
-    plt = _plt()
+    plt = pyplot()
     units, labels = units or {}, labels or {}
     order = [m for m in order if m in summaries]
     panel = max(4.5, 0.32 * len(order) + 1.5)  # inches per target panel
@@ -381,7 +373,7 @@ def plot_learning_curves(path, curves: dict, targets, units: dict | None = None,
     target): (a, b)}`` drawn dashed, out to ``extrapolate_to`` samples (marked with an x) when given;
     published_curve (``published_learning_curve()``) on a second y axis in its own units at x =
     fraction * n_total, its axis spanning as many decades as the first so slopes compare by eye."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import FixedLocator, NullLocator
 
     units, fits = units or {}, fits or {}

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.plotting import pyplot
+
 
 # =========================================================================== inputs and settings
 @dataclass
@@ -447,17 +449,22 @@ def _write_csv(path, header, rows) -> None:
         w.writerows(rows)
 
 
+def _profile_axes(ax, p, x_what: str, ylabel: str) -> None:
+    """The lower panels of the occlusion and integrated-gradients figures: E = 0 marked, labels, legend."""
+    ax.axvline(0, color="0.3", ls="--", lw=0.8, label=p.reference_note)
+    ax.set_xlabel(f"{x_what} (eV, relative to the reference level)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=6, ncol=2)
+
+
+def _save(plt, fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _g(v) -> str:
     return f"{v:.6g}"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _unit(p: Problem, t: str) -> str:
@@ -509,7 +516,7 @@ def _occlusion_outputs(out: Path, p: Problem, occ: dict, summary: dict) -> list:
     _write_csv(out / "occlusion.csv", ["target", "window_lo_ev", "window_hi_ev", "window_centre_ev"]
                + [f"delta_mae:{g}" for g in groups], rows)
     centres = np.array([(lo + hi) / 2 for lo, hi, _, _ in occ["windows"]])
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(targets), figsize=(7.5 * len(targets), 7.5), squeeze=False)
     for ti, t in enumerate(targets):
         ax = axes[0, ti]
@@ -530,14 +537,9 @@ def _occlusion_outputs(out: Path, p: Problem, occ: dict, summary: dict) -> list:
             last = gi == len(groups) - 1
             ax.plot(centres, d[:, gi, ti], color="k" if last else f"C{gi % 10}", lw=1.6 if last else 0.9,
                     ls="-" if last or gi < 10 else "--", label=lab)
-        ax.axvline(0, color="0.3", ls="--", lw=0.8, label=p.reference_note)
         ax.axhline(0, color="0.6", lw=0.5)
-        ax.set_xlabel("window centre (eV, relative to the reference level)")
-        ax.set_ylabel(f"ΔMAE{_paren(p, t)}")
-        ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out / "occlusion.png", dpi=110)
-    plt.close(fig)
+        _profile_axes(ax, p, "window centre", f"ΔMAE{_paren(p, t)}")
+    _save(plt, fig, out / "occlusion.png")
     top = []
     for ti, t in enumerate(targets):
         flat = [(float(d[wi, gi, ti]), wi, gi) for wi in range(d.shape[0]) for gi in range(d.shape[1] - 1)]
@@ -564,7 +566,7 @@ def _permutation_outputs(out: Path, p: Problem, perm: dict, part: str, summary: 
     _write_csv(out / f"{name}.csv", ["target", "kind", "label", "delta_mae_mean", "delta_mae_std", "repeats"]
                + [f"delta_mae_repeat{r + 1}" for r in range(perm["delta"].shape[0])], rows)
     kinds = list(dict.fromkeys(perm["kinds"]))
-    plt = _plt()
+    plt = pyplot()
     widths = []
     for kind in kinds:
         widths.append(min(30, perm["kinds"].count(kind)) + 2)
@@ -606,7 +608,7 @@ def _ig_outputs(out: Path, p: Problem, s: Settings, ig: dict, occ: dict | None, 
                  _g(ig["attribution_sum"][ti, i] - ig["f_x"][ti, i] + ig["f_baseline"][ti, i])]
                 for ti, t in enumerate(targets) for i in range(p.n)])
     files.append("ig_completeness.csv")
-    plt = _plt()
+    plt = pyplot()
     if ig["dos_mean_abs"] is not None:
         e, labels, groups = np.asarray(p.energies_ev), list(p.channel_labels), dict(p.occlusion_groups)
         dm = ig["dos_mean_abs"]  # (T, L, K)
@@ -627,13 +629,8 @@ def _ig_outputs(out: Path, p: Problem, s: Settings, ig: dict, occ: dict | None, 
             prof = _group_profile(dm[ti], groups)
             for gi, lab in enumerate(groups):
                 ax.plot(e, prof[:, gi], lw=0.9, color=f"C{gi % 10}", ls="-" if gi < 10 else "--", label=lab)
-            ax.axvline(0, color="0.3", ls="--", lw=0.8, label=p.reference_note)
-            ax.set_xlabel("energy (eV, relative to the reference level)")
-            ax.set_ylabel(f"mean |attribution| summed over the group{_paren(p, t)}")
-            ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / "ig_dos.png", dpi=110)
-        plt.close(fig)
+            _profile_axes(ax, p, "energy", f"mean |attribution| summed over the group{_paren(p, t)}")
+        _save(plt, fig, out / "ig_dos.png")
         files += ["ig_dos.csv", "ig_dos.png"]
         windows = occ["windows"] if occ else energy_windows(e, s.window_ev, s.step_ev)
         for ti, t in enumerate(targets):

@@ -12,7 +12,7 @@
   task, hosts from ``SLURM_STEP_NODELIST``, port ``SLURM_DIST_PORT_BASE`` (default 8888) plus the
   task's rank on its node; GPUs split between a node's tasks, none on a CPU-only node). Worker 0 (or the
   task of type ``chief``) is the chief: it writes the run folder; other workers write theirs
-  under ``<run>/worker<i>/``. Every worker runs the same tf.data pipeline (``DOSnet/streaming.py``, reading
+  under ``<run>/worker<i>/``. Every worker runs the same tf.data pipeline (``dosnet_bv/streaming.py``, reading
   the whole file: a shared file system, or a copy per machine) and TensorFlow's ``DATA``
   auto-sharding gives it its part of every global batch; after training each worker predicts alone.
 

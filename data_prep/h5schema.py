@@ -1,0 +1,275 @@
+"""The one owner of the h5 layout written by ``python -m data_prep build`` and read by training.
+
+Every dataset and attribute name lives here; ``data_prep.build``, ``data_prep.shards`` (merge),
+``data_prep.export``, ``data_prep.dataset``, ``data_prep.synthetic_h5``, the trainer
+(``dosnet_bv.data``, ``dosnet_bv.streaming``), ``bench/`` and the tests' factory write with
+``Writer`` and read with ``open_h5`` / ``Reader``.
+
+Layout (``n`` samples, ``P`` grid points, ``C = (1 + n_neighbours) * 9`` channels, ``F``
+structure features, ``M`` materials):
+
+- ``dos`` (n, P, C) float32, states/eV, chunked one sample per chunk; attrs ``channel_labels``, ``units``.
+- ``structure`` (n, F) float32; ``structure_labels`` (F,) and ``structure_families`` (F,) strings.
+- ``targets/bvs_vu``, ``targets/valence``, ``targets/bvs_deviation_vu``, ``targets/gii_vu`` (n,)
+  float32 (gii is the material's value repeated on its samples).
+- ``meta/material_id``, ``meta/element``, ``meta/origin`` (n,) strings; ``meta/site_index`` (n,),
+  ``meta/neighbour_indices`` (n, n_neighbours), ``meta/multiplicity`` (n,) int32;
+  ``meta/neighbour_distances_ang`` (n, n_neighbours); ``meta/outside_weight`` (n, C) states
+  beyond the grid window.
+- ``split`` (n,) strings ``train``/``val``/``test``, grouped by material.
+- ``materials/*`` (M,): ``material_id``, ``formula``, ``origin``, ``method``, ``split``,
+  ``structure_json`` (pymatgen ``Structure.as_dict``), ``gii_vu``, ``band_gap_ev``,
+  ``reference_ev``, ``f_weight_fraction``, ``n_samples``, ``bv_params_json``.
+- root attrs: ``schema_version`` (``SCHEMA_VERSION``), ``grid``, ``config``, ``reference_rule``,
+  ``citations``, ``skipped`` (materials with reasons), ``versions``, ``source``,
+  ``data_prep_version``, ``shard`` (sharded builds only).
+
+A file without ``schema_version``, or with another version, is refused with a one-line
+``BuildError`` that says how to rebuild it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+#: Version of this layout, stored as the root attribute ``schema_version`` of every file written.
+SCHEMA_VERSION = 1
+VERSION_ATTR = "schema_version"
+
+TARGETS = ("bvs_vu", "valence", "bvs_deviation_vu", "gii_vu")
+SPLITS = ("train", "val", "test")
+
+DOS = "dos"
+STRUCTURE = "structure"
+STRUCTURE_LABELS = "structure_labels"
+STRUCTURE_FAMILIES = "structure_families"
+SPLIT = "split"
+CHANNEL_LABELS_ATTR = "channel_labels"
+UNITS_ATTR = "units"
+TARGET_GROUP = "targets/"
+META_GROUP = "meta/"
+MATERIALS_GROUP = "materials/"
+MATERIAL_STRINGS = ("material_id", "formula", "origin", "method", "structure_json")
+MATERIAL_FLOATS = ("gii_vu", "band_gap_ev", "reference_ev", "f_weight_fraction")
+GRID_ATTR = "grid"
+CONFIG_ATTR = "config"
+SKIPPED_ATTR = "skipped"
+SHARD_ATTR = "shard"
+REFERENCE_RULE_ATTR = "reference_rule"
+#: Datasets with one row per sample (merge reorders them), by group prefix or root name.
+PER_SAMPLE_GROUPS = (TARGET_GROUP, META_GROUP)
+PER_SAMPLE_ROOT = (DOS, STRUCTURE, SPLIT)
+#: What every data_prep file holds (``open_h5`` checks).
+REQUIRED = (DOS, STRUCTURE, STRUCTURE_LABELS, SPLIT, META_GROUP + "material_id", MATERIALS_GROUP + "material_id") \
+    + tuple(TARGET_GROUP + t for t in TARGETS)
+REBUILD_HINT = "rebuild it with: python -m data_prep build ... (or make data for data/embedded.h5)"
+
+
+class BuildError(Exception):
+    """A problem with a build or a data file as a whole (bad option, duplicate ids, existing
+    output, unreadable or outdated file): reported on one line."""
+
+
+def target(name: str) -> str:
+    return TARGET_GROUP + name
+
+
+def meta(name: str) -> str:
+    return META_GROUP + name
+
+
+def material(name: str) -> str:
+    return MATERIALS_GROUP + name
+
+
+def per_sample(name: str) -> bool:
+    """True for a dataset with one row per sample."""
+    return name in PER_SAMPLE_ROOT or name.startswith(PER_SAMPLE_GROUPS)
+
+
+def _strings(values) -> np.ndarray:
+    return np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=object)
+
+
+# ----------------------------------------------------------------------------- writing
+class Writer:
+    """Writes the layout into an open, writable ``h5py.File`` (the caller owns the file and
+    its atomic rename); stamps ``schema_version`` on creation."""
+
+    def __init__(self, h5):
+        import h5py
+
+        self.h = h5
+        self.str_dt = h5py.string_dtype()
+        h5.attrs[VERSION_ATTR] = SCHEMA_VERSION
+
+    def strings(self, name: str, values) -> None:
+        self.h.create_dataset(name, data=_strings(values), dtype=self.str_dt)
+
+    def dos(self, n: int, n_points: int, width: int, labels, units: str, compression="lzf", data=None):
+        """The ``dos`` dataset, one sample per chunk; filled from ``data`` when given, else returned empty."""
+        d = self.h.create_dataset(DOS, (n, n_points, width), dtype="float32", chunks=(1, n_points, width),
+                                  compression=compression)
+        d.attrs[CHANNEL_LABELS_ATTR] = labels
+        d.attrs[UNITS_ATTR] = units
+        if data is not None:
+            d[...] = data
+        return d
+
+    def structure(self, values, labels, families) -> None:
+        self.h[STRUCTURE] = np.asarray(values, dtype=np.float32)
+        self.strings(STRUCTURE_LABELS, labels)
+        self.strings(STRUCTURE_FAMILIES, families)
+
+    def targets(self, values: dict) -> None:
+        """``values``: every name of ``TARGETS`` -> (n,) values (stored as float32)."""
+        for name in TARGETS:
+            self.h[target(name)] = np.asarray(values[name], dtype=np.float32)
+
+    def sample_meta(self, material_id, element, origin, site_index, **more) -> None:
+        """Per-sample metadata: the string columns, ``site_index`` and any numeric ``more`` columns."""
+        self.strings(meta("material_id"), material_id)
+        self.strings(meta("origin"), origin)
+        self.strings(meta("element"), element)
+        self.h[meta("site_index")] = np.asarray(site_index)
+        for key, val in more.items():
+            self.h[meta(key)] = val
+
+    def split(self, labels) -> None:
+        self.strings(SPLIT, labels)
+
+    def materials(self, **columns) -> None:
+        """Per-material columns; string columns (``MATERIAL_STRINGS``, ``split``,
+        ``bv_params_json``) as strings, the rest as given."""
+        for key, val in columns.items():
+            if key in MATERIAL_STRINGS or key in ("split", "bv_params_json"):
+                self.strings(material(key), val)
+            else:
+                self.h[material(key)] = val
+
+    def attrs(self, **values) -> None:
+        """Root attributes; dicts and lists are stored as JSON text."""
+        for key, val in values.items():
+            self.h.attrs[key] = json.dumps(val, sort_keys=True) if isinstance(val, (dict, list)) else val
+
+
+# ----------------------------------------------------------------------------- reading
+def check_version(attrs, path) -> None:
+    """``BuildError`` unless ``attrs`` carry this code's ``SCHEMA_VERSION``."""
+    version = attrs.get(VERSION_ATTR)
+    if version is None or int(version) < SCHEMA_VERSION:
+        found = "no schema version" if version is None else f"schema version {int(version)}"
+        raise BuildError(f"{path} was written by an older data_prep ({found}; this code reads version "
+                         f"{SCHEMA_VERSION}): {REBUILD_HINT}")
+    if int(version) > SCHEMA_VERSION:
+        raise BuildError(f"{path} has h5 schema version {int(version)}, newer than this code reads "
+                         f"({SCHEMA_VERSION}): update the code or {REBUILD_HINT}")
+
+
+def open_raw(path, required=()):
+    """The file as an ``h5py.File`` (read-only) after checking that it holds ``required`` and has
+    this code's schema version; ``BuildError`` when missing, unreadable, foreign or outdated."""
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise BuildError(f"data file not found: {path}")
+    try:
+        h = h5py.File(path, "r")
+    except OSError as exc:
+        raise BuildError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {exc}") from None
+    try:
+        missing = [k for k in required if k not in h]
+        if missing:
+            raise BuildError(f"{path} is not a data_prep file: missing {missing}")
+        check_version(h.attrs, path)
+    except BuildError:
+        h.close()
+        raise
+    return h
+
+
+class Reader:
+    """Named access to an open data_prep h5 (a context manager; ``h`` is the raw ``h5py.File``)."""
+
+    def __init__(self, h, path):
+        self.h, self.path = h, str(path)
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.h.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.h
+
+    @property
+    def dos(self):
+        """The ``dos`` h5py dataset (n, P, C): slice it to read."""
+        return self.h[DOS]
+
+    @property
+    def n(self) -> int:
+        return int(self.h[DOS].shape[0])
+
+    def channel_labels(self) -> list:
+        width = self.h[DOS].shape[2]
+        return [str(x) for x in self.h[DOS].attrs.get(CHANNEL_LABELS_ATTR, [f"ch{j}" for j in range(width)])]
+
+    def structure(self) -> np.ndarray:
+        return np.asarray(self.h[STRUCTURE][...], dtype=np.float32)
+
+    def structure_labels(self) -> list:
+        return list(self.h[STRUCTURE_LABELS].asstr()[...])
+
+    def structure_families(self) -> list:
+        return list(self.h[STRUCTURE_FAMILIES].asstr()[...])
+
+    def target(self, name: str) -> np.ndarray:
+        return self.h[target(name)][...]
+
+    def meta_strings(self, name: str) -> np.ndarray:
+        return self.h[meta(name)].asstr()[...]
+
+    def meta(self, name: str) -> np.ndarray:
+        return np.asarray(self.h[meta(name)][...])
+
+    def split(self) -> np.ndarray:
+        return self.h[SPLIT].asstr()[...]
+
+    def material_strings(self, name: str) -> np.ndarray:
+        return self.h[material(name)].asstr()[...]
+
+    def material(self, name: str) -> np.ndarray:
+        return np.asarray(self.h[material(name)][...])
+
+    def attr(self, name: str, default=None):
+        return self.h.attrs.get(name, default)
+
+    def attr_json(self, name: str, default=None):
+        return json.loads(self.h.attrs[name]) if name in self.h.attrs else default
+
+    def grid(self):
+        """The file's ``EnergyGrid`` (``grid`` attribute), or None when it has none."""
+        from data_prep.layout import EnergyGrid
+
+        d = self.attr_json(GRID_ATTR)
+        return EnergyGrid.from_dict(d) if d is not None else None
+
+
+def open_h5(path, required=REQUIRED) -> Reader:
+    """Open a data_prep h5 read-only as a ``Reader``; a missing, truncated, foreign or outdated file
+    raises ``BuildError``."""
+    return Reader(open_raw(path, required), path)
+
+
+def open_dos(path):
+    """(``h5py.File``, its ``dos`` dataset) for reading samples on demand (streaming)."""
+    h = open_raw(path, (DOS,))
+    return h, h[DOS]

@@ -1,0 +1,147 @@
+"""The data file as training reads it: ``load_data`` -> ``Dataset`` (arrays of one data_prep h5).
+
+The file's layout belongs to ``data_prep.h5schema`` (every name is read through it); this module
+checks the file against params (input width, finite values), applies ``zero_tail`` and the split,
+and decides whether the DOS is held in memory or streamed (``dosnet_bv.streaming``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dosnet_bv.params import BV_TARGETS, SPLITS, TrainError
+
+
+@dataclass
+class Dataset:
+    """Samples of one data_prep h5, in memory. n samples, L grid points, A atoms, C channels per
+    atom, F structure features (all of the file's columns; a run selects families).
+
+    dos: (n, L, A*C) float32, states/eV, atom-major channels (site, nbr1, ...; 9 orbitals each);
+    a ``streaming.H5DOS`` (read on demand, same indexing) when the run streams (``data.in_memory``).
+    structure: (n, F) float32; structure_labels, structure_families: (F,) names.
+    targets: name -> (n,) float64 (bvs_vu and bvs_deviation_vu in valence units, valence in e).
+    material_id, element, origin, split: (n,) str; site_index: (n,) int.
+    energies_ev: (L,) energies of the grid points relative to the reference level (the file's
+    ``grid`` attribute; None if absent), sigma_ev: its smearing width.
+    """
+
+    path: str
+    dos: np.ndarray
+    structure: np.ndarray
+    structure_labels: list
+    structure_families: list
+    targets: dict
+    material_id: np.ndarray
+    element: np.ndarray
+    origin: np.ndarray
+    site_index: np.ndarray
+    split: np.ndarray
+    channel_labels: list
+    energies_ev: np.ndarray | None = None  # (L,) eV from the file's grid; None when it has none
+    sigma_ev: float | None = None  # the grid's smearing width
+    reading: str = "in memory"  # how the DOS is read (``streaming.decide_in_memory``'s reason)
+
+    @property
+    def n(self) -> int:
+        return len(self.material_id)
+
+    @property
+    def streaming(self) -> bool:
+        """True when ``dos`` is read from the file on demand (``streaming.H5DOS``)."""
+        return not isinstance(self.dos, np.ndarray)
+
+
+def load_data(path, params: dict, resplit: bool = True) -> Dataset:
+    """Read a data_prep h5 into numpy arrays and check it against ``params``.
+
+    The one place that reads the data file. Checks the input width (``length``, ``channels``,
+    ``n_neighbours``) and that every sample is finite; applies ``zero_tail``; with ``resplit`` and
+    ``split`` = [fractions], re-splits by material (``split_seed``), else keeps the stored split.
+    The DOS is loaded unless ``data.in_memory`` (``streaming.decide_in_memory``) says to stream it:
+    then ``dos`` is a ``streaming.H5DOS`` that reads samples on demand (zero_tail and the finiteness
+    check applied per read) and everything else is loaded (a few hundred bytes per sample).
+    """
+    from data_prep import h5schema as sch
+    from data_prep.split import grouped_split
+    from dosnet_bv import streaming as stream
+
+    need = sch.REQUIRED + (sch.STRUCTURE_FAMILIES, sch.meta("element"), sch.meta("origin"), sch.meta("site_index"))
+    try:
+        h = sch.open_h5(path, need)
+    except sch.BuildError as exc:
+        raise TrainError(f"{exc} (params key 'data_file' or --data)") from None
+    try:
+        with h:
+            n, length, width = h.dos.shape
+            atoms = 1 + params["n_neighbours"]
+            if length != params["length"]:
+                raise TrainError(f"params: 'length' is {params['length']} but {path} has {length} grid points per DOS")
+            if width != atoms * params["channels"]:
+                key = "n_neighbours" if width % params["channels"] == 0 else "channels"
+                raise TrainError(f"params: {key!r} does not match {path}: its DOS has {width} channels, params give "
+                                 f"{atoms} atoms (1 + n_neighbours) x {params['channels']} channels")
+            in_memory, reading = stream.decide_in_memory(params["data"]["in_memory"], n * length * width * 4)
+            dos = np.empty((n, length, width), dtype=np.float32) if in_memory else None
+            step = 256
+            for i in range(0, n if in_memory else 0, step):  # chunk by chunk: bounded memory beyond the result
+                dos[i:i + step] = h.dos[i:i + step]
+                if not np.all(np.isfinite(dos[i:i + step])):
+                    raise TrainError(f"{path}: DOS of samples {i}..{min(i + step, n) - 1} contains NaN or infinite values")
+            energies, sigma = None, None
+            grid = h.grid()
+            if grid is not None and grid.n_points == length:
+                energies, sigma = grid.energies_ev, grid.sigma_ev
+            data = Dataset(
+                path=str(path), dos=dos, structure=h.structure(), structure_labels=h.structure_labels(),
+                structure_families=h.structure_families(),
+                targets={t: np.asarray(h.target(t), dtype=np.float64) for t in BV_TARGETS},
+                material_id=h.meta_strings("material_id"), element=h.meta_strings("element"),
+                origin=h.meta_strings("origin"), site_index=h.meta("site_index"), split=h.split(),
+                channel_labels=h.channel_labels(), energies_ev=energies, sigma_ev=sigma, reading=reading)
+    except TrainError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise TrainError(f"cannot read {path}: {exc}") from None
+    lens = {len(data.structure), len(data.material_id), len(data.element), len(data.split), len(data.site_index),
+            *(len(y) for y in data.targets.values())}
+    f = data.structure.shape[1]
+    if lens != {n} or len(data.structure_labels) != f or len(data.structure_families) != f:
+        raise TrainError(f"{path}: arrays disagree in length (dos has {n} samples)")
+    if not np.all(np.isfinite(data.structure)):
+        raise TrainError(f"{path}: the structure vector contains NaN or infinite values")
+    for t in params["targets"]:
+        if not np.all(np.isfinite(data.targets[t])):
+            raise TrainError(f"{path}: target {t!r} contains NaN or infinite values")
+    if params["zero_tail"] is not None:
+        lo, hi = params["zero_tail"]
+        if hi > length:
+            raise TrainError(f"params: 'zero_tail' {params['zero_tail']} reaches past the {length} grid points")
+        if not data.streaming:
+            data.dos[:, lo:hi, :] = 0.0
+    if data.streaming:
+        data.dos = stream.H5DOS(path, params["zero_tail"])
+    if resplit and params["split"] != "stored":
+        of = grouped_split(data.material_id, tuple(params["split"]), params["split_seed"])
+        data.split = np.array([of[m] for m in data.material_id])
+    bad = sorted(set(data.split) - set(SPLITS))
+    if bad:
+        raise TrainError(f"{path}: unknown split label {bad[0]!r} (expected train, val, test)")
+    return data
+
+
+def structure_columns(data: Dataset, families) -> np.ndarray:
+    """Column indices of ``data.structure`` whose family is in ``families`` (file order)."""
+    present = set(data.structure_families)
+    missing = [f for f in families if f not in present]
+    if missing:
+        raise TrainError(f"params: 'structure_families' has {missing[0]!r}, which {data.path} does not hold "
+                         f"(it has {', '.join(dict.fromkeys(data.structure_families))})")
+    return np.array([i for i, f in enumerate(data.structure_families) if f in set(families)], dtype=int)
+
+
+
+def target_matrix(data: Dataset, targets) -> np.ndarray:
+    """(n, T) float64 physical target values, columns in ``targets`` order."""
+    return np.stack([data.targets[t] for t in targets], axis=1)

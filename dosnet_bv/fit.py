@@ -1,0 +1,255 @@
+"""The training loop: compile the root ``net.py`` network, fit with the learning-rate schedule,
+early stopping on the validation loss (best weights restored), one log line per epoch, optional
+TensorBoard logs; in memory or streamed (``dosnet_bv.streaming``), on one device or several
+(``dosnet_bv.distribute``); then predict. ``fit_predict`` -> ``FitResult``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+
+from dosnet_bv.data import Dataset, target_matrix
+from dosnet_bv.outputs import Log
+from dosnet_bv.params import ROOT, TrainError
+from dosnet_bv.scalers import Scalers, fit_scalers, model_inputs
+
+
+def tf_setup(seed: int) -> None:
+    """Fresh Keras state, seeded Python/NumPy/TF generators and deterministic TF ops (CPU)."""
+    import keras
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+def predict_outputs(model, inputs: dict, targets, batch_size: int) -> np.ndarray:
+    """(n, T) network outputs (standardised units), columns in ``targets`` order."""
+    out = model.predict(inputs, batch_size=batch_size, verbose=0)
+    if not isinstance(out, dict):
+        out = {targets[0]: out}
+    return np.concatenate([np.asarray(out[t]).reshape(-1, 1) for t in targets], axis=1).astype(np.float64)
+
+
+@dataclass
+class FitResult:
+    """One trained model: its scalers, ``history`` (Keras' per-epoch lists), ``best_epoch``
+    (1-based; the weights kept), ``predictions`` (name -> (len(rows), T) float64 in physical units)
+    and ``seconds`` of training."""
+
+    model: object
+    scalers: Scalers
+    history: dict
+    best_epoch: int
+    predictions: dict
+    seconds: float
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history.get("loss", []))
+
+
+def net_module():
+    """The root ``net.py`` (the design card, derived from ``DOSnet/net.py`` by ``patches/``). It is
+    not installed: it is imported from the checkout root, which is put on ``sys.path`` if needed."""
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    import net
+
+    return net
+
+
+def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows: dict, log: Log,
+                tensorboard_dir=None, show_summary: bool = False) -> FitResult:
+    """Fit scalers on ``train_rows``, train with early stopping on ``val_rows``, then predict.
+
+    ``predict_rows``: name -> row indices to predict after training (e.g. train/val/test).
+    ``tensorboard_dir``: write TensorBoard logs there (as upstream does; ``--tensorboard``).
+    ``show_summary``: write ``model.summary()`` to ``log`` (as upstream prints it).
+    """
+    import keras
+
+    from dosnet_bv import distribute
+
+    net = net_module()
+
+    strategy = strategy_for(params)  # first: a multi-worker strategy must precede every TF operation
+    targets = params["targets"]
+    with stream_errors(data, data.streaming):
+        scalers = fit_scalers(params, data, train_rows)
+    y = target_matrix(data, targets)
+    y_scaled = (y - scalers.targets.mean) / scalers.targets.scale
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    # tf.data input when streaming, and on several replicas (equal, non-empty per-replica batches)
+    streaming = params["fusion"] != "structure_only" and (data.streaming or replicas > 1)
+    log(f"input: {data.reading if data.streaming else 'in memory'}; {distribute.describe(strategy)}")
+
+    def y_of(rows):
+        return {t: y_scaled[rows, j:j + 1].astype(np.float32) for j, t in enumerate(targets)}
+
+    if not streaming:
+        x_tr, x_va = model_inputs(params, data, scalers, train_rows), model_inputs(params, data, scalers, val_rows)
+    tf_setup(params["seed"])
+    n_structure = len(scalers.structure_columns)
+    with model_scope(strategy, params["precision"]):
+        model = net.compile_model(build_network(params, n_structure), params)
+    if streaming:
+        x_tr = stream_input(params, data, scalers, train_rows, y_scaled, True, replicas)
+        x_va = stream_input(params, data, scalers, val_rows, y_scaled, False, replicas)
+        fit_data = {"x": x_tr, "validation_data": x_va, "shuffle": False}  # the stream shuffles
+    else:
+        fit_data = {"x": x_tr, "y": y_of(train_rows), "validation_data": (x_va, y_of(val_rows)),
+                    "batch_size": params["batch_size"], "shuffle": True}
+    if show_summary:
+        model.summary(print_fn=lambda line, *args, **kwargs: log(line.rstrip()))
+    epochs = params["epochs"]
+    callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, lr: net.learning_rate(epoch, params)),
+                 epoch_log_callback(log, epochs, targets, scalers.targets.scale)]
+    if params["early_stopping_patience"] > 0:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=params["early_stopping_patience"],
+                                                       restore_best_weights=True))
+    if tensorboard_dir is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise TrainError("--tensorboard needs the tensorboard package (pip install 'tensorboard>=2.16,<2.22')")
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
+    t0 = time.time()
+    with stream_errors(data, streaming):
+        hist = model.fit(**fit_data, epochs=epochs, verbose=0, callbacks=callbacks)
+    seconds = time.time() - t0
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    val = history.get("val_loss", [])
+    best = int(np.argmin(val)) + 1 if val and params["early_stopping_patience"] > 0 else len(val)
+    del x_tr, x_va, fit_data
+    predictor, pred_replicas = model, replicas
+    if distribute.worker_of(strategy)[1] > 1:  # each worker predicts every row alone: no collectives, row order kept
+        pred_replicas = 1
+        with model_scope(None, params["precision"]):
+            predictor = build_network(params, n_structure)
+        predictor.set_weights(model.get_weights())
+    preds = {}
+    for name, rows in predict_rows.items():
+        if not len(rows):
+            preds[name] = np.zeros((0, len(targets)))
+        elif streaming:
+            rows = np.asarray(rows)
+            order = np.argsort(rows, kind="stable")  # the stream yields sorted rows
+            with stream_errors(data, True):
+                z = predict_outputs(predictor, stream_input(params, data, scalers, rows, None, False, pred_replicas), targets,
+                             params["batch_size"])
+            preds[name] = np.empty_like(z)
+            preds[name][order] = scalers.targets.inverse(z)
+        else:
+            z = predict_outputs(predictor, model_inputs(params, data, scalers, rows), targets, params["batch_size"])
+            preds[name] = scalers.targets.inverse(z)
+    return FitResult(model, scalers, history, best, preds, seconds)
+
+
+def strategy_for(params: dict):
+    """The run's ``tf.distribute`` strategy (``dosnet_bv.distribute``; None for ``distribute`` none)."""
+    from dosnet_bv import distribute
+
+    try:
+        return distribute.strategy_for(params["distribute"])
+    except distribute.DistributeError as exc:
+        raise TrainError(str(exc)) from None
+
+
+@contextmanager
+def model_scope(strategy, precision: str):
+    """Build and compile inside: the strategy's scope and the ``precision`` dtype policy."""
+    import keras
+
+    old = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        with strategy.scope() if strategy is not None else nullcontext():
+            yield
+    finally:
+        keras.mixed_precision.set_global_policy(old)
+
+
+def build_network(params: dict, n_structure: int):
+    """``net.build_model``; under a mixed precision policy its outputs are cast to float32 (a
+    float16 regression output would round the predictions to 3 significant digits)."""
+    import keras
+
+    net = net_module()
+    model = net.build_model(params, n_structure)
+    if params["precision"] == "float32":
+        return model
+    outputs = {t: keras.layers.Activation("linear", dtype="float32", name=f"{t}_float32")(model.outputs[j])
+               for j, t in enumerate(model.output_names)}
+    return keras.Model(model.inputs, {t: outputs[t] for t in params["targets"]}, name=model.name)
+
+
+def stream_input(params: dict, data: Dataset, scalers: Scalers, rows, y_scaled, shuffle: bool, replicas: int = 1):
+    """``stream.input_dataset`` of ``rows`` (targets when ``y_scaled`` is given). Training
+    (``shuffle``) on several replicas drops the last partial batch of each epoch; other passes use
+    ``stream.safe_batch_size`` so that no replica gets an empty batch."""
+    from dosnet_bv import streaming as stream
+
+    cols = scalers.structure_columns
+    structure = data.structure[:, cols] if params["fusion"] != "none" else None
+    bsz = params["batch_size"] if shuffle else stream.safe_batch_size(len(rows), params["batch_size"], replicas)
+    return stream.input_dataset(params, data.dos, scalers, rows, structure, y_scaled, shuffle, params["seed"], bsz,
+                                drop_remainder=shuffle and replicas > 1)
+
+
+@contextmanager
+def stream_errors(data: Dataset, streaming: bool):
+    """Bad data met while streaming (``stream.StreamError``, also when raised inside tf.data) ->
+    one-line ``TrainError``."""
+    if not streaming:
+        yield
+        return
+    import tensorflow as tf
+
+    from dosnet_bv import streaming as stream
+
+    try:
+        yield
+    except stream.StreamError as exc:
+        raise TrainError(str(exc)) from None
+    except tf.errors.OpError as exc:
+        line = next((ln.strip() for ln in str(exc).splitlines() if "StreamError:" in ln), None)
+        if line is None:
+            raise
+        raise TrainError(f"while streaming {data.path}: {line.split('StreamError:')[-1].strip()}") from None
+
+
+def epoch_log_callback(log: Log, epochs: int, targets, target_scale) -> "keras.callbacks.Callback":  # noqa: F821
+    """A Keras callback writing one ``log`` line per epoch (built here: keras is imported lazily)."""
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        """One log line per epoch: losses, validation MAE per target in physical units, learning rate."""
+
+        def __init__(self, log, epochs, targets, target_scale):
+            super().__init__()
+            self.log, self.epochs, self.targets, self.scale = log, epochs, targets, target_scale
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.time()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            parts = [f"epoch {epoch + 1:3d}/{self.epochs}", f"loss {logs.get('loss', float('nan')):.4f}",
+                     f"val_loss {logs.get('val_loss', float('nan')):.4f}"]
+            for j, t in enumerate(self.targets):
+                key = next((k for k in (f"val_{t}_mae", "val_mae") if k in logs), None)
+                if key:
+                    parts.append(f"val MAE {t} {float(logs[key]) * self.scale[j]:.4f}")
+            lr = self.model.optimizer.learning_rate
+            parts.append(f"lr {float(np.asarray(lr)):.2g}")
+            parts.append(f"{time.time() - self.t0:.1f} s")
+            self.log("  ".join(parts))
+
+    return EpochLog(log, epochs, targets, target_scale)

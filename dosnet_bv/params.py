@@ -1,0 +1,149 @@
+"""params.json: the rules of every key and the ONE check of a whole params file.
+
+``PARAM_RULES`` maps each key to (check, what the value must be); ``validate_params`` applies them
+(the first problem raises ``TrainError`` naming the key) and ``load_params`` reads and checks a
+file. The ``data`` section's rules are ``data_prep.build.data_section_problem`` (``python -m
+data_prep build --params`` reads the same section; data_prep imports nothing of dosnet_bv).
+Also: the names shared by the training modules (targets, fusions, splits) and ``TrainError``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from data_prep.build import DATA_SECTION_RULE, TRAIN_READ_KEYS, data_section_problem
+
+#: The checkout root: the folder of train.py, net.py and params.json.
+ROOT = Path(__file__).resolve().parent.parent
+SPLITS = ("train", "val", "test")
+# Names net.py accepts. Repeated here so that params are checked before TensorFlow is imported
+# (its import prints to stderr); tests/test_bv_model.py checks they equal net.py's.
+BV_TARGETS = ("bvs_vu", "bvs_deviation_vu", "valence")
+FUSIONS = ("none", "late", "early", "structure_only")
+LR_SCHEDULES = ("dosnet_step", "constant", "cosine")
+LOSSES = ("log_cosh", "mse", "mae")
+
+
+class TrainError(Exception):
+    """A user-facing problem (bad params, bad data file): reported on one line, no traceback."""
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _split_ok(v) -> bool:
+    if v == "stored":
+        return True
+    return (isinstance(v, list) and len(v) == 3 and all(_num(x) and x >= 0 for x in v)
+            and abs(sum(v) - 1) < 1e-6 and v[0] > 0 and v[1] > 0)
+
+
+def _zero_tail_ok(v) -> bool:
+    return v is None or (isinstance(v, list) and len(v) == 2 and all(_int(x) and x >= 0 for x in v) and v[0] <= v[1])
+
+
+#: Keys of the ``data`` section that say how train.py reads the file (``dosnet_bv.streaming``). The
+#: section may also hold ``python -m data_prep build`` keys (grid, n_neighbours, ...): build reads
+#: those and ignores these. Its rules live with build's (``data_prep.build.data_section_problem``):
+#: one check for both readers of the section.
+DATA_READ_KEYS = TRAIN_READ_KEYS
+DISTRIBUTE = ("none", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+#: key -> (check, what the value must be). params.json must hold exactly these keys.
+PARAM_RULES: dict = {
+    "data_file": (lambda v: isinstance(v, str) and v != "", "a path (string)"),
+    "targets": (lambda v: isinstance(v, list) and v and all(isinstance(t, str) for t in v) and len(set(v)) == len(v),
+                "a non-empty list of distinct target names"),
+    "loss_weights": (lambda v: isinstance(v, dict) and all(_num(w) and w >= 0 for w in v.values()),
+                     "an object {target: non-negative number}"),
+    "target_scaling": (lambda v: v in ("standard", "none"), "'standard' or 'none'"),
+    "fusion": (lambda v: v in FUSIONS, "one of " + ", ".join(FUSIONS)),
+    "structure_families": (lambda v: isinstance(v, list) and all(isinstance(f, str) for f in v) and len(set(v)) == len(v),
+                           "a list of distinct structure feature family names"),
+    "structure_units": (lambda v: isinstance(v, list) and v and all(_int(u) and u > 0 for u in v),
+                        "a non-empty list of positive integers"),
+    "early_channels": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "dropout": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "epochs": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "data": (lambda v: data_section_problem(v) is None, DATA_SECTION_RULE),
+    "distribute": (lambda v: v in DISTRIBUTE, "one of " + ", ".join(DISTRIBUTE)),
+    "precision": (lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
+    "loss": (lambda v: v in LOSSES, "one of " + ", ".join(LOSSES)),
+    "optimizer": (lambda v: v == "adam", "'adam'"),
+    "learning_rate": (lambda v: _num(v) and v > 0, "a positive number"),
+    "lr_schedule": (lambda v: v in LR_SCHEDULES, "one of " + ", ".join(LR_SCHEDULES)),
+    "early_stopping_patience": (lambda v: _int(v) and v >= 0, "a non-negative integer (0: no early stopping)"),
+    "split": (_split_ok, "'stored' or three fractions [train, val, test] summing to 1"),
+    "split_seed": (_int, "an integer"),
+    "seed": (_int, "an integer"),
+    "cv_folds": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
+    "cv_val_fraction": (lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)"),
+    "channels": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "length": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "n_neighbours": (lambda v: _int(v) and v >= 0, "a non-negative integer"),
+    "zero_tail": (_zero_tail_ok, "null or [start, stop] grid indices"),
+    "importance_window_ev": (lambda v: _num(v) and v > 0, "a positive number (eV)"),
+    "importance_step_ev": (lambda v: _num(v) and v > 0, "a positive number (eV)"),
+    "importance_repeats": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
+    "importance_ig_steps": (lambda v: _int(v) and v >= 1, "a positive integer"),
+    "out_dir": (lambda v: isinstance(v, str) and v != "", "a folder (string)"),
+}
+
+
+def load_params(path) -> dict:
+    """Read and check a params.json (``validate_params``)."""
+    path = Path(path)
+    try:
+        params = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainError(f"params file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TrainError(f"cannot read params file {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise TrainError(f"params file {path} is not valid JSON: {exc}") from None
+    if not isinstance(params, dict):
+        raise TrainError(f"params file {path} must hold a JSON object")
+    return validate_params(params)
+
+
+def validate_params(params: dict) -> dict:
+    """Check every key against ``PARAM_RULES``; the first problem raises ``TrainError`` naming the key."""
+    unknown = sorted(set(params) - set(PARAM_RULES))
+    if unknown:
+        raise TrainError(f"params: unknown key {unknown[0]!r} (known keys: {', '.join(PARAM_RULES)})")
+    for key, (ok, what) in PARAM_RULES.items():
+        if key not in params:
+            raise TrainError(f"params: missing key {key!r} ({what})")
+        if not ok(params[key]):
+            raise TrainError(f"params: {key!r} must be {what}, got {json.dumps(params[key])}")
+    for key in ("targets", "loss_weights"):
+        bad = [t for t in params[key] if t not in BV_TARGETS]
+        if bad:
+            raise TrainError(f"params: {key!r} has unknown target {bad[0]!r}; expected some of {', '.join(BV_TARGETS)}")
+    if params["fusion"] != "none" and not params["structure_families"]:
+        raise TrainError(f"params: 'structure_families' is empty but fusion {params['fusion']!r} needs the structure vector")
+    return params
+
+
+#: Units of each target in tables and plots.
+TARGET_UNITS = {"bvs_vu": "vu", "bvs_deviation_vu": "vu", "valence": ""}
+
+
+def resolve_data_file(path, what: str = "params key 'data_file' or --data") -> Path:
+    """``path`` as given, or relative to the checkout root when only that exists; a missing file
+    raises ``TrainError`` (with the ``make data`` hint for the default file)."""
+    p = Path(path)
+    if not p.is_absolute() and not p.exists() and (ROOT / p).exists():
+        p = ROOT / p
+    if not p.is_file():
+        hint = "; build it with: make data" if str(path) == "data/embedded.h5" else ""
+        raise TrainError(f"data file not found: {path} ({what}){hint}")
+    return p
