@@ -398,7 +398,7 @@ def compute_targets(structure: Structure, cutoff_ang: float = DEFAULT_CUTOFF_ANG
 
 
 # --- parameter choice: which entry, and how much the next one would move the sums -----------
-def _pair_kinds(structure: Structure, valences) -> list[tuple[str, int, str, int]]:
+def pair_kinds(structure: Structure, valences) -> list[tuple[str, int, str, int]]:
     """Sorted (cation, vc, anion, va) kinds of the structure (every cation kind with every anion kind)."""
     ions = {(site.specie.symbol, int(v)) for site, v in zip(structure, valences)}
     cats = sorted(i for i in ions if i[1] > 0)
@@ -423,7 +423,7 @@ def pair_parameters(structure: Structure, valences, table: BVParams | None = Non
     """
     table = table if table is not None else BVParams.default()
     out = []
-    for cat, vc, an, va in _pair_kinds(structure, valences):
+    for cat, vc, an, va in pair_kinds(structure, valences):
         used = table.choose(cat, vc, an, va)
         out.append({"pair": f"{cat}{vc:+d}-{an}{va:+d}", "cation": cat, "cation_valence": vc,
                     "anion": an, "anion_valence": va, "used": _choice_dict(used),

@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 from pymatgen.core import Structure
 
-from data_prep.bond_valence import (DEFAULT_CUTOFF_ANG, BondValenceError, BVParams, _pair_kinds,
+from data_prep.bond_valence import (DEFAULT_CUTOFF_ANG, BondValenceError, BVParams, pair_kinds,
                                     assign_valences, bond_valence_sums, bond_valence_sums_alternative)
 
 COLUMNS = ("pair", "used_ref", "used_r0_ang", "used_b_ang", "used_tier", "alt_ref", "alt_r0_ang",
@@ -65,7 +65,7 @@ def sensitivity_rows(records: Iterable, cutoff_ang: float = DEFAULT_CUTOFF_ANG,
                 valences = assign_valences(structure)
             v = np.asarray(valences, dtype=int)
             base = bond_valence_sums(structure, v, cutoff_ang, table)
-            for pair in _pair_kinds(structure, v):
+            for pair in pair_kinds(structure, v):
                 alt = bond_valence_sums_alternative(structure, v, cutoff_ang, table, pairs=[pair])
                 d = np.abs(alt - base)
                 cat_sites = [i for i, site in enumerate(structure)

@@ -31,31 +31,6 @@ DOCS = [
     "DOSnet/README.md",
 ]
 
-# Paths created by the restructure branch (issue 14, code part: `dosnet_bv/` package and the h5
-# schema module). The docs already describe that layout. DELETE THIS LIST once `restructure` is
-# merged: from then on every link to these files must resolve like any other.
-RESTRUCTURE_PATHS = [
-    "dosnet_bv/params.py",
-    "dosnet_bv/data.py",
-    "dosnet_bv/scalers.py",
-    "dosnet_bv/fit.py",
-    "dosnet_bv/metrics.py",
-    "dosnet_bv/outputs.py",
-    "dosnet_bv/runs.py",
-    "dosnet_bv/ablation.py",
-    "dosnet_bv/learning_curve.py",
-    "dosnet_bv/streaming.py",
-    "dosnet_bv/distribute.py",
-    "dosnet_bv/importance.py",
-    "dosnet_bv/baselines.py",
-    "dosnet_bv/descriptors.py",
-    "dosnet_bv/report.py",
-    "dosnet_bv/cli.py",
-    "data_prep/h5schema.py",
-]
-
-# Flags added by pending branches that the docs may already show. Remove each entry once the
-# branch that adds the flag is merged (then `--help` lists it and the check needs no help).
 PENDING_FLAGS = {
     "train.py": {"--tensorboard", "--overwrite", "--resume"},  # restructure branch (issue 14)
 }
@@ -241,8 +216,7 @@ def test_relative_links_resolve(doc):
         path = (base / path_part).resolve() if path_part else (ROOT / doc).resolve()
         rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
         if not path.exists():
-            if rel not in RESTRUCTURE_PATHS:
-                problems.append(f"{target}: {rel} does not exist")
+            problems.append(f"{target}: {rel} does not exist")
             continue
         if anchor and path.suffix == ".md" and anchor not in _anchors(path):
             problems.append(f"{target}: no heading with anchor #{anchor} in {rel}")
