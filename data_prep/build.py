@@ -25,6 +25,7 @@ from data_prep.split import grouped_split
 
 #: Keys of a params.json ``data`` section that say how train.py reads the h5 (``dosnet_bv.streaming``);
 #: build ignores them, so one params.json can hold both.
+SPLIT_BY = ("family", "material")
 TRAIN_READ_KEYS = ("in_memory", "block_samples", "shuffle_buffer")
 #: What a params.json ``data`` section must be (``data_section_problem``).
 DATA_SECTION_RULE = ("an object with in_memory ('auto', true or false), block_samples (a positive integer) and "
@@ -42,8 +43,11 @@ class BuildConfig:
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: int = 88
     symprec: float = 0.01
+    split_by: str = "family"  # "family" (data_prep.families) or "material" (for comparison)
 
     def __post_init__(self):
+        if self.split_by not in SPLIT_BY:
+            raise BuildError(f"split_by must be one of {list(SPLIT_BY)}, got {self.split_by!r}")
         f = tuple(float(x) for x in self.split_fractions)
         if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1) > 1e-6:
             raise BuildError(f"split fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
@@ -54,7 +58,7 @@ class BuildConfig:
         return {"grid": self.grid.as_dict(), "n_neighbours": self.n_neighbours,
                 "bv_cutoff_ang": self.bv_cutoff_ang, "structure_families": list(self.structure_families),
                 "split_fractions": list(self.split_fractions), "split_seed": self.split_seed,
-                "symprec": self.symprec}
+                "symprec": self.symprec, "split_by": self.split_by}
 
     @classmethod
     def from_params(cls, params: dict) -> "BuildConfig":
@@ -117,6 +121,9 @@ class MaterialSamples:
     elements: list
     outside: np.ndarray
     bv_params: list
+    parent_id: str = ""        # the real structure it was derived from (itself when real)
+    family_id: str = ""        # set by build_h5 over all materials (data_prep.families)
+    prototype_group: str = ""
 
 
 def featurise_record(record: MaterialRecord, cfg: BuildConfig):
@@ -161,7 +168,8 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         site_index=sites, neighbour_indices=np.array([x.neighbour_indices for x in samples], dtype=np.int32),
         neighbour_distances_ang=np.array([x.neighbour_distances_ang for x in samples], dtype=np.float32),
         multiplicity=np.array([x.multiplicity for x in samples], dtype=np.int32),
-        elements=[x.element for x in samples], outside=outside.astype(np.float32), bv_params=t["params"])
+        elements=[x.element for x in samples], outside=outside.astype(np.float32), bv_params=t["params"],
+        parent_id=str(record.provenance.get("parent_id") or mid))
 
 
 def _work(args):
@@ -235,7 +243,9 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
         raise BuildError(f"no material could be featurised ({len(skipped)} skipped; first: "
                          f"{next(iter(skipped.items()), None)})")
     results.sort(key=lambda r: r.material_id)
-    split_of = grouped_split(ids, cfg.split_fractions, cfg.split_seed)
+    assign_family_ids(results)
+    group_of = {r.material_id: r.family_id for r in results} if cfg.split_by == "family" else None
+    split_of = grouped_split(ids, cfg.split_fractions, cfg.split_seed, group_of=group_of)
     feat = StructureFeaturizer(cfg.structure_families, symprec=cfg.symprec)
     n = sum(len(r.site_index) for r in results)
     P, C = cfg.grid.n_points, results[0].dos.shape[2]
@@ -257,7 +267,7 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
             rep = lambda get: np.concatenate([[get(r)] * len(r.site_index) for r in results])  # noqa: E731
             w.sample_meta(
                 rep(lambda r: r.material_id), sum((r.elements for r in results), []), rep(lambda r: r.origin),
-                np.concatenate([r.site_index for r in results]),
+                np.concatenate([r.site_index for r in results]), family_id=rep(lambda r: r.family_id),
                 neighbour_indices=np.concatenate([r.neighbour_indices for r in results]).reshape(n, cfg.n_neighbours),
                 neighbour_distances_ang=np.concatenate([r.neighbour_distances_ang for r in results]).reshape(
                     n, cfg.n_neighbours),
@@ -289,6 +299,23 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
 
     atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return {**manifest, "out": str(out_path), "manifest": str(manifest_path)}
+
+
+def assign_family_ids(results: list[MaterialSamples]) -> None:
+    """Set ``family_id`` and ``prototype_group`` of every result (``data_prep.families``): a real
+    structure is its own parent; real parents of one prototype share a family."""
+    from pymatgen.core import Structure
+
+    from data_prep.families import assign_families
+
+    items = []
+    for r in results:
+        real = r.parent_id == r.material_id
+        structure = Structure.from_dict(json.loads(r.structure_json)) if real else None
+        items.append((r.material_id, r.origin, None if real else r.parent_id, structure))
+    fams = assign_families(items)
+    for r in results:
+        r.family_id, r.prototype_group = fams[r.material_id].family_id, fams[r.material_id].prototype_group
 
 
 def _collect(r, results, skipped):

@@ -16,8 +16,12 @@ structure features, ``M`` materials):
   ``meta/neighbour_indices`` (n, n_neighbours), ``meta/multiplicity`` (n,) int32;
   ``meta/neighbour_distances_ang`` (n, n_neighbours); ``meta/outside_weight`` (n, C) states
   beyond the grid window.
-- ``split`` (n,) strings ``train``/``val``/``test``, grouped by material.
+- ``meta/family_id`` (n,) strings: the substitution/prototype family of the sample's material
+  (``data_prep.families``).
+- ``split`` (n,) strings ``train``/``val``/``test``, grouped by family (or by material, see the
+  ``config`` attribute's ``split_by``): no family has samples in two splits.
 - ``materials/*`` (M,): ``material_id``, ``formula``, ``origin``, ``method``, ``split``,
+  ``family_id``, ``parent_id``, ``prototype_group``,
   ``structure_json`` (pymatgen ``Structure.as_dict``), ``gii_vu``, ``band_gap_ev``,
   ``reference_ev``, ``f_weight_fraction``, ``n_samples``, ``bv_params_json``.
 - root attrs: ``schema_version`` (``SCHEMA_VERSION``), ``grid``, ``config``, ``reference_rule``,
@@ -35,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 #: Version of this layout, stored as the root attribute ``schema_version`` of every file written.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: meta/family_id, materials/family_id, materials/parent_id
 VERSION_ATTR = "schema_version"
 
 TARGETS = ("bvs_vu", "valence", "bvs_deviation_vu", "gii_vu")
@@ -51,7 +55,8 @@ UNITS_ATTR = "units"
 TARGET_GROUP = "targets/"
 META_GROUP = "meta/"
 MATERIALS_GROUP = "materials/"
-MATERIAL_STRINGS = ("material_id", "formula", "origin", "method", "structure_json")
+MATERIAL_STRINGS = ("material_id", "formula", "origin", "method", "structure_json", "family_id", "parent_id",
+                    "prototype_group")
 MATERIAL_FLOATS = ("gii_vu", "band_gap_ev", "reference_ev", "f_weight_fraction")
 GRID_ATTR = "grid"
 CONFIG_ATTR = "config"
@@ -62,7 +67,8 @@ REFERENCE_RULE_ATTR = "reference_rule"
 PER_SAMPLE_GROUPS = (TARGET_GROUP, META_GROUP)
 PER_SAMPLE_ROOT = (DOS, STRUCTURE, SPLIT)
 #: What every data_prep file holds (``open_h5`` checks).
-REQUIRED = (DOS, STRUCTURE, STRUCTURE_LABELS, SPLIT, META_GROUP + "material_id", MATERIALS_GROUP + "material_id") \
+REQUIRED = (DOS, STRUCTURE, STRUCTURE_LABELS, SPLIT, META_GROUP + "material_id", META_GROUP + "family_id",
+            MATERIALS_GROUP + "material_id") \
     + tuple(TARGET_GROUP + t for t in TARGETS)
 REBUILD_HINT = "rebuild it with: python -m data_prep build ... (or make data for data/embedded.h5)"
 
@@ -128,9 +134,11 @@ class Writer:
         for name in TARGETS:
             self.h[target(name)] = np.asarray(values[name], dtype=np.float32)
 
-    def sample_meta(self, material_id, element, origin, site_index, **more) -> None:
-        """Per-sample metadata: the string columns, ``site_index`` and any numeric ``more`` columns."""
+    def sample_meta(self, material_id, element, origin, site_index, family_id=None, **more) -> None:
+        """Per-sample metadata: the string columns, ``site_index`` and any numeric ``more`` columns.
+        ``family_id`` defaults to the material id (every material its own family)."""
         self.strings(meta("material_id"), material_id)
+        self.strings(meta("family_id"), material_id if family_id is None else family_id)
         self.strings(meta("origin"), origin)
         self.strings(meta("element"), element)
         self.h[meta("site_index")] = np.asarray(site_index)

@@ -27,6 +27,24 @@ from data_prep.h5schema import BuildError
 from data_prep.split import grouped_split
 
 
+def _families_of_union(files, entries) -> dict:
+    """Families over every input's materials (``data_prep.families.assign_families``)."""
+    from pymatgen.core import Structure
+
+    from data_prep.families import assign_families
+
+    items = []
+    for _, k, j, _, _ in entries:
+        h = files[k]
+        mid = h[sch.material("material_id")].asstr()[j]
+        parent = h[sch.material("parent_id")].asstr()[j]
+        origin = h[sch.material("origin")].asstr()[j]
+        real = parent == mid
+        s = Structure.from_dict(json.loads(h[sch.material("structure_json")].asstr()[j])) if real else None
+        items.append((str(mid), str(origin), None if real else str(parent), s))
+    return assign_families(items)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"I/N"`` -> (I, N) with 1 <= I <= N; ``BuildError`` otherwise."""
     try:
@@ -136,7 +154,10 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
         if dup:
             raise BuildError(f"material(s) in more than one input: {dup[:10]}")
         cfg = json.loads(first.attrs[sch.CONFIG_ATTR])
-        split_of = grouped_split([e[0] for e in entries], tuple(cfg["split_fractions"]), cfg["split_seed"])
+        fams = _families_of_union(files, entries)  # a shard only saw its own real parents
+        group_of = {m: a.family_id for m, a in fams.items()} if cfg.get("split_by", "family") == "family" else None
+        split_of = grouped_split([e[0] for e in entries], tuple(cfg["split_fractions"]), cfg["split_seed"],
+                                 group_of=group_of)
         n = sum(e[4] for e in entries)
         # per input: the output positions of its samples / materials, as index arrays
         sample_src = {k: [] for k in range(len(files))}
@@ -167,6 +188,11 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
                         d.attrs[key] = val
                     if name == sch.SPLIT:
                         d[...] = np.array([split_of[e[0]] for e in entries for _ in range(e[4])], dtype=object)
+                    elif name == sch.meta("family_id"):
+                        d[...] = np.array([fams[e[0]].family_id for e in entries for _ in range(e[4])], dtype=object)
+                    elif name in (sch.material("family_id"), sch.material("prototype_group")):
+                        key = name[len(sch.MATERIALS_GROUP):]
+                        d[...] = np.array([getattr(fams[e[0]], key) for e in entries], dtype=object)
                     elif name == sch.material("split"):
                         d[...] = np.array([split_of[e[0]] for e in entries], dtype=object)
                     elif sch.per_sample(name) or name.startswith(sch.MATERIALS_GROUP):

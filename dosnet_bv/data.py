@@ -23,6 +23,7 @@ class Dataset:
     structure: (n, F) float32; structure_labels, structure_families: (F,) names.
     targets: name -> (n,) float64 (bvs_vu and bvs_deviation_vu in valence units, valence in e).
     material_id, element, origin, split: (n,) str; site_index: (n,) int.
+    family_id: (n,) str, the material's substitution/prototype family (``data_prep.families``).
     energies_ev: (L,) energies of the grid points relative to the reference level (the file's
     ``grid`` attribute; None if absent), sigma_ev: its smearing width.
     """
@@ -39,6 +40,7 @@ class Dataset:
     site_index: np.ndarray
     split: np.ndarray
     channel_labels: list
+    family_id: np.ndarray | None = None  # (n,) str; None only for hand-made Datasets (then material_id)
     energies_ev: np.ndarray | None = None  # (L,) eV from the file's grid; None when it has none
     sigma_ev: float | None = None  # the grid's smearing width
     reading: str = "in memory"  # how the DOS is read (``streaming.decide_in_memory``'s reason)
@@ -46,6 +48,12 @@ class Dataset:
     @property
     def n(self) -> int:
         return len(self.material_id)
+
+    def groups(self, split_by: str = "family") -> np.ndarray:
+        """(n,) ids that must not be split apart: the family (default) or the material."""
+        if split_by == "family" and self.family_id is not None:
+            return self.family_id
+        return self.material_id
 
     @property
     def streaming(self) -> bool:
@@ -58,7 +66,8 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
 
     The one place that reads the data file. Checks the input width (``length``, ``channels``,
     ``n_neighbours``) and that every sample is finite; applies ``zero_tail``; with ``resplit`` and
-    ``split`` = [fractions], re-splits by material (``split_seed``), else keeps the stored split.
+    ``split`` = [fractions], re-splits grouped by ``split_by`` (``split_seed``), else keeps the stored
+    split (grouped as the file was built: by family unless built with ``split_by: material``).
     The DOS is loaded unless ``data.in_memory`` (``streaming.decide_in_memory``) says to stream it:
     then ``dos`` is a ``streaming.H5DOS`` that reads samples on demand (zero_tail and the finiteness
     check applied per read) and everything else is loaded (a few hundred bytes per sample).
@@ -99,12 +108,14 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
                 targets={t: np.asarray(h.target(t), dtype=np.float64) for t in BV_TARGETS},
                 material_id=h.meta_strings("material_id"), element=h.meta_strings("element"),
                 origin=h.meta_strings("origin"), site_index=h.meta("site_index"), split=h.split(),
+                family_id=h.meta_strings("family_id"),
                 channel_labels=h.channel_labels(), energies_ev=energies, sigma_ev=sigma, reading=reading)
     except TrainError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise TrainError(f"cannot read {path}: {exc}") from None
     lens = {len(data.structure), len(data.material_id), len(data.element), len(data.split), len(data.site_index),
+            len(data.family_id),
             *(len(y) for y in data.targets.values())}
     f = data.structure.shape[1]
     if lens != {n} or len(data.structure_labels) != f or len(data.structure_families) != f:
@@ -123,7 +134,8 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
     if data.streaming:
         data.dos = stream.H5DOS(path, params["zero_tail"])
     if resplit and params["split"] != "stored":
-        of = grouped_split(data.material_id, tuple(params["split"]), params["split_seed"])
+        group_of = dict(zip(data.material_id, data.groups(params["split_by"])))
+        of = grouped_split(data.material_id, tuple(params["split"]), params["split_seed"], group_of=group_of)
         data.split = np.array([of[m] for m in data.material_id])
     bad = sorted(set(data.split) - set(SPLITS))
     if bad:

@@ -83,6 +83,7 @@ PARAM_RULES: dict = {
     "early_stopping_patience": (lambda v: _int(v) and v >= 0, "a non-negative integer (0: no early stopping)"),
     "split": (_split_ok, "'stored' or three fractions [train, val, test] summing to 1"),
     "split_seed": (_int, "an integer"),
+    "split_by": (lambda v: v in SPLIT_BY, "'family' (no substitution/prototype family on two sides) or 'material'"),
     "seed": (_int, "an integer"),
     "cv_folds": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
     "cv_val_fraction": (lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)"),
@@ -132,6 +133,9 @@ def validate_params(params: dict) -> dict:
         raise TrainError(f"params: 'structure_families' is empty but fusion {params['fusion']!r} needs the structure vector")
     return params
 
+
+#: How the split and every cross-validation group samples: by family (data_prep.families) or material.
+SPLIT_BY = ("family", "material")
 
 #: Units of each target in tables and plots.
 TARGET_UNITS = {"bvs_vu": "vu", "bvs_deviation_vu": "vu", "valence": ""}

@@ -85,17 +85,19 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None,
     return metrics
 
 
-def cv_splits(material_ids, k: int, val_fraction: float, seed: int) -> list:
-    """Grouped K-fold by material: ``[(train_rows, val_rows, test_rows), ...]``, one per fold.
+def cv_splits(group_ids, k: int, val_fraction: float, seed: int) -> list:
+    """Grouped K-fold: ``[(train_rows, val_rows, test_rows), ...]``, one per fold.
 
-    Materials are shuffled with ``seed`` and dealt, largest first, to the fold with the fewest
-    samples so far; inside each fold's training part a ``val_fraction`` of the materials (at least
-    one) is held out for early stopping. Every material is in exactly one test fold.
+    ``group_ids`` (n,): one id per sample; samples of one group (a family, or a material) always
+    stay together. Groups are shuffled with ``seed`` and dealt, largest first, to the fold with the
+    fewest samples so far; inside each fold's training part a ``val_fraction`` of the groups (at
+    least one) is held out for early stopping. Every group is in exactly one test fold.
     """
-    material_ids = np.asarray(material_ids)
+    material_ids = np.asarray(group_ids)
     ids, counts = np.unique(material_ids, return_counts=True)
     if len(ids) < k + 1:
-        raise TrainError(f"--cv {k}: needs more than {k} materials, the data have {len(ids)} (params key 'cv_folds')")
+        raise TrainError(f"--cv {k}: needs more than {k} groups (families or materials, params key 'split_by'), "
+                         f"the data have {len(ids)} (params key 'cv_folds')")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(ids))
     order = order[np.argsort(-counts[order], kind="stable")]
@@ -118,7 +120,7 @@ def cv_splits(material_ids, k: int, val_fraction: float, seed: int) -> list:
 
 def run_cv(params: dict, data: Dataset, k: int, out_dir, log: Log | None = None, tensorboard: bool = False) -> dict:
     """Grouped K-fold cross-validation: every sample predicted once, by the model of the fold
-    that held its material out. Writes params, metrics (overall and per fold), predictions
+    that held its family (or material, ``split_by``) out. Writes params, metrics (overall and per fold), predictions
     (with the fold), parity plot, learning curves and log; no model is kept.
 
     The folds are dealt with ``split_seed`` (fixed, like the train/val/test split: ``--seed`` does
@@ -130,8 +132,10 @@ def run_cv(params: dict, data: Dataset, k: int, out_dir, log: Log | None = None,
     log = log or Log(out / "train.log")
     targets = params["targets"]
     write_json(out / "params.json", params)
-    folds = cv_splits(data.material_id, k, params["cv_val_fraction"], params["split_seed"])
-    log(f"DOSnet-BV {k}-fold CV (grouped by material): {data.n} samples, {len(set(data.material_id))} materials "
+    groups = data.groups(params["split_by"])
+    folds = cv_splits(groups, k, params["cv_val_fraction"], params["split_seed"])
+    log(f"DOSnet-BV {k}-fold CV (grouped by {params['split_by']}: {len(set(groups))} groups): {data.n} samples, "
+        f"{len(set(data.material_id))} materials "
         f"from {data.path}; fusion {params['fusion']}, targets {', '.join(targets)}")
     pred = np.full((data.n, len(targets)), np.nan)
     base = np.full((data.n, len(targets)), np.nan)  # the mean predictor of each sample's fold

@@ -63,6 +63,55 @@ def test_split_grouped_by_material_and_deterministic(built):
     assert grouped_split(ids, (0.8, 0.1, 0.1), 89) != a
 
 
+def test_split_keeps_every_family_on_one_side(tmp_path):
+    """Issue 13: a substituted structure sits with its parent, real structures of one prototype
+    (the five rock salts here) form one family, and no family has samples in two splits."""
+    from pymatgen.core import Lattice, Structure
+
+    d = tmp_path / "records"
+    paths = write_records(d)
+    subs = {"SnO2": Structure.from_spacegroup("P4_2/mnm", Lattice.tetragonal(4.74, 3.19), ["Sn", "O"],
+                                              [[0, 0, 0], [0.307, 0.307, 0]]),
+            "CdS": Structure.from_spacegroup("F-43m", Lattice.cubic(5.82), ["Cd", "S"],
+                                             [[0, 0, 0], [0.25, 0.25, 0.25]]).get_primitive_structure()}
+    parents = {"SnO2": "test-TiO2", "CdS": "test-ZnS"}
+    for k, (name, st) in enumerate(subs.items()):
+        rec = make_record(name, st, seed=20 + k, origin="substituted")
+        rec.provenance["parent_id"] = parents[name]
+        paths.append(rec.save(d / f"test-{name}.npz"))
+    for split_by in ("family", "material"):
+        out = tmp_path / f"{split_by}.h5"
+        build_h5(paths, out, BuildConfig(split_fractions=(0.5, 0.25, 0.25), split_by=split_by), n_procs=1,
+                 progress=False)
+        with h5py.File(out) as h:
+            fam = h["meta/family_id"].asstr()[...]
+            mid = h["meta/material_id"].asstr()[...]
+            split = h["split"].asstr()[...]
+            mfam = dict(zip(h["materials/material_id"].asstr()[...], h["materials/family_id"].asstr()[...]))
+        rocksalt = {mfam[f"test-{n}"] for n in ("NaCl", "MgO", "KBr", "CaO", "LiF")}
+        assert len(rocksalt) == 1
+        assert mfam["test-SnO2"] == mfam["test-TiO2"] and mfam["test-CdS"] == mfam["test-ZnS"]
+        assert len(set(fam)) == 4 and all(fam[mid == m][0] == f for m, f in mfam.items())
+        if split_by == "family":
+            for f in set(fam):
+                assert len(set(split[fam == f])) == 1, f
+            assert set(split) == {"train", "val", "test"}
+    # with material grouping, some family straddles two splits (the leak the family split removes)
+    assert any(len(set(split[fam == f])) > 1 for f in set(fam))
+
+
+def test_family_split_balances_materials_and_is_deterministic():
+    ids = [f"m{i:03d}" for i in range(300)]
+    group_of = {m: f"fam{i % 40}" for i, m in enumerate(ids)}  # 40 families of 7-8 materials
+    a = grouped_split(ids, (0.8, 0.1, 0.1), 88, group_of=group_of)
+    assert a == grouped_split(ids, (0.8, 0.1, 0.1), 88, group_of=group_of)
+    assert a != grouped_split(ids, (0.8, 0.1, 0.1), 89, group_of=group_of)
+    for f in set(group_of.values()):
+        assert len({a[m] for m in ids if group_of[m] == f}) == 1
+    counts = {s: list(a.values()).count(s) for s in ("train", "val", "test")}
+    assert abs(counts["train"] - 240) <= 8 and abs(counts["val"] - 30) <= 8 and abs(counts["test"] - 30) <= 8
+
+
 def test_sample_dos_matches_record_gridding(built):
     from data_prep.grid import grid_atoms
     from data_prep.records import MaterialRecord

@@ -433,3 +433,14 @@ def test_structure_scaler_clips_far_outliers():
     z = sc.transform(np.array([[0.5, 2.0, 0.0]]))
     assert abs(z[0, 0]) < 1 and z[0, 1] == STRUCTURE_CLIP
     assert Scaler.from_dict(sc.as_dict(["a", "b", "c"])).clip == STRUCTURE_CLIP
+
+
+def test_cv_folds_keep_families_together():
+    """Issue 13: with split_by 'family' the CV groups are families: no family is on both sides."""
+    mids = np.array([f"m{i}" for i in range(60) for _ in range(2)])
+    fams = np.array([f"fam{int(m[1:]) % 9}" for m in mids])
+    folds = cv_splits(fams, 4, 0.2, 88)
+    for tr, va, te in folds:
+        sets = [set(fams[x]) for x in (tr, va, te)]
+        assert all(sets) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert sorted(np.concatenate([te for *_, te in folds])) == list(range(len(mids)))
