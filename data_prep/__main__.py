@@ -87,6 +87,8 @@ def _parser():
                    help="first retry delay in seconds, doubled each attempt, with jitter (default 1)")
     f.add_argument("--weights", choices=("float32", "float16"),
                    help="precision of the stored projections (float16: half the disk; default float32)")
+    f.add_argument("--abort-after", type=int, metavar="N",
+                   help="stop when the first N materials all fail for one reason a retry cannot fix (default 20)")
     f.add_argument("--retry-skipped", action="store_true", default=None,
                    help="try again the materials an earlier run skipped")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,7 +102,7 @@ def _parser():
 
 _FETCH_FLAGS = ("limit", "elements", "exclude_elements", "nelements_max", "nelements_min",
                 "energy_above_hull_max", "stable_only", "no_theoretical", "shard", "concurrency",
-                "batch_size", "endpoint", "retries", "backoff_s", "retry_skipped", "weights")
+                "batch_size", "endpoint", "retries", "backoff_s", "retry_skipped", "weights", "abort_after")
 
 
 def _fetch_config(args):
@@ -252,7 +254,20 @@ def _mp_command(args) -> int:
         print(format_summary(summary, args.out))
         return 1 if summary["counts"]["failed"] else 0
     except (FetchError, MergeError, OSError) as exc:  # OSError: an output folder that cannot be written
-        print(f"data_prep: error: {exc}", file=sys.stderr)
+        print(f"data_prep: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug or an mp-api change: still one line, never the key
+        from data_prep.mp.api import redact, short_reason
+
+        key = None
+        try:
+            from data_prep.mp.api import resolve_api_key
+
+            key = resolve_api_key()[0]
+        except Exception:
+            pass
+        print(f"data_prep: error: {args.cmd} failed unexpectedly: {type(exc).__name__}: "
+              f"{redact(short_reason(exc), key)}", file=sys.stderr)
         return 1
 
 

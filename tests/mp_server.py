@@ -442,7 +442,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         status = int(action)
         headers = {"Retry-After": str(rule.get("retry_after", 1))} if status == 429 else None
-        if s3:
+        if rule.get("body") == "html":  # a proxy's or firewall's page, not the API's or S3's answer
+            body = (f"<html><head><title>{status} Forbidden</title></head><body><h1>Access denied</h1>"
+                    "<p>This request was blocked by the network security policy.</p></body></html>").encode()
+            self._send(status, body, "text/html", headers)
+        elif s3:
             body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
                     f"<Message>injected {status}</Message></Error>").encode()
             self._send(status, body, "application/xml", headers)
