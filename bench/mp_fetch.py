@@ -46,10 +46,10 @@ def layout_bound(folder: Path) -> dict:
         t["files"] += 1
         t["bytes"] += info["size"]
         t["groups"] += len(info["groups"])
-        t["max_footer"] = max(t["max_footer"], info["size"] - max(b for _, b, _ in info["groups"]))
-        t["max_group"] = max(t["max_group"], max(b - a for a, b, _ in info["groups"]))
+        t["max_footer"] = max(t["max_footer"], info["size"] - max(g[1] for g in info["groups"]))
+        t["max_group"] = max(t["max_group"], max(g[1] - g[0] for g in info["groups"]))
         t["max_materials_per_file"] = max(t["max_materials_per_file"],
-                                          len({m for _, _, mids in info["groups"] for m in mids}))
+                                          len({m for g in info["groups"] for m in g[2]}))
     for t in out.values():
         t["bound_per_material"] = t["max_footer"] + t["max_group"]
     return out

@@ -330,7 +330,7 @@ def build_standin(folder, specs, rows_per_group: int = 1, file_mb: float = 64.0,
                               if c is not None) for i in range(rg.num_columns)]
                 ends = [starts[i] + rg.column(i).total_compressed_size for i in range(rg.num_columns)]
                 ids = idents.read_row_group(g, columns=[meta.schema.column(id_col).path]).column(0).to_pylist()
-                groups.append([min(starts), max(ends), sorted({owner[i] for i in ids})])
+                groups.append([min(starts), max(ends), sorted({owner[i] for i in ids}), sorted(ids)])
             files[f"{BUCKET}/{TABLES[kind]}/{p.relative_to(tables[kind]).as_posix()}"] = {
                 "kind": kind, "groups": groups, "size": p.stat().st_size}
     from monty.json import MontyEncoder
@@ -422,6 +422,7 @@ class Store:
             self.overlap: dict[tuple, int] = {}          # (file key, row group) -> bytes served from it
             self.bytes: dict[str, int] = {}              # kind -> bytes served (GET bodies)
             self.gets: dict[str, int] = {}               # kind -> successful GETs
+            self.file_gets: dict[str, int] = {}          # object key -> successful GETs
             self.injected: dict[str, int] = {}
             self.params: list[dict] = []
 
@@ -449,16 +450,17 @@ class Store:
         info = self.files.get(key)
         if not info:
             return ()
-        return tuple(sorted({m for a, b, mids in info["groups"] if a <= end and b > start for m in mids}))
+        return tuple(sorted({m for a, b, mids, _ids in info["groups"] if a <= end and b > start for m in mids}))
 
     def count_get(self, kind: str, key: str, start: int, end: int) -> None:
         """Account a served byte range: per kind, and per row group of a data file."""
         with self.lock:
             self.bytes[kind] = self.bytes.get(kind, 0) + (end - start + 1)
             self.gets[kind] = self.gets.get(kind, 0) + 1
+            self.file_gets[key] = self.file_gets.get(key, 0) + 1
             info = self.files.get(key)
             if info:
-                for g, (a, b, _mids) in enumerate(info["groups"]):
+                for g, (a, b, _mids, _ids) in enumerate(info["groups"]):
                     ov = min(b, end + 1) - max(a, start)
                     if ov > 0:
                         self.overlap[(key, g)] = self.overlap.get((key, g), 0) + ov
@@ -470,18 +472,23 @@ class Store:
         and GETs per kind."""
         with self.lock:
             served = {k: dict(v) for k, v in self.served.items()}
+            tasks: dict[str, dict[str, int]] = {}
             for (key, g), nbytes in self.overlap.items():
                 info = self.files[key]
-                a, b, mids = info["groups"][g]
+                a, b, mids, ids = info["groups"][g]
                 n = int(round(nbytes / max(1, b - a)))
                 if n == 0:
                     continue
                 per = served.setdefault(info["kind"], {})
                 for m in mids:
                     per[m] = max(per.get(m, 0), n)
-            return {"requests": dict(self.requests), "served": served, "injected": dict(self.injected),
+                per_task = tasks.setdefault(info["kind"], {})
+                for i in ids:
+                    per_task[i] = max(per_task.get(i, 0), n)
+            return {"requests": dict(self.requests), "served": served, "tasks": tasks,
+                    "injected": dict(self.injected),
                     "rules_left": [r for r in self.rules if r.get("times", 0) > 0], "params": list(self.params),
-                    "bytes": dict(self.bytes), "gets": dict(self.gets)}
+                    "bytes": dict(self.bytes), "gets": dict(self.gets), "file_gets": dict(self.file_gets)}
 
 
 def _truthy(v: str) -> bool:

@@ -202,7 +202,8 @@ def failure_category(exc: BaseException) -> str:
     facts = http_facts(exc)
     code = facts.status if facts is not None else None
     if code is None:
-        m = _STATUS.search(str(exc)) or _TOO_MANY.search(str(exc))
+        text = str(exc)
+        m = _STATUS.search(text) or _TOO_MANY.search(text) or re.search(r"\bHTTP (\d{3}) from\b", text)
         code = int(m.group(1)) if m else None
     if code:
         return "rate-limited (HTTP 429)" if code == 429 else f"HTTP {code}"

@@ -524,16 +524,20 @@ class Fetcher:
                 mid, cdos, es_doc, oxi_doc, task_id, run_type, calc_type,
                 extra={"db_version": self.client.db_version, "mp_api_version": self.client.mp_api_version,
                        "fetched_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            path = record.save(self.out / f"{mid}.npz", weight_dtype=np.dtype(self.cfg.weights))
-            entry = {"status": "complete", "file": path.name, "formula": record.formula,
-                     "method": record.method, "n_atoms": len(record.structure),
-                     "bytes": path.stat().st_size, "crosscheck": check}
-            self._done(mid, "fetched", entry)
+            try:  # a full disk or a folder that cannot be written stops the run (the next would fail too)
+                path = record.save(self.out / f"{mid}.npz", weight_dtype=np.dtype(self.cfg.weights))
+                entry = {"status": "complete", "file": path.name, "formula": record.formula,
+                         "method": record.method, "n_atoms": len(record.structure),
+                         "bytes": path.stat().st_size, "crosscheck": check}
+                self._done(mid, "fetched", entry)
+            except OSError as exc:
+                raise FetchError(f"{mid}: cannot write its record into {self.out}: "
+                                 f"{exc.strerror or short_reason(exc)}") from None
             self._watch(mid, None)
         except SkipMaterial as exc:
             self._skip(mid, exc)
             self._watch(mid, None)
-        except AuthError:
+        except FetchError:
             raise
         except PermanentError as exc:
             self._fail(mid, exc, "DOS")
