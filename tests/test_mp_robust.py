@@ -257,18 +257,23 @@ def _partition(key: str) -> str:
 
 
 def test_dos_reads_stay_in_the_tasks_run_type_partition(srv, standin, tmp_path):
-    """One GGA material: its queries open only files of the run_type=GGA partition, download its own
-    DOS task's row group once per table and never the material's GGA+U task."""
+    """One GGA material (CaO, whose task identifier falls inside the identifier range of the GGA+U
+    data files): its queries open only files of the run_type=GGA partition, download its own DOS
+    task's row group once per table and never the material's GGA+U task."""
     from data_prep.mp.api import dos_identifier
     from mp_server import _other_task_number, _task_number
 
     _, specs, folder = standin
-    m = fetch_mp(FetchConfig(limit=1, **FAST), tmp_path, progress=False, log=lambda line: None)
-    assert m["counts"]["fetched"] == 1 and specs["mp-1001"]["run_type"] == "GGA"
+    mid = "mp-1005"
+    mine, other = dos_identifier(f"mp-{_task_number(mid)}"), dos_identifier(f"mp-{_other_task_number(mid)}")
+    files = json.loads((folder / "s3_files.json").read_text())
+    plus_u = [f for k, f in files.items() if _partition(k) == "GGA+U"]
+    assert any(min(min(g[3]) for g in f["groups"]) < mine < max(max(g[3]) for g in f["groups"]) for f in plus_u)
+    m = fetch_mp(FetchConfig(elements=["Ca"], limit=1, **FAST), tmp_path, progress=False, log=lambda line: None)
+    assert m["counts"]["fetched"] == 1 and specs[mid]["run_type"] == "GGA" and (tmp_path / f"{mid}.npz").is_file()
     st = srv.stats()
     data_files = {k for k in st["file_gets"] if k.endswith(".parquet")}
     assert data_files and {_partition(k) for k in data_files} == {"GGA"}
-    mine, other = dos_identifier(f"mp-{_task_number('mp-1001')}"), dos_identifier(f"mp-{_other_task_number('mp-1001')}")
     for kind in ("total_dos", "projected_dos"):
         assert st["tasks"][kind] == {mine: 1}, kind
     assert other not in json.dumps(st["tasks"])
