@@ -3,11 +3,7 @@
 Two halves:
 
 - ``build_standin(folder, specs)`` (needs pymatgen, emmet, deltalake) writes the data the way MP
-  serves it: REST documents made from emmet's document models (``OxidationStateDoc.from_structure``,
-  ``DosData``/``DosSummaryData``) and dumped as JSON, and the two Delta Lake DOS tables of mp-api
-  0.46 (``materialsproject-parsed/core/electronic-structure/{total-dos,projected-dos}``) with
-  rows from emmet's ``ElectronicDos.from_pmg`` on real pymatgen ``CompleteDos`` objects, one
-  parquet file per material.
+  serves it (below: what, and where each fact comes from);
 - ``python tests/mp_server.py FOLDER`` (standard library only, so it starts fast) serves that
   folder on 127.0.0.1 at a free port, printed on the first line of stdout: ``/heartbeat``,
   ``/materials/{summary,electronic_structure,oxidation_states,core}/`` with MP's query parameters
@@ -16,17 +12,69 @@ Two halves:
   ListObjectsV2) for the object store. mp-api's Delta reads hold the GIL, so the server must run
   in another process than the client.
 
+What the stand-in reproduces, and the source of each fact (mp-api 0.46.5 and emmet-core 0.87.3,
+as installed with the project):
+
+- The DOS tables: bucket ``materialsproject-parsed``, prefixes ``core/electronic-structure/total-dos/``
+  and ``.../projected-dos/``, registered as ``total_dos`` and ``dos_projections``
+  (``mp_api/client/routes/materials/electronic_structure.py``, ``DosRester.get_dos_from_task_id``).
+  mp-api 0.46.0 and 0.46.1 have no such reader (their ``core/client.py`` has no
+  ``QueryBuilderWithCache`` or ``_get_delta_table``).
+- Rows are keyed by ``identifier`` = ``str(AlphaID(task_id.split("-")[-1], padlen=8))`` and
+  ``run_type`` (an emmet ``RunType`` value: ``GGA``, ``GGA+U``, ``r2SCAN``): the same method builds
+  ``WHERE identifier='...'`` and, given a run type, ``AND run_type='{RunType(...).value}'``, and runs
+  the same WHERE clause on the projections table, so both tables have both columns.
+- ``run_type`` is a partition column: that method's docstring says the run type "will speed up
+  query due to delta table partitioning" (the band-structure tables add ``path_convention`` the same
+  way, ``BandStructureRester.get_bandstructure_from_task_id``). The installed sources name no
+  other partition column of the DOS tables, so ``PARTITION_BY`` is ``["run_type"]`` (mp-api's
+  ``BaseRester._query_delta_backed`` partitions its own local copies of other collections by
+  ``version``, hive style; that is not these tables).
+- Row schema: emmet's ``ElectronicDos`` (``identifier``, ``structure``, ``run_type``,
+  ``spin_up_densities``, ``spin_down_densities``, ``energies``, ``efermi``, ``projected_densities``)
+  and, for projections, ``identifier`` + ``run_type`` + emmet's ``ProjectedDos`` (``spin_up_densities``,
+  ``spin_down_densities``, ``orbital``, ``site_index``), as arrow schemas from
+  ``emmet.core.arrow.arrowize``; rows from ``ElectronicDos.from_pmg`` on real pymatgen
+  ``CompleteDos`` objects (``emmet/core/band_theory.py``). mp-api converts with
+  ``ElectronicDos(**total_row, projected_densities=proj_row).to_pmg()``, whose
+  ``ProjectedDos.to_pmg_like`` looks orbitals up with ``Orbital[name]``; older tables name
+  d(x^2-y^2) ``dx2`` (pymatgen-core's deprecated alias, ``pymatgen/electronic_structure/core.py``),
+  which specs with ``dx2_name`` reproduce.
+- REST documents: the electronic-structure document is an emmet ``ElectronicStructureDoc``
+  (``from_structure``, dumped with ``model_dump(mode="json")``, so ids are in emmet's ``AlphaID``
+  spelling, ``mp-aaaaabmn``) whose ``dos`` is a ``DosData`` (``task_id``, ``total`` per spin of
+  ``DosSummaryData``) and whose ``origins`` hold a ``PropertyOrigin`` named ``electronic_structure``
+  for the DOS task, as ``emmet/core/electronic_structure.py::_generate_dos_data`` names it. The core
+  document's ``calc_types`` (``MaterialsDoc``) map task ids to calculation types spelled
+  ``f"{run_type} {task_type}"`` (``emmet/core/vasp/calc_types/utils.py::calc_type``), e.g.
+  ``GGA+U NSCF Uniform``: that is where the DOS task's run type is named. Summary and core
+  documents carry only fields of emmet's ``SummaryDoc`` / ``MaterialsDoc`` (checked when built);
+  oxidation states are ``OxidationStateDoc.from_structure``.
+- Every material has two uniform DOS tasks of different run types (``OTHER_RUN_TYPE``; the one its
+  electronic-structure document does not name has its densities halved, so reading it shows).
+- Error answers as mp-api reports them (``core/client.py::_submit_request_and_process``: JSON
+  ``detail`` from the API, ``Response <body>`` otherwise); mp-api's session itself retries 429,
+  502 and 504 (``Retry(status_forcelist=[429, 504, 502])``) before the fetcher sees them.
+
+Not in the sources, so chosen here and stated as such: how MP cuts its tables into files. Each table
+is written in one commit, rows sorted by (run type, identifier), in data files of up to ``file_mb``
+MB (many materials each; delta-rs records min/max ``identifier`` per file in the log, which the
+reader uses to skip files) with ``rows_per_group`` tasks per parquet row group (1 by default, so
+the server can count per material exactly; ``bench/mp_fetch.py`` varies it).
+
 Control endpoints (no key): ``GET /_standin/stats``, ``POST /_standin/config`` (JSON: ``latency_s``,
 ``rules``, ``auth_status``), ``POST /_standin/reset``. A rule ``{"kind", "action", "times",
-"material"?, "retry_after"?}`` fails the first ``times`` matching requests; ``action`` is ``drop``
-(close the connection without answering), ``500``, ``503``, ``429`` (with ``Retry-After``) or
-``403``. Kinds: ``summary``, ``electronic_structure``, ``oxidation_states``, ``materials``,
-``heartbeat``, and for the object store ``total_dos`` / ``projected_dos`` (data files, matched per
-material) and ``delta_log``.
+"material"?, "retry_after"?, "body"?}`` fails the first ``times`` matching requests; ``action`` is
+``drop`` (close the connection without answering) or an HTTP status (``500``, ``502``, ``503``,
+``504``, ``429`` with ``Retry-After``, ``403``, ``400``, ...); ``"body": "html"`` answers with an HTML
+page (a proxy's or firewall's) instead of the API's JSON or S3's XML. Kinds: ``summary``,
+``electronic_structure``, ``oxidation_states``, ``materials``, ``heartbeat``, and for the object
+store ``total_dos`` / ``projected_dos`` (data files, matched per material by the row groups a
+range overlaps) and ``delta_log``.
 
-Stats count, per kind and material, successful downloads: for REST each document in a 200
-response; for the object store the number of times the same byte range of the material's data
-file was served successfully (a query reads each range once, so 2 means downloaded twice).
+Stats: requests per kind; per kind and material, successful downloads (REST: each document in a
+200 response; object store: bytes served from the material's row groups / their size, rounded,
+also per task identifier under ``tasks``); object-store bytes and GETs per kind and GETs per file.
 """
 from __future__ import annotations
 
