@@ -247,7 +247,12 @@ def _docs_for(spec):
     es_doc = ElectronicStructureDoc.from_structure(
         meta_structure=s, material_id=mid, band_gap=round(gap + 0.05, 4), cbm=cbm, vbm=vbm, efermi=cdos.efermi,
         is_gap_direct=False, is_metal=bool(gap < 0.1), deprecated=False,
-        dos=None if case == "no-dos-field" else DosData(task_id=task, total=total),
+        dos=None if case == "no-dos-field" else DosData(
+            task_id=task, total=total,
+            # shaped as emmet's _generate_dos_data fills them (values: the total's summary); None
+            # would not survive emmet's own DosData validator, which mp-api's document models run
+            orbital={o: dict(total) for o in ("s", "p", "d")},
+            elemental={el: {o: dict(total) for o in ("total", "s", "p", "d")} for el in elements}),
         origins=[PropertyOrigin(name="electronic_structure", task_id=task, last_updated=now)])
     es = es_doc.model_dump(mode="json")
     es.pop("structure", None)  # the API leaves it out unless asked
