@@ -81,6 +81,8 @@ def run_once(server, concurrency: int, latency_s: float, out: Path, run_type_fil
     dups = {k: sum(1 for v in stats["served"].get(k, {}).values() if v > 1) for k in ("total_dos", "projected_dos")}
     recs = sorted(out.glob("*.npz"))
     sizes = [p.stat().st_size for p in recs]
+    atoms = sum(e.get("n_atoms", 0) for e in json.loads((out / "index.json").read_text())["materials"].values()
+                if e.get("status") == "complete")
     return {"concurrency": concurrency, "run_type_filter": run_type_filter, "wall_s": round(wall, 1),
             "targets": m["counts"]["targets"], "fetched": m["counts"]["fetched"],
             "skipped": m["counts"]["skipped"], "failed": m["counts"]["failed"],
@@ -91,7 +93,9 @@ def run_once(server, concurrency: int, latency_s: float, out: Path, run_type_fil
             "store_total_dos_bytes_per_material": int(stats["bytes"].get("total_dos", 0) / n),
             "store_projected_dos_bytes_per_material": int(stats["bytes"].get("projected_dos", 0) / n),
             "delta_log_bytes": log_bytes, "materials_downloaded_twice": dups,
-            "mean_record_bytes": int(sum(sizes) / max(1, len(sizes)))}
+            "mean_record_bytes": int(sum(sizes) / max(1, len(sizes))),
+            "record_bytes_per_atom": int(sum(sizes) / max(1, atoms)),
+            "store_data_bytes_per_fetched_atom": int(data_bytes / max(1, atoms))}
 
 
 def main(argv=None) -> int:
@@ -139,7 +143,9 @@ def main(argv=None) -> int:
                       f"{r['store_projected_dos_bytes_per_material'] / 1024:.0f} kB), "
                       f"{r['store_gets_per_material']} object-store GETs, {r['rest_requests_per_material']} REST "
                       f"requests; Delta log {r['delta_log_bytes'] / 1024:.0f} kB in all; "
-                      f"downloaded twice: {r['materials_downloaded_twice']}", flush=True)
+                      f"downloaded twice: {r['materials_downloaded_twice']}; records "
+                      f"{r['mean_record_bytes'] / 1024:.0f} kB each, {r['record_bytes_per_atom'] / 1024:.1f} kB per atom",
+                      flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "materials": len(specs), "points": args.points, "rows_per_group": args.rows_per_group,

@@ -3,12 +3,18 @@
 Everything that touches the network lives here; ``data_prep.mp.fetch`` only sees plain dicts and
 pymatgen objects. The REST calls go through the public ``MPRester`` search methods
 (``materials.summary``, ``materials.electronic_structure``, ``materials.oxidation_states``,
-``materials`` core). The projected DOS comes from the object store the way mp-api 0.46 reads it
+``materials`` core). The projected DOS comes from the object store the way mp-api 0.46.2+ reads it
 (``DosRester.get_dos_from_task_id``): two Delta Lake tables in the public bucket
 ``materialsproject-parsed`` (``core/electronic-structure/total-dos/`` and ``.../projected-dos/``),
-queried by the task's ``AlphaID`` identifier through mp-api's own table registration
-(``_get_delta_table``) and converted with emmet's ``ElectronicDos`` — see ``DeltaDosStore`` for why
-it does not call ``get_dos_from_task_id`` itself.
+partitioned by run type, queried by the task's ``AlphaID`` identifier and run type through mp-api's
+own table registration (``_get_delta_table``) and converted with emmet's ``ElectronicDos`` — see
+``DeltaDosStore`` for why it does not call ``get_dos_from_task_id`` itself. ``check_mp_api`` turns
+an mp-api without that reader into one line.
+
+Errors: ``classify`` says whether a retry can help; ``short_reason`` turns mp-api, urllib3 and
+object_store (Delta reader) errors into one plain line with the HTTP status, request and host
+(``http_facts``), and says when a 403 is a web page (a proxy, a firewall) rather than the API's
+answer: only the API's own 401/403 is reported as a rejected key.
 
 The API key is passed to mp-api and otherwise never leaves this module: every message that can
 reach a user goes through ``redact``.

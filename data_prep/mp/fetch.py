@@ -9,7 +9,15 @@ and failures and the bond-valence cross-check.
 Request pattern (see ``data_prep.mp.api``): the selection is one paginated summary search
 (1000 ids per page); then per batch of up to ``batch_size`` materials one electronic-structure,
 one oxidation-state and one core-materials request (ids comma-joined), and per material two
-object-store queries (total DOS, projections). Batches run on ``concurrency`` threads.
+object-store queries (total DOS, projections), each naming the DOS task's identifier and its run
+type (the tables' partition column; the run type is read from the core document's calculation
+type of the task the electronic-structure document names). Batches run on ``concurrency`` threads.
+
+Failures: transient ones (network, 429, 5xx) are retried with backoff; others are not. A material
+that still fails is listed in the manifest and retried by the next run. Anything that stops the
+whole run (no key, key rejected, endpoint or object store unreachable or refusing, selection
+failed, a record that cannot be written, the first ``abort_after`` materials all failing for one
+permanent reason) raises ``FetchError`` with one line; what was written stays.
 """
 from __future__ import annotations
 
