@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/mp_fetch.py [--materials 1000] [--points 301] [--rows-per-group 1] [--file-mb 16]
+    python bench/mp_fetch.py [--materials 1000] [--points 301] [--rows-per-group 1] [--rows-per-file 250]
                              [--latency-ms 5] [--concurrency 4] [--without-run-type] [--json PATH]
 
 Runs against the local stand-in server of the tests (``tests/mp_server.py``: MP's REST endpoints
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--materials", type=int, default=1000, help="materials in the stand-in (>= 15)")
     ap.add_argument("--points", type=int, default=301, help="DOS energies per material (MP: 2001)")
     ap.add_argument("--rows-per-group", type=int, default=1, help="DOS tasks per parquet row group")
-    ap.add_argument("--file-mb", type=float, default=16.0, help="target size of a data file")
+    ap.add_argument("--rows-per-file", type=int, default=250, help="DOS tasks per data file")
     ap.add_argument("--latency-ms", type=float, default=5.0, help="server-side delay per request")
     ap.add_argument("--concurrency", type=int, help="worker threads (default: FetchConfig's)")
     ap.add_argument("--without-run-type", action="store_true", help="also run without the run-type filter")
@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         specs = default_specs(n_extra=max(0, args.materials - 15), n_points=args.points)
-        build_standin(work / "standin", specs, rows_per_group=args.rows_per_group, file_mb=args.file_mb)
+        build_standin(work / "standin", specs, rows_per_group=args.rows_per_group,
+                      rows_per_file=args.rows_per_file)
         layout = layout_bound(work / "standin")
         print(f"stand-in: {len(specs)} materials, {args.points} DOS points, {args.rows_per_group} task(s) per "
               f"row group, built in {time.perf_counter() - t0:.0f} s; latency {args.latency_ms:g} ms per request",
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "materials": len(specs), "points": args.points, "rows_per_group": args.rows_per_group,
-                "file_mb": args.file_mb, "latency_ms": args.latency_ms, "layout": layout, "results": results,
+                "rows_per_file": args.rows_per_file, "latency_ms": args.latency_ms, "layout": layout, "results": results,
                 "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()},
                 indent=1))
     finally:

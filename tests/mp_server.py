@@ -56,10 +56,10 @@ as installed with the project):
   ``detail`` from the API, ``Response <body>`` otherwise); mp-api's session itself retries 429,
   502 and 504 (``Retry(status_forcelist=[429, 504, 502])``) before the fetcher sees them.
 
-Not in the sources, so chosen here and stated as such: how MP cuts its tables into files. Each table
-is written in one commit, rows sorted by (run type, identifier), in data files of up to ``file_mb``
-MB (many materials each; delta-rs records min/max ``identifier`` per file in the log, which the
-reader uses to skip files) with ``rows_per_group`` tasks per parquet row group (1 by default, so
+Not in the sources, so chosen here and stated as such: how MP cuts its tables into files. Rows are
+sorted by (run type, identifier) and written one commit per data file of ``rows_per_file``
+DOS tasks (many materials each; delta-rs records min/max ``identifier`` per file in the log, which
+the reader uses to skip files) with ``rows_per_group`` tasks per parquet row group (1 by default, so
 the server can count per material exactly; ``bench/mp_fetch.py`` varies it).
 
 Control endpoints (no key): ``GET /_standin/stats``, ``POST /_standin/config`` (JSON: ``latency_s``,
@@ -323,12 +323,12 @@ def _dos_rows(spec):
 PARTITION_BY = ["run_type"]
 
 
-def build_standin(folder, specs, rows_per_group: int = 1, file_mb: float = 64.0, layout: str = "mp") -> Path:
+def build_standin(folder, specs, rows_per_group: int = 1, rows_per_file: int = 250, layout: str = "mp") -> Path:
     """Write REST documents and the two partitioned DOS Delta tables for ``specs`` into ``folder``.
 
-    Each table is written in one commit, rows sorted by identifier, partitioned by ``PARTITION_BY``,
-    in data files of up to ``file_mb`` MB (many materials each) with ``rows_per_group`` rows (DOS
-    tasks) per parquet row group. ``layout="renamed-identifier"`` writes the projections table with
+    Each table holds its rows sorted by identifier, partitioned by ``PARTITION_BY``, in data files
+    of ``rows_per_file`` rows (DOS tasks: many materials each; one commit per file) with
+    ``rows_per_group`` rows per parquet row group. ``layout="renamed-identifier"`` writes the projections table with
     its ``identifier`` column named ``task_identifier`` (a layout the fetcher's query does not fit).
 
     ``s3_files.json`` maps every data file to its table and, per row group, the byte span and the
@@ -366,11 +366,19 @@ def build_standin(folder, specs, rows_per_group: int = 1, file_mb: float = 64.0,
     props = WriterProperties(max_row_group_size=max(1, int(rows_per_group)), compression="SNAPPY")
     for kind, schema in (("total_dos", total_schema), ("projected_dos", proj_schema)):
         data = sorted(rows[kind], key=lambda r: (r["run_type"], r["identifier"]))
-        table = pa.Table.from_pylist(data, schema=schema)
-        if kind == "projected_dos" and layout == "renamed-identifier":
-            table = table.rename_columns(["task_identifier" if n == "identifier" else n for n in table.column_names])
-        write_deltalake(str(tables[kind]), table, partition_by=PARTITION_BY, mode="overwrite",
-                        writer_properties=props, target_file_size=int(file_mb * (1 << 20)))
+        parts = [r[PARTITION_BY[0]] for r in data]
+        start = 0
+        while start < len(data):  # contiguous identifier ranges: one file per chunk of one partition
+            stop = min(len(data), start + max(1, int(rows_per_file)))
+            stop = next((i for i in range(start + 1, stop) if parts[i] != parts[start]), stop)
+            # a fresh table per chunk: delta-rs 1.5 panics on a sliced arrow table with nested columns
+            table = pa.Table.from_pylist(data[start:stop], schema=schema)
+            if kind == "projected_dos" and layout == "renamed-identifier":
+                table = table.rename_columns(["task_identifier" if n == "identifier" else n
+                                              for n in table.column_names])
+            write_deltalake(str(tables[kind]), table, partition_by=PARTITION_BY,
+                            mode="overwrite" if start == 0 else "append", writer_properties=props)
+            start = stop
         for p in sorted(tables[kind].rglob("*.parquet")):
             meta = pq.ParquetFile(p).metadata
             id_col = next(i for i in range(meta.num_columns)
