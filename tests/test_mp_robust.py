@@ -191,11 +191,11 @@ def test_pins_admit_only_the_tested_mp_api():
 
     from packaging.requirements import Requirement
 
-    from data_prep.mp.api import MP_API_TESTED
-
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     (spec,) = [Requirement(d) for d in deps if d.startswith("mp-api")]
     assert not spec.specifier.contains("0.46.0") and not spec.specifier.contains("0.46.1")
+    from data_prep.mp.api import MP_API_TESTED
+
     assert spec.specifier.contains(MP_API_TESTED) and version("mp-api") == MP_API_TESTED
     env = (ROOT / "environment.yml").read_text()
     assert f"mp-api{spec.specifier}" in env.replace(" ", "")
