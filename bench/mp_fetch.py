@@ -145,13 +145,15 @@ def main(argv=None) -> int:
                       f"{r['store_projected_dos_bytes_per_material'] / 1024:.0f} kB), "
                       f"{r['store_gets_per_material']} object-store GETs, {r['rest_requests_per_material']} REST "
                       f"requests; Delta log {r['delta_log_bytes'] / 1024:.0f} kB in all; "
-                      f"DOS tasks whose row group was downloaded more than once: {r['tasks_downloaded_more_than_once']}; records "
+                      "DOS tasks whose row group was downloaded more than once: "
+                      f"{r['tasks_downloaded_more_than_once']}; records "
                       f"{r['mean_record_bytes'] / 1024:.0f} kB each, {r['record_bytes_per_atom'] / 1024:.1f} kB per atom",
                       flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps({
                 "materials": len(specs), "points": args.points, "rows_per_group": args.rows_per_group,
-                "rows_per_file": args.rows_per_file, "latency_ms": args.latency_ms, "layout": layout, "results": results,
+                "rows_per_file": args.rows_per_file, "latency_ms": args.latency_ms, "layout": layout,
+                "results": results,
                 "python": platform.python_version(), "cpus": os.cpu_count(), "machine": platform.machine()},
                 indent=1))
     finally:

@@ -143,7 +143,7 @@ def test_object_store_errors_are_plain_and_name_status_and_host(srv, two_records
     assert f"127.0.0.1:{srv.port}" in reason
 
 
-# ----------------------------------------------------------------------------- item 3: no retry for what a retry cannot fix
+# ----------------------------------------------------------------------------- item 3: no retry when it cannot help
 @pytest.fixture(scope="module")
 def misfit(tmp_path_factory):
     """A stand-in whose projections table names its identifier column differently (a layout the

@@ -136,7 +136,8 @@ class HttpFacts:
         where = f"{self.method} {self.path} on {self.host}"
         tail = ""
         if self.body_kind == "html":
-            tail = f": {self.body}, not an answer of the {'Materials Project API' if self.service == 'api' else 'object store'} (a proxy or firewall?)"
+            who = "Materials Project API" if self.service == "api" else "object store"
+            tail = f": {self.body}, not an answer of the {who} (a proxy or firewall?)"
         elif self.body_kind == "retried":
             tail = " (every retry of mp-api's session too)"
         elif self.body:
