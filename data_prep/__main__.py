@@ -86,6 +86,8 @@ def _parser():
                    help="first retry delay in seconds, doubled each attempt, with jitter (default 1)")
     f.add_argument("--weights", choices=("float32", "float16"),
                    help="precision of the stored projections (float16: half the disk; default float32)")
+    f.add_argument("--abort-after", type=int, metavar="N",
+                   help="stop when the first N materials all fail for one reason a retry cannot fix (default 20)")
     f.add_argument("--retry-skipped", action="store_true", default=None,
                    help="try again the materials an earlier run skipped")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -99,7 +101,7 @@ def _parser():
 
 _FETCH_FLAGS = ("limit", "elements", "exclude_elements", "nelements_max", "nelements_min",
                 "energy_above_hull_max", "stable_only", "no_theoretical", "shard", "concurrency",
-                "batch_size", "endpoint", "retries", "backoff_s", "retry_skipped", "weights")
+                "batch_size", "endpoint", "retries", "backoff_s", "retry_skipped", "weights", "abort_after")
 
 
 def _fetch_config(args):
@@ -254,8 +256,24 @@ def _mp_command(args) -> int:
         print(format_summary(summary, args.out))
         return 1 if summary["counts"]["failed"] else 0
 
-    # OSError: an output folder that cannot be written
-    return error_tail("data_prep", run, (FetchError, MergeError, OSError))
+    def guarded() -> int:
+        try:
+            return run()
+        except (FetchError, MergeError, OSError) as exc:  # OSError: an output folder that cannot be written
+            print(f"data_prep: error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        except Exception as exc:  # a bug or an mp-api change: still one line, never the key
+            from data_prep.mp.api import redact, resolve_api_key, short_reason
+
+            try:
+                key = resolve_api_key()[0]
+            except Exception:  # noqa: BLE001 - no key configured: nothing to redact
+                key = None
+            print(f"data_prep: error: {args.cmd} failed unexpectedly: {type(exc).__name__}: "
+                  f"{redact(short_reason(exc), key)}", file=sys.stderr)
+            return 1
+
+    return error_tail("data_prep", guarded, ())
 
 
 if __name__ == "__main__":

@@ -3,11 +3,7 @@
 Two halves:
 
 - ``build_standin(folder, specs)`` (needs pymatgen, emmet, deltalake) writes the data the way MP
-  serves it: REST documents made from emmet's document models (``OxidationStateDoc.from_structure``,
-  ``DosData``/``DosSummaryData``) and dumped as JSON, and the two Delta Lake DOS tables of mp-api
-  0.46 (``materialsproject-parsed/core/electronic-structure/{total-dos,projected-dos}``) with
-  rows from emmet's ``ElectronicDos.from_pmg`` on real pymatgen ``CompleteDos`` objects, one
-  parquet file per material.
+  serves it (below: what, and where each fact comes from);
 - ``python tests/mp_server.py FOLDER`` (standard library only, so it starts fast) serves that
   folder on 127.0.0.1 at a free port, printed on the first line of stdout: ``/heartbeat``,
   ``/materials/{summary,electronic_structure,oxidation_states,core}/`` with MP's query parameters
@@ -16,17 +12,69 @@ Two halves:
   ListObjectsV2) for the object store. mp-api's Delta reads hold the GIL, so the server must run
   in another process than the client.
 
+What the stand-in reproduces, and the source of each fact (mp-api 0.46.5 and emmet-core 0.87.3,
+as installed with the project):
+
+- The DOS tables: bucket ``materialsproject-parsed``, prefixes ``core/electronic-structure/total-dos/``
+  and ``.../projected-dos/``, registered as ``total_dos`` and ``dos_projections``
+  (``mp_api/client/routes/materials/electronic_structure.py``, ``DosRester.get_dos_from_task_id``).
+  mp-api 0.46.0 and 0.46.1 have no such reader (their ``core/client.py`` has no
+  ``QueryBuilderWithCache`` or ``_get_delta_table``).
+- Rows are keyed by ``identifier`` = ``str(AlphaID(task_id.split("-")[-1], padlen=8))`` and
+  ``run_type`` (an emmet ``RunType`` value: ``GGA``, ``GGA+U``, ``r2SCAN``): the same method builds
+  ``WHERE identifier='...'`` and, given a run type, ``AND run_type='{RunType(...).value}'``, and runs
+  the same WHERE clause on the projections table, so both tables have both columns.
+- ``run_type`` is a partition column: that method's docstring says the run type "will speed up
+  query due to delta table partitioning" (the band-structure tables add ``path_convention`` the same
+  way, ``BandStructureRester.get_bandstructure_from_task_id``). The installed sources name no
+  other partition column of the DOS tables, so ``PARTITION_BY`` is ``["run_type"]`` (mp-api's
+  ``BaseRester._query_delta_backed`` partitions its own local copies of other collections by
+  ``version``, hive style; that is not these tables).
+- Row schema: emmet's ``ElectronicDos`` (``identifier``, ``structure``, ``run_type``,
+  ``spin_up_densities``, ``spin_down_densities``, ``energies``, ``efermi``, ``projected_densities``)
+  and, for projections, ``identifier`` + ``run_type`` + emmet's ``ProjectedDos`` (``spin_up_densities``,
+  ``spin_down_densities``, ``orbital``, ``site_index``), as arrow schemas from
+  ``emmet.core.arrow.arrowize``; rows from ``ElectronicDos.from_pmg`` on real pymatgen
+  ``CompleteDos`` objects (``emmet/core/band_theory.py``). mp-api converts with
+  ``ElectronicDos(**total_row, projected_densities=proj_row).to_pmg()``, whose
+  ``ProjectedDos.to_pmg_like`` looks orbitals up with ``Orbital[name]``; older tables name
+  d(x^2-y^2) ``dx2`` (pymatgen-core's deprecated alias, ``pymatgen/electronic_structure/core.py``),
+  which specs with ``dx2_name`` reproduce.
+- REST documents: the electronic-structure document is an emmet ``ElectronicStructureDoc``
+  (``from_structure``, dumped with ``model_dump(mode="json")``, so ids are in emmet's ``AlphaID``
+  spelling, ``mp-aaaaabmn``) whose ``dos`` is a ``DosData`` (``task_id``, ``total`` per spin of
+  ``DosSummaryData``) and whose ``origins`` hold a ``PropertyOrigin`` named ``electronic_structure``
+  for the DOS task, as ``emmet/core/electronic_structure.py::_generate_dos_data`` names it. The core
+  document's ``calc_types`` (``MaterialsDoc``) map task ids to calculation types spelled
+  ``f"{run_type} {task_type}"`` (``emmet/core/vasp/calc_types/utils.py::calc_type``), e.g.
+  ``GGA+U NSCF Uniform``: that is where the DOS task's run type is named. Summary and core
+  documents carry only fields of emmet's ``SummaryDoc`` / ``MaterialsDoc`` (checked when built);
+  oxidation states are ``OxidationStateDoc.from_structure``.
+- Every material has two uniform DOS tasks of different run types (``OTHER_RUN_TYPE``; the one its
+  electronic-structure document does not name has its densities halved, so reading it shows).
+- Error answers as mp-api reports them (``core/client.py::_submit_request_and_process``: JSON
+  ``detail`` from the API, ``Response <body>`` otherwise); mp-api's session itself retries 429,
+  502 and 504 (``Retry(status_forcelist=[429, 504, 502])``) before the fetcher sees them.
+
+Not in the sources, so chosen here and stated as such: how MP cuts its tables into files. Rows are
+sorted by (run type, identifier) and written one commit per data file of ``rows_per_file``
+DOS tasks (many materials each; delta-rs records min/max ``identifier`` per file in the log, which
+the reader uses to skip files) with ``rows_per_group`` tasks per parquet row group (1 by default, so
+the server can count per material exactly; ``bench/mp_fetch.py`` varies it).
+
 Control endpoints (no key): ``GET /_standin/stats``, ``POST /_standin/config`` (JSON: ``latency_s``,
 ``rules``, ``auth_status``), ``POST /_standin/reset``. A rule ``{"kind", "action", "times",
-"material"?, "retry_after"?}`` fails the first ``times`` matching requests; ``action`` is ``drop``
-(close the connection without answering), ``500``, ``503``, ``429`` (with ``Retry-After``) or
-``403``. Kinds: ``summary``, ``electronic_structure``, ``oxidation_states``, ``materials``,
-``heartbeat``, and for the object store ``total_dos`` / ``projected_dos`` (data files, matched per
-material) and ``delta_log``.
+"material"?, "retry_after"?, "body"?}`` fails the first ``times`` matching requests; ``action`` is
+``drop`` (close the connection without answering) or an HTTP status (``500``, ``502``, ``503``,
+``504``, ``429`` with ``Retry-After``, ``403``, ``400``, ...); ``"body": "html"`` answers with an HTML
+page (a proxy's or firewall's) instead of the API's JSON or S3's XML. Kinds: ``summary``,
+``electronic_structure``, ``oxidation_states``, ``materials``, ``heartbeat``, and for the object
+store ``total_dos`` / ``projected_dos`` (data files, matched per material by the row groups a
+range overlaps) and ``delta_log``.
 
-Stats count, per kind and material, successful downloads: for REST each document in a 200
-response; for the object store the number of times the same byte range of the material's data
-file was served successfully (a query reads each range once, so 2 means downloaded twice).
+Stats: requests per kind; per kind and material, successful downloads (REST: each document in a
+200 response; object store: bytes served from the material's row groups / their size, rounded,
+also per task identifier under ``tasks``); object-store bytes and GETs per kind and GETs per file.
 """
 from __future__ import annotations
 
@@ -149,18 +197,38 @@ def default_specs(n_extra: int = 0, n_points: int = 241):
     return specs
 
 
+#: Run types of the stand-in's tasks (emmet ``RunType`` values) and the other run type each material
+#: also has a uniform DOS task for (MP computes GGA and GGA+U for many oxides; r2SCAN for newer ones).
+OTHER_RUN_TYPE = {"GGA": "GGA+U", "GGA+U": "GGA", "r2SCAN": "GGA"}
+
+
 def _task_number(material_id: str) -> int:
     return 500000 + int(material_id.split("-")[1])
 
 
+def _other_task_number(material_id: str) -> int:
+    return 700000 + int(material_id.split("-")[1])
+
+
 def _docs_for(spec):
-    """REST documents (summary, electronic structure, oxidation states, core) of one spec."""
-    from emmet.core.electronic_structure import DosData, DosSummaryData
+    """REST documents (summary, electronic structure, oxidation states, core) of one spec.
+
+    The electronic-structure document is emmet's ``ElectronicStructureDoc`` (ids in emmet's
+    ``AlphaID`` spelling, the DOS origin named ``electronic_structure`` as emmet's
+    ``_generate_dos_data`` names it); the others carry only fields of emmet's ``SummaryDoc``,
+    ``MaterialsDoc`` and ``OxidationStateDoc``.
+    """
+    from datetime import datetime, timezone
+
+    from emmet.core.electronic_structure import DosData, DosSummaryData, ElectronicStructureDoc
+    from emmet.core.material import MaterialsDoc, PropertyOrigin
     from emmet.core.oxidation_states import OxidationStateDoc
+    from emmet.core.summary import SummaryDoc
     from pymatgen.electronic_structure.core import Spin
 
     mid, s, cdos, case = spec["material_id"], spec["structure"], spec["cdos"], spec.get("case")
     task = f"mp-{_task_number(mid)}"
+    other = f"mp-{_other_task_number(mid)}"
     comp = s.composition
     elements = sorted({el.symbol for el in comp.elements})
     summary = {"material_id": mid, "formula_pretty": comp.reduced_formula, "nsites": len(s),
@@ -169,63 +237,106 @@ def _docs_for(spec):
                "theoretical": spec["theoretical"], "deprecated": False,
                "has_props": {"materials": True, "electronic_structure": True, "dos": True,
                              "oxi_states": case != "no-oxi-doc"}}
+    assert set(summary) <= set(SummaryDoc.model_fields)
     cbm, vbm = cdos.get_cbm_vbm()
     gap = max(0.0, cbm - vbm)
     spins = list(cdos.densities)
     total = {sp: DosSummaryData(band_gap=gap, cbm=cbm, vbm=vbm, efermi=cdos.efermi,
                                 spin_polarization=0.0 if len(spins) == 1 else 0.1) for sp in spins}
-    dos = DosData(task_id=task, total=total).model_dump(mode="json")
-    es = {"material_id": mid, "band_gap": round(gap + 0.05, 4), "efermi": cdos.efermi, "is_metal": bool(gap < 0.1),
-          "is_gap_direct": False, "dos": None if case == "no-dos-field" else dos,
-          "origins": [{"name": "dos", "task_id": task}], "deprecated": False}
+    now = datetime(2025, 9, 25, tzinfo=timezone.utc)
+    es_doc = ElectronicStructureDoc.from_structure(
+        meta_structure=s, material_id=mid, band_gap=round(gap + 0.05, 4), cbm=cbm, vbm=vbm, efermi=cdos.efermi,
+        is_gap_direct=False, is_metal=bool(gap < 0.1), deprecated=False,
+        dos=None if case == "no-dos-field" else DosData(
+            task_id=task, total=total,
+            # shaped as emmet's _generate_dos_data fills them (values: the total's summary); None
+            # would not survive emmet's own DosData validator, which mp-api's document models run
+            orbital={o: dict(total) for o in ("s", "p", "d")},
+            elemental={el: {o: dict(total) for o in ("total", "s", "p", "d")} for el in elements}),
+        origins=[PropertyOrigin(name="electronic_structure", task_id=task, last_updated=now)])
+    es = es_doc.model_dump(mode="json")
+    es.pop("structure", None)  # the API leaves it out unless asked
     oxi = None
     if case != "no-oxi-doc" and s.is_ordered:
         oxi = OxidationStateDoc.from_structure(s, material_id=mid).model_dump(mode="json")
         if case == "oxi-disagrees":  # a guess that swaps the charges
             oxi["possible_valences"] = [-v for v in oxi["possible_valences"]]
             oxi["method"] = "Oxidation State Guess"
-    core = {"material_id": mid, "deprecated": False, "task_ids": [task, f"mp-{_task_number(mid) + 1}"],
-            "calc_types": {task: f"{spec['run_type']} NSCF Uniform",
-                           f"mp-{_task_number(mid) + 1}": f"{spec['run_type']} Static"}}
+    rt, rt2 = spec["run_type"], OTHER_RUN_TYPE[spec["run_type"]]
+    static = f"mp-{_task_number(mid) + 1}"
+    core = {"material_id": mid, "deprecated": False, "task_ids": [task, static, other],
+            "calc_types": {task: f"{rt} NSCF Uniform", static: f"{rt} Static", other: f"{rt2} NSCF Uniform"}}
+    assert set(core) <= set(MaterialsDoc.model_fields)
     assert Spin.up in cdos.densities
     return summary, es, oxi, core, task
 
 
-def _dos_rows(spec, task):
-    """(total row, projected row) as mp-api 0.46 reads them, or None for the table(s) left out."""
-    from emmet.core.band_theory import ElectronicDos
+def _ident(task: str) -> str:
     from emmet.core.mpid import AlphaID
 
-    ident = str(AlphaID(task.split("-")[-1], padlen=8))
-    ed = ElectronicDos.from_pmg(spec["cdos"], identifier=ident, run_type=spec["run_type"])
-    row = ed.model_dump(mode="json")
-    proj = dict(row.pop("projected_densities"))
-    row["projected_densities"] = None
-    proj["identifier"], proj["run_type"] = ident, row["run_type"]
+    return str(AlphaID(task.split("-")[-1], padlen=8))
+
+
+def _dos_rows(spec):
+    """[(total row, projected row)] of a spec's two uniform DOS tasks (the one its electronic-structure
+    document names, of ``run_type``, and one of ``OTHER_RUN_TYPE``, whose densities are scaled by 0.5
+    so that reading the wrong one shows), as mp-api 0.46 reads them."""
+    from emmet.core.band_theory import ElectronicDos
+
     case = spec.get("case")
-    if spec.get("dx2_name"):
-        proj["orbital"] = [spec["dx2_name"] if o == "dx2_y2" else o for o in proj["orbital"]]
-    if case == "l-resolved":  # sum m components into s/p/d, as an l-resolved (LORBIT=10) DOS would be
-        merged: dict = {}
-        for idx, orb, up in zip(proj["site_index"], proj["orbital"], proj["spin_up_densities"]):
-            l_name = "s" if orb == "s" else orb[0]
-            acc = merged.setdefault((idx, l_name), [0.0] * len(up))
-            merged[(idx, l_name)] = [a + b for a, b in zip(acc, up)]
-        proj["site_index"] = [k[0] for k in merged]
-        proj["orbital"] = [k[1] for k in merged]
-        proj["spin_up_densities"] = list(merged.values())
-        proj["spin_down_densities"] = None
-    if case == "malformed":  # projections on fewer energies than the total DOS
-        proj["spin_up_densities"] = [d[: len(d) // 2] for d in proj["spin_up_densities"]]
     if case == "missing-rows":
-        return None, None
-    return row, proj
+        return []
+    out = []
+    for task, rt, scale in ((f"mp-{_task_number(spec['material_id'])}", spec["run_type"], 1.0),
+                            (f"mp-{_other_task_number(spec['material_id'])}", OTHER_RUN_TYPE[spec["run_type"]], 0.5)):
+        ident = _ident(task)
+        ed = ElectronicDos.from_pmg(spec["cdos"], identifier=ident, run_type=rt)
+        row = ed.model_dump(mode="json")
+        proj = dict(row.pop("projected_densities"))
+        row["projected_densities"] = None
+        proj["identifier"], proj["run_type"] = ident, row["run_type"]
+        if scale != 1.0:
+            for k in ("spin_up_densities", "spin_down_densities"):
+                if row.get(k):
+                    row[k] = [v * scale for v in row[k]]
+                if proj.get(k):
+                    proj[k] = [[v * scale for v in d] if d else d for d in proj[k]]
+        if spec.get("dx2_name"):  # older tables: pymatgen's pre-2026 name of d(x^2-y^2)
+            proj["orbital"] = [spec["dx2_name"] if o == "dx2_y2" else o for o in proj["orbital"]]
+        if case == "l-resolved":  # sum m components into s/p/d, as an l-resolved (LORBIT=10) DOS would be
+            merged: dict = {}
+            for idx, orb, up in zip(proj["site_index"], proj["orbital"], proj["spin_up_densities"]):
+                l_name = "s" if orb == "s" else orb[0]
+                acc = merged.setdefault((idx, l_name), [0.0] * len(up))
+                merged[(idx, l_name)] = [a + b for a, b in zip(acc, up)]
+            proj["site_index"] = [k[0] for k in merged]
+            proj["orbital"] = [k[1] for k in merged]
+            proj["spin_up_densities"] = list(merged.values())
+            proj["spin_down_densities"] = None
+        if case == "malformed":  # projections on fewer energies than the total DOS
+            proj["spin_up_densities"] = [d[: len(d) // 2] for d in proj["spin_up_densities"]]
+        out.append((row, proj))
+    return out
 
 
-def build_standin(folder, specs) -> Path:
-    """Write REST documents and DOS Delta tables for ``specs`` into ``folder`` (see module doc)."""
+#: Partition column(s) of MP's DOS tables (see the module docstring for where this comes from).
+PARTITION_BY = ["run_type"]
+
+
+def build_standin(folder, specs, rows_per_group: int = 1, rows_per_file: int = 250, layout: str = "mp") -> Path:
+    """Write REST documents and the two partitioned DOS Delta tables for ``specs`` into ``folder``.
+
+    Each table holds its rows sorted by identifier, partitioned by ``PARTITION_BY``, in data files
+    of ``rows_per_file`` rows (DOS tasks: many materials each; one commit per file) with
+    ``rows_per_group`` rows per parquet row group. ``layout="renamed-identifier"`` writes the projections table with
+    its ``identifier`` column named ``task_identifier`` (a layout the fetcher's query does not fit).
+
+    ``s3_files.json`` maps every data file to its table and, per row group, the byte span and the
+    materials in it (for the server's per-material accounting).
+    """
     import pyarrow as pa
-    from deltalake import write_deltalake
+    import pyarrow.parquet as pq
+    from deltalake import WriterProperties, write_deltalake
     from emmet.core.arrow import arrowize
     from emmet.core.band_theory import ElectronicDos, ProjectedDos
 
@@ -234,8 +345,9 @@ def build_standin(folder, specs) -> Path:
     total_schema = pa.schema(arrowize(ElectronicDos))
     proj_schema = pa.schema([pa.field("identifier", pa.string()), pa.field("run_type", pa.string())]
                             + list(pa.schema(arrowize(ProjectedDos))))
-    files: dict[str, list] = {}
     tables = {kind: folder / "s3" / BUCKET / prefix for kind, prefix in TABLES.items()}
+    rows: dict[str, list] = {"total_dos": [], "projected_dos": []}
+    owner: dict[str, str] = {}  # identifier -> material id
     for spec in specs:
         summary, es, oxi, core, task = _docs_for(spec)
         for doc in (summary, es, oxi, core):  # the id the server matches on, whatever spelling the doc has
@@ -246,14 +358,42 @@ def build_standin(folder, specs) -> Path:
         if oxi is not None:
             rest["oxidation_states"].append(oxi)
         rest["materials"].append(core)
-        total, proj = _dos_rows(spec, task)
-        for kind, row, schema in (("total_dos", total, total_schema), ("projected_dos", proj, proj_schema)):
-            if row is None:
-                continue
-            before = set(tables[kind].glob("*.parquet"))
-            write_deltalake(str(tables[kind]), pa.Table.from_pylist([row], schema=schema), mode="append")
-            for p in set(tables[kind].glob("*.parquet")) - before:
-                files[f"{BUCKET}/{TABLES[kind]}/{p.name}"] = [kind, spec["material_id"]]
+        for total, proj in _dos_rows(spec):
+            rows["total_dos"].append(total)
+            rows["projected_dos"].append(proj)
+            owner[total["identifier"]] = spec["material_id"]
+    files: dict[str, dict] = {}
+    props = WriterProperties(max_row_group_size=max(1, int(rows_per_group)), compression="SNAPPY")
+    for kind, schema in (("total_dos", total_schema), ("projected_dos", proj_schema)):
+        data = sorted(rows[kind], key=lambda r: (r["run_type"], r["identifier"]))
+        parts = [r[PARTITION_BY[0]] for r in data]
+        start = 0
+        while start < len(data):  # contiguous identifier ranges: one file per chunk of one partition
+            stop = min(len(data), start + max(1, int(rows_per_file)))
+            stop = next((i for i in range(start + 1, stop) if parts[i] != parts[start]), stop)
+            # a fresh table per chunk: delta-rs 1.5 panics on a sliced arrow table with nested columns
+            table = pa.Table.from_pylist(data[start:stop], schema=schema)
+            if kind == "projected_dos" and layout == "renamed-identifier":
+                table = table.rename_columns(["task_identifier" if n == "identifier" else n
+                                              for n in table.column_names])
+            write_deltalake(str(tables[kind]), table, partition_by=PARTITION_BY,
+                            mode="overwrite" if start == 0 else "append", writer_properties=props)
+            start = stop
+        for p in sorted(tables[kind].rglob("*.parquet")):
+            meta = pq.ParquetFile(p).metadata
+            id_col = next(i for i in range(meta.num_columns)
+                          if meta.schema.column(i).path.split(".")[0] in ("identifier", "task_identifier"))
+            idents = pq.ParquetFile(p)
+            groups = []
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                starts = [min(c for c in (rg.column(i).dictionary_page_offset, rg.column(i).data_page_offset)
+                              if c is not None) for i in range(rg.num_columns)]
+                ends = [starts[i] + rg.column(i).total_compressed_size for i in range(rg.num_columns)]
+                ids = idents.read_row_group(g, columns=[meta.schema.column(id_col).path]).column(0).to_pylist()
+                groups.append([min(starts), max(ends), sorted({owner[i] for i in ids}), sorted(ids)])
+            files[f"{BUCKET}/{TABLES[kind]}/{p.relative_to(tables[kind]).as_posix()}"] = {
+                "kind": kind, "groups": groups, "size": p.stat().st_size}
     from monty.json import MontyEncoder
 
     (folder / "rest").mkdir(parents=True, exist_ok=True)
@@ -340,7 +480,10 @@ class Store:
             self.auth_status = 401
             self.requests: dict[str, int] = {}
             self.served: dict[str, dict[str, int]] = {}
-            self.ranges: dict[tuple, int] = {}
+            self.overlap: dict[tuple, int] = {}          # (file key, row group) -> bytes served from it
+            self.bytes: dict[str, int] = {}              # kind -> bytes served (GET bodies)
+            self.gets: dict[str, int] = {}               # kind -> successful GETs
+            self.file_gets: dict[str, int] = {}          # object key -> successful GETs
             self.injected: dict[str, int] = {}
             self.params: list[dict] = []
 
@@ -363,21 +506,50 @@ class Store:
             for d in docs:
                 per[d["_mid"]] = per.get(d["_mid"], 0) + 1
 
-    def count_range(self, kind, mid, key, rng):
+    def materials_in(self, key: str, start: int, end: int) -> tuple:
+        """Materials whose row groups of data file ``key`` overlap bytes ``start..end``."""
+        info = self.files.get(key)
+        if not info:
+            return ()
+        return tuple(sorted({m for a, b, mids, _ids in info["groups"] if a <= end and b > start for m in mids}))
+
+    def count_get(self, kind: str, key: str, start: int, end: int) -> None:
+        """Account a served byte range: per kind, and per row group of a data file."""
         with self.lock:
-            k = (kind, mid, key, rng)
-            self.ranges[k] = self.ranges.get(k, 0) + 1
+            self.bytes[kind] = self.bytes.get(kind, 0) + (end - start + 1)
+            self.gets[kind] = self.gets.get(kind, 0) + 1
+            self.file_gets[key] = self.file_gets.get(key, 0) + 1
+            info = self.files.get(key)
+            if info:
+                for g, (a, b, _mids, _ids) in enumerate(info["groups"]):
+                    ov = min(b, end + 1) - max(a, start)
+                    if ov > 0:
+                        self.overlap[(key, g)] = self.overlap.get((key, g), 0) + ov
 
     def stats(self) -> dict:
+        """Requests per kind; for REST each document served per material; for the object store,
+        per material, how many times its row group was downloaded (bytes served from the group /
+        the group's size, rounded: exact when a row group holds one material's task), plus bytes
+        and GETs per kind."""
         with self.lock:
             served = {k: dict(v) for k, v in self.served.items()}
-            best: dict[tuple, int] = {}
-            for (kind, mid, _key, _rng), n in self.ranges.items():
-                best[(kind, mid)] = max(best.get((kind, mid), 0), n)
-            for (kind, mid), n in best.items():
-                served.setdefault(kind, {})[mid] = n
-            return {"requests": dict(self.requests), "served": served, "injected": dict(self.injected),
-                    "rules_left": [r for r in self.rules if r.get("times", 0) > 0], "params": list(self.params)}
+            tasks: dict[str, dict[str, int]] = {}
+            for (key, g), nbytes in self.overlap.items():
+                info = self.files[key]
+                a, b, mids, ids = info["groups"][g]
+                n = int(round(nbytes / max(1, b - a)))
+                if n == 0:
+                    continue
+                per = served.setdefault(info["kind"], {})
+                for m in mids:
+                    per[m] = max(per.get(m, 0), n)
+                per_task = tasks.setdefault(info["kind"], {})
+                for i in ids:
+                    per_task[i] = max(per_task.get(i, 0), n)
+            return {"requests": dict(self.requests), "served": served, "tasks": tasks,
+                    "injected": dict(self.injected),
+                    "rules_left": [r for r in self.rules if r.get("times", 0) > 0], "params": list(self.params),
+                    "bytes": dict(self.bytes), "gets": dict(self.gets), "file_gets": dict(self.file_gets)}
 
 
 def _truthy(v: str) -> bool:
@@ -423,10 +595,12 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ------------------------------------------------------------------------
     def _send(self, status, body: bytes = b"", ctype="application/json", headers=None, head=False):
+        headers = dict(headers or {})
+        length = headers.pop("Content-Length-Override", None)
         self.send_response(status)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
+        self.send_header("Content-Length", str(length if length is not None else len(body)))
+        for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
         if not head and body:
@@ -442,7 +616,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         status = int(action)
         headers = {"Retry-After": str(rule.get("retry_after", 1))} if status == 429 else None
-        if s3:
+        if rule.get("body") == "html":  # a proxy's or firewall's page, not the API's or S3's answer
+            body = (f"<html><head><title>{status} Forbidden</title></head><body><h1>Access denied</h1>"
+                    "<p>This request was blocked by the network security policy.</p></body></html>").encode()
+            self._send(status, body, "text/html", headers)
+        elif s3:
             body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code>'
                     f"<Message>injected {status}</Message></Error>").encode()
             self._send(status, body, "application/xml", headers)
@@ -544,15 +722,19 @@ class Handler(BaseHTTPRequestHandler):
                            "<StorageClass>STANDARD</StorageClass></Contents>")
             xml.append("</ListBucketResult>")
             return self._send(200, "".join(xml).encode(), "application/xml", head=head)
-        kind, mid = self.store.files.get(f"{BUCKET}/{key}", ("delta_log" if "_delta_log" in key else "object", None))
-        if (rule := st.rule_for(kind, (mid,) if mid else ())) is not None:
-            return self._fail(rule, s3=True)
+        if key not in st.files and f"{BUCKET}/{key}" not in st.files:
+            alt = key.replace("%", "%25")  # a partition value escaped once more by the client
+            key = alt if f"{BUCKET}/{alt}" in st.files else key
+        fkey = f"{BUCKET}/{key}"
+        info = st.files.get(fkey)
+        kind = info["kind"] if info else ("delta_log" if "_delta_log" in key else "object")
         f = st.folder / "s3" / BUCKET / key
         if not f.is_file():
+            if (rule := st.rule_for(kind, ())) is not None:
+                return self._fail(rule, s3=True)
             body = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchKey</Code><Message>no such key</Message></Error>'
             return self._send(404, body, "application/xml", head=head)
-        data = f.read_bytes()
-        n = len(data)
+        n = f.stat().st_size
         start, end, status = 0, n - 1, 200
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
@@ -562,13 +744,21 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 start, end = int(a), min(n - 1, int(b)) if b else n - 1
             status = 206
-        headers = {"ETag": f'"{hashlib.md5(data).hexdigest()}"', "Accept-Ranges": "bytes",
-                   "Last-Modified": email.utils.formatdate(f.stat().st_mtime, usegmt=True)}
+        if (rule := st.rule_for(kind, st.materials_in(fkey, start, end) if info else ())) is not None:
+            return self._fail(rule, s3=True)
+        with open(f, "rb") as fh:
+            fh.seek(start)
+            data = fh.read(end - start + 1) if not head else b""
+        stat = f.stat()
+        headers = {"ETag": f'"{hashlib.md5(f"{key}:{stat.st_size}:{stat.st_mtime}".encode()).hexdigest()}"',
+                   "Accept-Ranges": "bytes", "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True)}
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end}/{n}"
-        self._send(status, data[start:end + 1], "application/octet-stream", headers, head=head)
-        if mid and not head:
-            st.count_range(kind, mid, key, (start, end))
+        if head:
+            headers["Content-Length-Override"] = str(end - start + 1)
+        self._send(status, data, "application/octet-stream", headers, head=head)
+        if not head:
+            st.count_get(kind, fkey, start, end)
 
 
 def main(argv=None) -> int:

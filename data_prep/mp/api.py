@@ -3,12 +3,18 @@
 Everything that touches the network lives here; ``data_prep.mp.fetch`` only sees plain dicts and
 pymatgen objects. The REST calls go through the public ``MPRester`` search methods
 (``materials.summary``, ``materials.electronic_structure``, ``materials.oxidation_states``,
-``materials`` core). The projected DOS comes from the object store the way mp-api 0.46 reads it
+``materials`` core). The projected DOS comes from the object store the way mp-api 0.46.2+ reads it
 (``DosRester.get_dos_from_task_id``): two Delta Lake tables in the public bucket
 ``materialsproject-parsed`` (``core/electronic-structure/total-dos/`` and ``.../projected-dos/``),
-queried by the task's ``AlphaID`` identifier through mp-api's own table registration
-(``_get_delta_table``) and converted with emmet's ``ElectronicDos`` — see ``DeltaDosStore`` for why
-it does not call ``get_dos_from_task_id`` itself.
+partitioned by run type, queried by the task's ``AlphaID`` identifier and run type through mp-api's
+own table registration (``_get_delta_table``) and converted with emmet's ``ElectronicDos`` — see
+``DeltaDosStore`` for why it does not call ``get_dos_from_task_id`` itself. ``check_mp_api`` turns
+an mp-api without that reader into one line.
+
+Errors: ``classify`` says whether a retry can help; ``short_reason`` turns mp-api, urllib3 and
+object_store (Delta reader) errors into one plain line with the HTTP status, request and host
+(``http_facts``), and says when a 403 is a web page (a proxy, a firewall) rather than the API's
+answer: only the API's own 401/403 is reported as a rejected key.
 
 The API key is passed to mp-api and otherwise never leaves this module: every message that can
 reach a user goes through ``redact``.
@@ -54,13 +60,120 @@ class PermanentError(Exception):
 _STATUS = re.compile(r"status code (\d{3})")
 _TOO_MANY = re.compile(r"too many (\d{3}) error responses")
 _TRANSIENT_TEXT = ("max retries exceeded", "connection aborted", "remotedisconnected", "timed out",
-                   "timeout", "connection refused", "connection reset", "failed to retrieve object",
-                   "temporarily unavailable", "broken pipe", "too many", "chunkedencodingerror",
-                   "incompleteread", "error sending request", "generic s3 error", "io error")
+                   "timeout", "connection refused", "connection reset", "temporarily unavailable",
+                   "broken pipe", "chunkedencodingerror", "incompleteread", "error sending request",
+                   "dns error", "failed to lookup address", "tcp connect error")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+#: mp-api's message for a REST answer that is not 200 (``BaseRester._submit_request_and_process``)
+_REST_ERROR = re.compile(r"status code (\d{3}) on URL (\S+) with message:\s*(.*)", re.S)
+#: urllib3's RetryError as mp-api re-raises it (429/502/504 are retried by mp-api's own session)
+_POOL_ERROR = re.compile(r"HTTPS?ConnectionPool\(host='([^']*)', port=(\d+)\).*?url: (\S+)"
+                         r"(?:.*?too many (\d{3}) error responses)?", re.S)
+#: object_store's (the Delta reader's S3 client) message for an answer that is not 2xx
+_STORE_ERROR = re.compile(r"Error performing (GET|HEAD|PUT|POST|DELETE|LIST) (\S+) in .*?status code:?\s*"
+                          r"(\d{3})\s*([A-Za-z][A-Za-z ]*?)?(?::\s*|\s+|$)(.*)", re.S)
+_STORE_NET = re.compile(r"Error performing (GET|HEAD|PUT|POST|DELETE|LIST) (\S+)")
+
+
+def plain(text) -> str:
+    """``text`` without terminal colour codes and tree arrows, on one line."""
+    text = _ANSI.sub("", str(text)).replace("\u21b3", " ")
+    return " ".join(text.split())
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return parts.netloc or url
+    except ValueError:
+        return url
+
+
+def _path(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).path or "/"
+    except ValueError:
+        return url
+
+
+def _body_kind(body: str) -> tuple[str, str]:
+    """``(kind, summary)`` of an error body: ``html`` (a web page: proxy, firewall, captive portal),
+    ``s3`` (an S3 XML error), ``json`` / ``api`` (the API's own answer), ``empty`` or ``text``."""
+    b = plain(body).strip()
+    low = b.lower()
+    if not b:
+        return "empty", ""
+    if low.startswith(("<html", "<!doctype", "<head", "<body")) or "<html" in low[:200]:
+        title = re.search(r"<title>(.*?)</title>", b, re.I | re.S)
+        return "html", (f"an HTML page ({title.group(1).strip()[:80]!r})" if title else "an HTML page")
+    if "<error>" in low:
+        code = re.search(r"<Code>(.*?)</Code>", b, re.I | re.S)
+        msg = re.search(r"<Message>(.*?)</Message>", b, re.I | re.S)
+        return "s3", " ".join(x for x in (code.group(1) if code else "", msg.group(1) if msg else "") if x)
+    if b[:1] in "{[":
+        return "json", b[:160]
+    return "text", b[:160]
+
+
+@dataclass
+class HttpFacts:
+    """What an exception says about one HTTP answer: where it came from and what it was."""
+
+    service: str            # "api" (REST) or "store" (the DOS object store)
+    status: int | None
+    host: str
+    path: str
+    body_kind: str = "empty"
+    body: str = ""
+    method: str = "GET"
+
+    def line(self) -> str:
+        what = f"HTTP {self.status}" if self.status else "no answer"
+        where = f"{self.method} {self.path} on {self.host}"
+        tail = ""
+        if self.body_kind == "html":
+            who = "Materials Project API" if self.service == "api" else "object store"
+            tail = f": {self.body}, not an answer of the {who} (a proxy or firewall?)"
+        elif self.body_kind == "retried":
+            tail = " (every retry of mp-api's session too)"
+        elif self.body:
+            tail = f": {self.body}"
+        return f"{what} from {where}{tail}"
+
+
+def http_facts(exc: BaseException) -> HttpFacts | None:
+    """Status, host, request and body kind from an mp-api, urllib3 or object_store error, if it names them."""
+    text = plain(exc)
+    m = _REST_ERROR.search(text)
+    if m:
+        body = m.group(3).strip()
+        if body.startswith("Response "):  # mp-api's prefix for a body that is not the API's JSON
+            kind, summary = _body_kind(body[len("Response "):])
+        else:
+            kind, summary = "api", plain(body)[:160]
+        return HttpFacts("api", int(m.group(1)), _host(m.group(2)), _path(m.group(2)), kind, summary)
+    m = _STORE_ERROR.search(text)
+    if m:
+        kind, summary = _body_kind(m.group(5))
+        return HttpFacts("store", int(m.group(3)), _host(m.group(2)), _path(m.group(2)), kind, summary, m.group(1))
+    m = _POOL_ERROR.search(text)
+    if m:
+        status = int(m.group(4)) if m.group(4) else None
+        return HttpFacts("api", status, f"{m.group(1)}:{m.group(2)}", _path(m.group(3)),
+                         "retried" if status else "empty")
+    return None
 
 
 def classify(exc: BaseException) -> str:
-    """``"auth"``, ``"transient"`` or ``"permanent"`` for an exception raised by mp-api/requests/deltalake."""
+    """``"auth"``, ``"transient"`` or ``"permanent"`` for an exception raised by mp-api/requests/deltalake.
+
+    ``auth`` only for the API's own 401/403 answer (its JSON body): a 403 page from a proxy, a
+    firewall or the object store says nothing about the key.
+    """
     import requests
 
     if isinstance(exc, AuthError):
@@ -72,27 +185,34 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
                         requests.exceptions.ChunkedEncodingError, ConnectionError, TimeoutError)):
         return "transient"
-    text = str(exc)
-    m = _STATUS.search(text)
-    if m:
-        code = int(m.group(1))
-        if code in (401, 403):
+    facts = http_facts(exc)
+    if facts is not None and facts.status:
+        code = facts.status
+        if code in (401, 403) and facts.service == "api" and facts.body_kind in ("api", "json", "empty"):
             return "auth"
-        if code == 429 or code >= 500:
+        if code in (408, 429) or code >= 500:
             return "transient"
         return "permanent"
-    low = text.lower()
+    low = plain(exc).lower()
     if any(t in low for t in _TRANSIENT_TEXT):
         return "transient"
+    m = _STATUS.search(low)
+    if m and int(m.group(1)) in (401, 403) and "rest query" in low:  # the API's answer, body unknown
+        return "auth"
+    if m:
+        return "transient" if int(m.group(1)) in (408, 429) or int(m.group(1)) >= 500 else "permanent"
     return "permanent"
 
 
 def failure_category(exc: BaseException) -> str:
     """Short label for the summary's 'failed by reason' table."""
-    text = str(exc)
-    m = _STATUS.search(text) or _TOO_MANY.search(text)
-    if m:
-        code = int(m.group(1))
+    facts = http_facts(exc)
+    code = facts.status if facts is not None else None
+    if code is None:
+        text = str(exc)
+        m = _STATUS.search(text) or _TOO_MANY.search(text) or re.search(r"\bHTTP (\d{3}) from\b", text)
+        code = int(m.group(1)) if m else None
+    if code:
         return "rate-limited (HTTP 429)" if code == 429 else f"HTTP {code}"
     return "network" if classify(exc) == "transient" else "error"
 
@@ -106,10 +226,11 @@ def redact(text: str, key: str | None) -> str:
 
 
 def short_reason(exc: BaseException, key: str | None = None, limit: int = 300) -> str:
-    """One line describing ``exc`` (type name for network errors, first line of the message)."""
+    """One plain line describing ``exc``: status, host and request when it names an HTTP answer,
+    the kind of network failure, else the first part of the message (colour codes removed)."""
     import requests
 
-    if isinstance(exc, requests.exceptions.ConnectionError):
+    if isinstance(exc, requests.exceptions.ConnectionError) and http_facts(exc) is None:
         msg = str(exc)
         for hint in ("Connection refused", "Name or service not known", "No route to host",
                      "Temporary failure in name resolution", "timed out", "Connection reset"):
@@ -118,9 +239,72 @@ def short_reason(exc: BaseException, key: str | None = None, limit: int = 300) -
         return "connection failed"
     if isinstance(exc, requests.exceptions.Timeout):
         return "timed out"
-    line = " ".join(str(exc).split())
+    facts = http_facts(exc)
+    if facts is not None:
+        line = facts.line()
+    else:
+        line = plain(exc)
+        if "Error performing" in line and (m := _STORE_NET.search(line)):  # object store, no status
+            low = line.lower()
+            why = next((h for h in ("connection refused", "timed out", "connection reset", "dns error")
+                        if h in low), "request failed")
+            line = f"{why}: {m.group(1)} {_path(m.group(2))} on {_host(m.group(2))}"
     line = redact(line, key)
     return (line[: limit - 3] + "...") if len(line) > limit else (line or type(exc).__name__)
+
+
+def signature(reason: str) -> str:
+    """``reason`` with what varies between materials (file names, ids, numbers) blanked: equal
+    signatures mean the same failure."""
+    s = re.sub(r"part-[\w.-]+\.parquet", "<file>", str(reason))
+    s = re.sub(r"\b(mp|mvc|task)-\w+", "<id>", s)
+    s = re.sub(r"'[A-Za-z0-9_]+'", "'<v>'", s)
+    s = re.sub(r"\d+(\.\d+)?", "#", s)
+    return s
+
+
+# ----------------------------------------------------------------------------- mp-api version
+#: The mp-api release this fetcher was tested with (pyproject.toml pins it) and the oldest one
+#: that has what it calls: 0.46.0 and 0.46.1 have no Delta-table DOS reader
+#: (``QueryBuilderWithCache``, ``BaseRester._get_delta_table``), which arrived in 0.46.2.
+MP_API_TESTED = "0.46.5"
+MP_API_MIN = (0, 46, 2)
+MP_API_BELOW = (0, 47, 0)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    nums = []
+    for part in str(text).split(".")[:3]:
+        m = re.match(r"\d+", part)
+        nums.append(int(m.group()) if m else 0)
+    return tuple(nums + [0] * (3 - len(nums)))
+
+
+def check_mp_api() -> str:
+    """The installed mp-api version, or ``FetchError`` (one line) when it cannot serve this fetcher."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    fix = f"install the tested release: pip install 'mp-api=={MP_API_TESTED}'"
+    try:
+        v = version("mp-api")
+    except PackageNotFoundError:
+        raise FetchError(f"mp-api is not installed; {fix}") from None
+    if not MP_API_MIN <= _version_tuple(v) < MP_API_BELOW:
+        low = ".".join(map(str, MP_API_MIN))
+        high = ".".join(map(str, MP_API_BELOW))
+        raise FetchError(f"mp-api {v} is not supported (this fetcher needs >= {low}, < {high}); {fix}")
+    try:
+        from mp_api.client import MPRester  # noqa: F401
+        from mp_api.client.core.client import BaseRester, QueryBuilderWithCache  # noqa: F401
+
+        if not hasattr(BaseRester, "_get_delta_table"):
+            raise ImportError("BaseRester._get_delta_table")
+        from emmet.core.band_theory import ElectronicDos  # noqa: F401
+        from emmet.core.mpid import AlphaID  # noqa: F401
+    except Exception as exc:
+        raise FetchError(f"mp-api {v} lacks the Delta-table DOS reader this fetcher uses "
+                         f"({type(exc).__name__}: {plain(exc)[:120]}); {fix}") from None
+    return v
 
 
 # ----------------------------------------------------------------------------- key
@@ -235,13 +419,10 @@ class MPClient:
     def connect(self) -> None:
         """Create the first ``MPRester`` (heartbeat request); turn its failures into one-line errors."""
         import requests
+
+        self.mp_api_version = check_mp_api()
         from mp_api.client.core.client import QueryBuilderWithCache
 
-        try:
-            from mp_api.client import __version__ as v
-            self.mp_api_version = str(v)
-        except Exception:
-            pass
         self._qb = QueryBuilderWithCache()
         where = self.endpoint or DEFAULT_ENDPOINT
         try:
@@ -304,12 +485,8 @@ class MPClient:
         return {canonical_id(d["material_id"]): dict(d.get("calc_types") or {}) for d in docs}
 
     # -- DOS --------------------------------------------------------------------------------
-    def dos_store(self) -> "DeltaDosStore | PublicDosStore":
-        dos_rester = self.rester().materials.electronic_structure_dos
-        if hasattr(dos_rester, "_get_delta_table") and hasattr(dos_rester, "query_builder"):
-            store = DeltaDosStore(self)
-        else:  # mp-api < 0.46 kept the DOS as one JSON object per task: its public method suffices
-            store = PublicDosStore(self)
+    def dos_store(self) -> "DeltaDosStore":
+        store = DeltaDosStore(self)
         store.open()
         return store
 
@@ -324,18 +501,37 @@ def dos_identifier(task_id: str) -> str:
     return ident
 
 
+def run_type_value(run_type: str | None) -> str | None:
+    """emmet's spelling of a run type (``RunType`` value: ``GGA``, ``GGA+U``, ``r2SCAN``), the
+    value of the DOS tables' ``run_type`` partition column; None when unknown."""
+    if not run_type:
+        return None
+    from emmet.core.vasp.calc_types.enums import RunType
+
+    try:
+        value = RunType(str(run_type)).value
+    except ValueError:
+        return None
+    return value if re.fullmatch(r"[A-Za-z0-9_+\- ]+", value) else None
+
+
 class DeltaDosStore:
-    """The seam to MP's DOS object store (mp-api >= 0.46: Delta Lake tables on S3).
+    """The seam to MP's DOS object store (mp-api >= 0.46.2: Delta Lake tables on S3).
 
     Same tables, labels, identifier rule and row -> ``CompleteDos`` conversion as
-    ``DosRester.get_dos_from_task_id(task_id, load_projections=True)``, with three differences
-    that the fetcher needs:
+    ``DosRester.get_dos_from_task_id(task_id, run_type, load_projections=True)``, with four
+    differences that the fetcher needs:
 
+    - the query names the DOS task's run type, the tables' partition column, as well as its
+      identifier, so the reader opens one partition and, in it, only the files and row groups
+      whose statistics admit the identifier (what a material costs in bytes is bounded);
     - the two tables are read by separate calls, so a failed projections read is retried without
       downloading the total DOS again (never two successful downloads of one kind);
     - results are streamed through pyarrow, which releases the GIL while the Delta engine waits
       on the network (mp-api's ``read_all`` holds it, which serialises every thread);
-    - the tables are registered once, from one thread, before workers query them concurrently.
+    - the tables are registered once, from one thread, before workers query them concurrently;
+      a failed query is retried only when a retry can help (network, 429, 5xx), never for a
+      schema or layout the query does not fit.
     """
 
     def __init__(self, client: MPClient):
@@ -349,9 +545,17 @@ class DeltaDosStore:
             lbl, _table = rester._get_delta_table(bucket, prefix, label=label)
             return lbl
 
+        def _guarded(kind):
+            try:
+                return _open(kind)
+            except Exception as exc:
+                kind_ = classify(exc)
+                cls = TransientError if kind_ == "transient" else PermanentError
+                raise cls(short_reason(exc, self.client._key)) from exc
+
         for kind in DOS_TABLES:
             try:
-                self.labels[kind] = self.client._call(lambda k=kind: _open(k))
+                self.labels[kind] = self.client._call(lambda k=kind: _guarded(k))
             except FetchError:
                 raise
             except Exception as exc:
@@ -359,11 +563,19 @@ class DeltaDosStore:
                 raise FetchError(f"cannot open the Materials Project DOS store s3://{bucket}/{prefix}: "
                                  f"{short_reason(exc, self.client._key)}") from None
 
-    def rows(self, kind: str, identifier: str) -> list[dict]:
-        """Rows of one table for one task identifier (one query; transient failures raise TransientError)."""
+    def query(self, kind: str, identifier: str, run_type: str | None) -> str:
+        sql = f"SELECT * FROM {self.labels[kind]} WHERE identifier='{identifier}'"
+        rt = run_type_value(run_type)
+        if rt is not None:
+            sql += f" AND run_type='{rt}'"
+        return sql
+
+    def rows(self, kind: str, identifier: str, run_type: str | None = None) -> list[dict]:
+        """Rows of one table for one task identifier (one query). Transient failures raise
+        ``TransientError`` (retried), others ``PermanentError`` (not retried)."""
         import pyarrow as pa
 
-        sql = f"SELECT * FROM {self.labels[kind]} WHERE identifier='{identifier}'"
+        sql = self.query(kind, identifier, run_type)
         qb = self.client.rester().materials.electronic_structure_dos.query_builder
 
         def _query():
@@ -371,38 +583,16 @@ class DeltaDosStore:
                 reader = qb.execute(sql)
                 table = pa.RecordBatchReader.from_stream(reader).read_all()
             except Exception as exc:
-                raise TransientError(f"DOS store query failed: {short_reason(exc)}") from exc
+                reason = f"DOS store ({DOS_TABLES[kind][2]}): {short_reason(exc, self.client._key)}"
+                if classify(exc) == "transient":
+                    raise TransientError(reason) from exc
+                raise PermanentError(reason) from exc
             return table.to_pylist(maps_as_pydicts="strict")
 
         return self.client._call(_query)
 
-    def total(self, task_id: str) -> list[dict]:
-        return self.rows("total_dos", dos_identifier(task_id))
+    def total(self, task_id: str, run_type: str | None = None) -> list[dict]:
+        return self.rows("total_dos", dos_identifier(task_id), run_type)
 
-    def projections(self, task_id: str) -> list[dict]:
-        return self.rows("projected_dos", dos_identifier(task_id))
-
-
-class PublicDosStore:
-    """Fallback for mp-api versions without Delta tables: ``get_dos_from_task_id`` as published.
-
-    Not exercised by the offline tests (they run mp-api 0.46). One call returns total and
-    projections together.
-    """
-
-    def __init__(self, client: MPClient):
-        self.client = client
-
-    def open(self) -> None:
-        pass
-
-    def complete_dos(self, task_id: str):
-        import inspect
-
-        def _get():
-            r = self.client.rester().materials.electronic_structure_dos
-            if "load_projections" in inspect.signature(r.get_dos_from_task_id).parameters:
-                return r.get_dos_from_task_id(task_id, load_projections=True)
-            return r.get_dos_from_task_id(task_id)
-
-        return self.client._call(_get)
+    def projections(self, task_id: str, run_type: str | None = None) -> list[dict]:
+        return self.rows("projected_dos", dos_identifier(task_id), run_type)

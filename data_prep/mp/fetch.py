@@ -9,7 +9,15 @@ and failures and the bond-valence cross-check.
 Request pattern (see ``data_prep.mp.api``): the selection is one paginated summary search
 (1000 ids per page); then per batch of up to ``batch_size`` materials one electronic-structure,
 one oxidation-state and one core-materials request (ids comma-joined), and per material two
-object-store queries (total DOS, projections). Batches run on ``concurrency`` threads.
+object-store queries (total DOS, projections), each naming the DOS task's identifier and its run
+type (the tables' partition column; the run type is read from the core document's calculation
+type of the task the electronic-structure document names). Batches run on ``concurrency`` threads.
+
+Failures: transient ones (network, 429, 5xx) are retried with backoff; others are not. A material
+that still fails is listed in the manifest and retried by the next run. Anything that stops the
+whole run (no key, key rejected, endpoint or object store unreachable or refusing, selection
+failed, a record that cannot be written, the first ``abort_after`` materials all failing for one
+permanent reason) raises ``FetchError`` with one line; what was written stays.
 """
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.mp.api import (DEFAULT_ENDPOINT, AuthError, FetchError, MPClient, PermanentError, RetryPolicy, classify,
-                              failure_category, redact, resolve_api_key, short_reason, sort_ids)
+                              failure_category, redact, resolve_api_key, run_type_value, short_reason, signature,
+                              sort_ids)
 from data_prep.records import MaterialRecord, RecordError, Spectrum, atomic_write_bytes
 
 #: Run type of the DOS task -> the record's ``method``.
@@ -67,6 +76,7 @@ class FetchConfig:
     retry_skipped: bool = False
     weights: str = "float32"               # record weight precision: float32 or float16 (half the disk)
     index_flush_s: float = 2.0
+    abort_after: int = 20                  # stop when the first N materials all fail for one permanent reason
 
     def __post_init__(self):
         if self.shard is not None:
@@ -74,7 +84,7 @@ class FetchConfig:
             if n < 1 or not 1 <= i <= n:
                 raise FetchError(f"--shard must be I/N with 1 <= I <= N, got {i}/{n}")
             self.shard = (i, n)
-        for name in ("concurrency", "batch_size", "retries"):
+        for name in ("concurrency", "batch_size", "retries", "abort_after"):
             if int(getattr(self, name)) < 1:
                 raise FetchError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.weights not in ("float32", "float16"):
@@ -176,6 +186,20 @@ def dos_task_id(es_doc: dict) -> str | None:
     return str(tid) if tid else None
 
 
+def run_type_of(calc_type: str | None) -> str | None:
+    """The run type in an emmet calculation type (``"GGA+U NSCF Uniform"`` -> ``"GGA+U"``): emmet
+    spells a ``CalcType`` as ``f"{RunType.value} {TaskType.value}"`` (``emmet.core.vasp.calc_types``)."""
+    if not calc_type:
+        return None
+    from emmet.core.vasp.calc_types.enums import TaskType
+
+    text = str(calc_type).strip()
+    for tt in sorted((t.value for t in TaskType), key=len, reverse=True):
+        if text.endswith(" " + tt):
+            return run_type_value(text[: -len(tt) - 1].strip())
+    return run_type_value(text.split()[0]) if text.split() else None
+
+
 def calc_type_of(calc_types: dict, task_id: str) -> str | None:
     """The calculation type of ``task_id`` in a core document's ``calc_types`` (either id spelling)."""
     from data_prep.mp.api import dos_identifier
@@ -204,8 +228,28 @@ def dos_edges(es_doc: dict) -> tuple[float | None, float | None, float | None]:
 _L_NAMES = {"p", "d", "f"}
 
 
+#: Orbital names as they may appear in the projections table -> pymatgen ``Orbital`` member names.
+#: Older tables (and pymatgen < 2026) wrote ``dx2`` for d(x^2-y^2); pymatgen-core renamed it
+#: ``dx2_y2`` and keeps ``Orbital["dx2"]`` only as a deprecated alias, to be removed (2027-08-17).
+ORBITAL_ALIASES = {"dx2": "dx2_y2", "dx2-y2": "dx2_y2", "dx2y2": "dx2_y2", "d_x2-y2": "dx2_y2"}
+
+
+def orbital_name(name: str) -> str:
+    """The pymatgen ``Orbital`` member name for a projections-table orbital name, without relying on
+    pymatgen's deprecated aliases; ``KeyError`` when it names no orbital."""
+    from pymatgen.electronic_structure.core import Orbital
+
+    members = Orbital.__members__
+    n = str(name).strip()
+    n = ORBITAL_ALIASES.get(n, n)
+    if n not in members:
+        raise KeyError(name)
+    return n
+
+
 def complete_dos_from_rows(total_row: dict, proj_row: dict):
-    """mp-api 0.46's conversion of the two table rows to a pymatgen ``CompleteDos``."""
+    """mp-api 0.46's conversion of the two table rows to a pymatgen ``CompleteDos`` (orbital names
+    mapped to pymatgen's current ones first)."""
     from emmet.core.band_theory import ElectronicDos
     from pymatgen.electronic_structure.dos import CompleteDos
 
@@ -215,8 +259,12 @@ def complete_dos_from_rows(total_row: dict, proj_row: dict):
     if _L_NAMES & set(orbitals):
         raise SkipMaterial("l-resolved", f"orbitals {sorted(set(orbitals))}; m-resolved projections "
                                          "(s, py, pz, px, dxy, ...) are needed for the 9 channels")
+    try:
+        names = [None if o is None else orbital_name(o) for o in proj_row.get("orbital") or []]
+    except KeyError as exc:
+        raise SkipMaterial("malformed-dos", f"unknown orbital name {exc.args[0]!r}") from None
     row = dict(total_row)
-    row["projected_densities"] = proj_row
+    row["projected_densities"] = {**proj_row, "orbital": names}
     try:
         cdos = ElectronicDos(**row).to_pmg()
     except Exception as exc:
@@ -402,6 +450,8 @@ class Fetcher:
         self._lock = threading.Lock()
         self._bar = None
         self._key = None
+        self._first: list = []      # (material, failure signature or None, reason) of the first to finish
+        self.fatal: str | None = None
 
     def log(self, line: str) -> None:
         line = redact(line, self._key)
@@ -435,7 +485,27 @@ class Fetcher:
 
     def _fail(self, mid: str, exc: BaseException, what: str) -> None:
         reason = f"{what}: {short_reason(exc, self._key)}"
-        self._done(mid, "failed", {"category": failure_category(exc), "reason": reason}, reason)
+        permanent = classify(exc) == "permanent"
+        self._done(mid, "failed", {"category": failure_category(exc), "reason": reason,
+                                   "permanent": permanent}, reason)
+        self._watch(mid, signature(reason) if permanent else None, reason)
+
+    def _watch(self, mid: str, sig: str | None, reason: str = "") -> None:
+        """Stop the run when the first ``abort_after`` materials to finish all failed for one
+        permanent reason (a layout or schema the queries do not fit, access refused, ...)."""
+        n = int(self.cfg.abort_after)
+        with self._lock:
+            if len(self._first) >= n:
+                return
+            self._first.append((mid, sig, reason))
+            if len(self._first) < n:
+                return
+            sigs = {s for _, s, _ in self._first}
+        if len(sigs) == 1 and None not in sigs:
+            first_mid, _, first_reason = self._first[0]
+            self.fatal = (f"stopped: the first {n} materials all failed for the same reason, which a "
+                          f"retry cannot fix (first: {first_mid}: {first_reason})")
+            self.stop.set()
 
     def _one(self, mid: str, es_doc, oxi_doc, calc_types: dict, store) -> None:
         try:
@@ -445,37 +515,37 @@ class Fetcher:
             if task_id is None:
                 raise SkipMaterial("no-dos")
             calc_type = calc_type_of(calc_types, task_id)
-            if hasattr(store, "complete_dos"):  # mp-api < 0.46
-                from pymatgen.electronic_structure.dos import CompleteDos
-
-                cdos = store.complete_dos(task_id)
-                if not isinstance(cdos, CompleteDos):
-                    raise SkipMaterial("no-projections", f"task {task_id} has a total DOS only")
-                run_type = calc_type.split()[0] if calc_type else None
-            else:
-                total = store.total(task_id)
-                if not total:
-                    raise SkipMaterial("dos-missing", f"no total-DOS row for task {task_id}")
-                if self.stop.is_set():
-                    return
-                proj = store.projections(task_id)
-                if not proj:
-                    raise SkipMaterial("no-projections", f"no projected-DOS row for task {task_id}")
-                run_type = total[0].get("run_type")
-                proj_row = next((r for r in proj if r.get("run_type") == run_type), proj[0])
-                cdos = complete_dos_from_rows(total[0], proj_row)
+            want_rt = run_type_of(calc_type)
+            total = store.total(task_id, want_rt)
+            if not total:
+                raise SkipMaterial("dos-missing", f"no total-DOS row for task {task_id}"
+                                   + (f" (run type {want_rt})" if want_rt else ""))
+            if self.stop.is_set():
+                return
+            run_type = total[0].get("run_type") or want_rt
+            proj = store.projections(task_id, run_type)
+            if not proj:
+                raise SkipMaterial("no-projections", f"no projected-DOS row for task {task_id}")
+            proj_row = next((r for r in proj if r.get("run_type") == run_type), proj[0])
+            cdos = complete_dos_from_rows(total[0], proj_row)
             record, check = build_mp_record(
                 mid, cdos, es_doc, oxi_doc, task_id, run_type, calc_type,
                 extra={"db_version": self.client.db_version, "mp_api_version": self.client.mp_api_version,
                        "fetched_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            path = record.save(self.out / f"{mid}.npz", weight_dtype=np.dtype(self.cfg.weights))
-            entry = {"status": "complete", "file": path.name, "formula": record.formula,
-                     "method": record.method, "n_atoms": len(record.structure),
-                     "bytes": path.stat().st_size, "crosscheck": check}
-            self._done(mid, "fetched", entry)
+            try:  # a full disk or a folder that cannot be written stops the run (the next would fail too)
+                path = record.save(self.out / f"{mid}.npz", weight_dtype=np.dtype(self.cfg.weights))
+                entry = {"status": "complete", "file": path.name, "formula": record.formula,
+                         "method": record.method, "n_atoms": len(record.structure),
+                         "bytes": path.stat().st_size, "crosscheck": check}
+                self._done(mid, "fetched", entry)
+            except OSError as exc:
+                raise FetchError(f"{mid}: cannot write its record into {self.out}: "
+                                 f"{exc.strerror or short_reason(exc)}") from None
+            self._watch(mid, None)
         except SkipMaterial as exc:
             self._skip(mid, exc)
-        except AuthError:
+            self._watch(mid, None)
+        except FetchError:
             raise
         except PermanentError as exc:
             self._fail(mid, exc, "DOS")
@@ -515,7 +585,12 @@ class Fetcher:
             self.client = MPClient(key, cfg.endpoint, RetryPolicy(attempts=cfg.retries, base_s=cfg.backoff_s),
                                    self.stop)
         self.client.connect()
-        selection = self.client.select(cfg.summary_filters())
+        try:
+            selection = self.client.select(cfg.summary_filters())
+        except FetchError:
+            raise
+        except Exception as exc:  # after the retries: one line, naming the request
+            raise FetchError(f"selecting materials failed (summary search): {short_reason(exc, key)}") from None
         targets = plan([d["material_id"] for d in selection], cfg.limit, cfg.shard)
         cached = [m for m in targets if self.state.status(m) == "complete"]
         skipped_before = [m for m in targets if self.state.status(m) == "skipped" and not cfg.retry_skipped]
@@ -545,11 +620,14 @@ class Fetcher:
                             finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                             for f in finished:
                                 f.result()
-                    except BaseException:
+                    except BaseException as exc:
                         self.stop.set()
                         for f in futures:
                             f.cancel()
-                        raise
+                        if isinstance(exc, (KeyboardInterrupt, FetchError)) or not isinstance(exc, Exception):
+                            raise
+                        raise FetchError(f"fetch stopped by an unexpected error: {type(exc).__name__}: "
+                                         f"{short_reason(exc, key)}") from None
         except KeyboardInterrupt:
             interrupted = True
             raise
@@ -561,6 +639,10 @@ class Fetcher:
             summary = self._summary(t0, selection, targets, cached, skipped_before, interrupted, key_source)
             atomic_write_bytes(self.state.manifest_path,
                                redact(json.dumps(summary, indent=1, default=str), key).encode())
+        if self.fatal:
+            n = len(self.state.entries)
+            raise FetchError(f"{redact(self.fatal, key)}; the {n} records and skips already written are kept "
+                             f"(manifest {self.state.manifest_path})")
         return summary
 
     def _summary(self, t0, selection, targets, cached, skipped_before, interrupted, key_source) -> dict:
@@ -599,7 +681,7 @@ class Fetcher:
             "retries": self.client.policy.retries if self.client else 0,
             "record_bytes": complete_bytes, "elapsed_s": round(elapsed, 2),
             "records_per_s": round(len(o.fetched) / elapsed, 3) if elapsed > 0 else None,
-            "interrupted": interrupted, "index": self.state.index_path.name,
+            "interrupted": interrupted, "stopped": self.fatal, "index": self.state.index_path.name,
         }
 
 
