@@ -203,14 +203,14 @@ def _finished(url, name="dosnet-bv"):
 def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
     d, h5, params = tiny
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    workers = [_cli("--params", params, "--tune", "--trials", "4", "--storage", url, "--out", tmp_path / f"w{i}")
+    workers = [_cli("--params", params, "--tune", "--trials", "3", "--storage", url, "--out", tmp_path / f"w{i}")
                for i in range(2)]
     for w in workers:
         out, err = w.communicate(timeout=600)
         assert w.returncode == 0, err[-2000:]
     trials = optuna.load_study(study_name="dosnet-bv", storage=url).trials
     finished = [t for t in trials if t.state.is_finished()]
-    assert 4 <= len(finished) <= 5  # both may start their last trial before either records the 4th
+    assert 3 <= len(finished) <= 4  # both may start their last trial before either records the 3rd
     assert len({t.number for t in trials}) == len(trials)
     assert len({json.dumps(t.params, sort_keys=True) for t in finished}) == len(finished)
     ran = [json.loads((tmp_path / f"w{i}" / "tune.json").read_text())["this_worker"]["trials"] for i in range(2)]
@@ -221,7 +221,7 @@ def test_resume_after_kill_keeps_trials_and_continues(tiny, tmp_path):
     d, h5, params = tiny
     out = tmp_path / "resume"
     url = f"sqlite:///{out / 'study.db'}"
-    cmd = ("--params", params, "--tune", "--trials", "4", "--out", out)
+    cmd = ("--params", params, "--tune", "--trials", "2", "--out", out)
     first = _cli(*cmd)
     t0 = time.time()
     while not _finished(url) and first.poll() is None and time.time() - t0 < 300:
@@ -236,7 +236,7 @@ def test_resume_after_kill_keeps_trials_and_continues(tiny, tmp_path):
     after = {t.number: t for t in optuna.load_study(study_name="dosnet-bv", storage=url).trials}
     assert all(after[n].value == v for n, v in before.items())  # earlier trials kept
     assert max(after) > max(before)  # numbering continues
-    assert sum(t.state.is_finished() for t in after.values()) >= 4
+    assert sum(t.state.is_finished() for t in after.values()) >= 2
 
 
 # ----------------------------------------------------------------- PostgreSQL
