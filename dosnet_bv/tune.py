@@ -14,8 +14,8 @@ keeps the best third at each rung).
 
 Storage: an SQLite file ``study.db`` in the run folder by default (an interrupted search resumes
 with the same command: trials in flight at the kill are marked failed by the heartbeat check, the
-rest are kept), or ``--storage``: any database URL Optuna accepts (``postgresql://...`` for many
-machines) or ``journal:PATH``, Optuna's journal file (a shared file system, e.g. a SLURM job
+rest are kept), or ``--storage``: any database URL Optuna accepts (``postgresql+psycopg2://...`` for
+many machines) or ``journal:PATH``, Optuna's journal file (a shared file system, e.g. a SLURM job
 array). ``--trials N`` counts the finished trials of the whole study, over every worker.
 
 Outputs in the run folder: ``best_params.json`` (params.json with the best trial's values, ready
@@ -140,7 +140,9 @@ def open_storage(url: str | None, out: Path):
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S), url
     except Exception as exc:  # noqa: BLE001 -- SQLAlchemy, driver and OS errors alike: one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainError(f"--storage {url}: cannot open it ({type(exc).__name__}: {first[:300]})") from None
+        hint = ("; PostgreSQL: pip install -e .[postgres] and write postgresql+psycopg2://..."
+                if isinstance(exc, ImportError) and url.startswith("postgres") else "")
+        raise TrainError(f"--storage {url}: cannot open it ({type(exc).__name__}: {first[:300]}){hint}") from None
 
 
 def make_pruner(name: str, epochs: int):

@@ -249,39 +249,42 @@ def _pg_bin():
 
 
 @pytest.fixture
-def postgres_url(tmp_path):
-    """A throwaway PostgreSQL cluster on 127.0.0.1 (a free port) in tmp_path, stopped afterwards."""
+def postgres_url():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (a free port) in a temporary folder, stopped and
+    removed afterwards. As root, initdb and the server run as ``nobody`` (initdb refuses root)."""
+    import tempfile
+
     pytest.importorskip("psycopg2", reason="pip install -e .[postgres]")
     bindir = _pg_bin()
     if bindir is None:
         pytest.skip("no PostgreSQL server (apt-get install postgresql)")
-    data = tmp_path / "pg"
-    env = dict(os.environ)
+    base = Path(tempfile.mkdtemp(prefix="dosnet-pg-"))
     runas = []
-    if os.geteuid() == 0:  # initdb refuses to run as root: run the server as nobody
+    if os.geteuid() == 0:
         import pwd
 
-        nobody = pwd.getpwnam("nobody")
-        os.chown(tmp_path, nobody.pw_uid, nobody.pw_gid)
-        runas = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
         if not shutil.which("setpriv"):
             pytest.skip("running as root without setpriv")
+        nobody = pwd.getpwnam("nobody")
+        os.chown(base, nobody.pw_uid, nobody.pw_gid)
+        runas = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = subprocess.run([*runas, str(bindir / "initdb"), "-D", str(data), "-U", "tune", "--auth=trust"],
-                       capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        pytest.skip(f"initdb failed: {r.stderr.strip()[:200]}")
-    r = subprocess.run([*runas, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(tmp_path / "pg.log"), "-o",
-                        f"-h 127.0.0.1 -p {port} -k {tmp_path}", "start"], capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        pytest.skip(f"pg_ctl start failed: {r.stderr.strip()[:200]}")
+    data, pg_ctl = base / "data", [*runas, str(bindir / "pg_ctl"), "-D", str(base / "data")]
     try:
-        yield f"postgresql://tune@127.0.0.1:{port}/postgres"
+        r = subprocess.run([*runas, str(bindir / "initdb"), "-D", str(data), "-U", "tune", "--auth=trust"],
+                           capture_output=True, text=True, cwd=base)
+        if r.returncode != 0:
+            pytest.skip(f"initdb failed: {r.stderr.strip()[:200]}")
+        r = subprocess.run([*pg_ctl, "-w", "-l", str(base / "pg.log"), "-o", f"-h 127.0.0.1 -p {port} -k {base}",
+                            "start"], capture_output=True, text=True, cwd=base)
+        if r.returncode != 0:
+            pytest.skip(f"pg_ctl start failed: {r.stderr.strip()[:200]}")
+        yield f"postgresql+psycopg2://tune@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*runas, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run([*pg_ctl, "-m", "immediate", "stop"], capture_output=True, cwd=base)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_postgresql_storage(tiny, tmp_path, postgres_url, monkeypatch):
