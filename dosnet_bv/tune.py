@@ -13,8 +13,8 @@ one, and needs no resource schedule. ``halving`` is Optuna's successive halving 
 keeps the best third at each rung).
 
 Storage: an SQLite file ``study.db`` in the run folder by default (an interrupted search resumes
-with the same command: trials in flight at the kill are marked failed by the heartbeat check, the
-rest are kept), or ``--storage``: any database URL Optuna accepts (``postgresql+psycopg2://...`` for
+with the same command: the recorded trials are kept; trials in flight at the kill are marked
+failed by the heartbeat check of SQLite and PostgreSQL storages), or ``--storage``: any database URL Optuna accepts (``postgresql+psycopg2://...`` for
 many machines) or ``journal:PATH``, Optuna's journal file (a shared file system, e.g. a SLURM job
 array). ``--trials N`` counts the finished trials of the whole study, over every worker.
 
@@ -65,7 +65,11 @@ def tuning_folds(data: Dataset, params: dict) -> list:
     split (``cv_splits`` with ``split_seed``; its early-stopping part goes back into training, as
     the fold itself is the validation set)."""
     pool = np.flatnonzero(data.split != "test")
-    folds = cv_splits(group_ids(data)[pool], params["tune"]["folds"], params["cv_val_fraction"], params["split_seed"])
+    k, groups = params["tune"]["folds"], len(set(group_ids(data)[pool]))
+    if groups <= k:
+        raise TrainError(f"params: 'tune' folds {k} needs more than {k} families (materials when the file has none) "
+                         f"outside the test split; {data.path} has {groups}")
+    folds = cv_splits(group_ids(data)[pool], k, params["cv_val_fraction"], params["split_seed"])
     return [(pool[np.sort(np.concatenate([tr, va]))], pool[te]) for tr, va, te in folds]
 
 
@@ -183,7 +187,11 @@ def make_objective(params: dict, data: Dataset, folds: list, log: Log):
 
     def objective(trial) -> float:
         values = suggest(trial, t["space"])
-        p = validate_params(trial_params(params, values))
+        try:  # each choice was checked alone (check_space); a combination may still be invalid
+            p = validate_params(trial_params(params, values))
+        except TrainError as exc:
+            trial.set_user_attr("fail_reason", f"invalid combination: {exc}")
+            raise TrialFailure(str(exc)) from None
         quiet = Log(log.path, quiet=True)
         quiet(f"trial {trial.number}: {json.dumps(values)}")
         losses = []
@@ -253,7 +261,7 @@ def run_tune(params: dict, data: Dataset, out_dir=None, trials: int | None = Non
     config = search_config(params)
     try:
         study = optuna.create_study(study_name=study_name, storage=store, direction="minimize", load_if_exists=True,
-                                    sampler=optuna.samplers.TPESampler(), pruner=make_pruner(t["pruner"], t["epochs"]))
+                                    sampler=optuna.samplers.TPESampler(constant_liar=True), pruner=make_pruner(t["pruner"], t["epochs"]))
     except Exception as exc:  # noqa: BLE001 -- the storage answers only now (e.g. a server that is down)
         raise TrainError(f"--storage {url}: cannot open study {study_name!r} ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})") from None

@@ -114,6 +114,8 @@ def test_folds_group_families_and_never_hold_test_rows(tiny):
     for tr, va in folds:
         assert not (set(tr) | set(va)) & test
         assert not set(data.family_id[tr]) & set(data.family_id[va])
+    with pytest.raises(TrainError, match="'tune' folds 20 needs more than 20 families"):
+        tune.tuning_folds(data, {**params, "tune": {**params["tune"], "folds": 20}})
     del data.family_id
     assert tune.group_ids(data) is data.material_id or np.array_equal(tune.group_ids(data), data.material_id)
 
