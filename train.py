@@ -18,7 +18,8 @@ changes the initialisation and batch order, never the split (``split_seed``, fix
 Run folder ``<out_dir>/<fusion>-<targets>-<time>/`` (or ``--out``): ``params.json`` (as used),
 ``model.keras``, ``scalers.json``, ``metrics.json``, ``predictions.csv``, ``history.csv``,
 ``parity.png``, ``learning_curve.png``, ``train.log`` (with ``model.summary()``) and, with
-``--tensorboard``, ``tensorboard/``.
+``--tensorboard``, ``tensorboard/``. ``--tune`` (``dosnet_bv.tune``) writes ``<out_dir>/tune-<study>/``
+(or ``--out``): ``best_params.json``, ``trials.csv``, the search's plots and its SQLite study.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def parse_args(argv=None):
                    help="with --tune: finished trials the study should reach, all workers together (default tune.trials)")
     p.add_argument("--study", metavar="NAME", help="with --tune: study name (default dosnet-bv)")
     p.add_argument("--storage", metavar="URL",
-                   help="with --tune: Optuna storage: a database URL (sqlite:///FILE, postgresql://...) or journal:FILE "
+                   help="with --tune: Optuna storage: a database URL (sqlite:///FILE, postgresql+psycopg2://...) or journal:FILE "
                         "(default: sqlite in the run folder)")
     return p.parse_args(argv)
 

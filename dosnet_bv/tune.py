@@ -181,7 +181,11 @@ def pruning_callback(trial, step0: int):
 
 
 def make_objective(params: dict, data: Dataset, folds: list, log: Log):
+    """The Optuna objective: mean over ``folds`` of the best validation loss (``TrialFailure`` for
+    a trial that cannot be scored; ``optuna.TrialPruned`` from the pruning callback)."""
     import optuna
+
+    from dosnet_bv.fit import fit_predict  # here, not at module level: tests replace it
 
     t = params["tune"]
 
@@ -219,8 +223,6 @@ def make_objective(params: dict, data: Dataset, folds: list, log: Log):
             trial.set_user_attr("fail_reason", reason)
             raise TrialFailure(reason) from None
         return float(np.mean(losses))
-
-    from dosnet_bv.fit import fit_predict
 
     return objective
 
