@@ -140,13 +140,31 @@ def open_storage(url: str | None, out: Path):
             if not path.parent.is_dir():
                 raise OSError(f"folder {path.parent} does not exist")
             return JournalStorage(JournalFileBackend(str(path))), url
+        if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).parent.is_dir():
+            raise OSError(f"folder {Path(url[len('sqlite:///'):]).parent} does not exist")
         kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S), url
+        return _retry(lambda: optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S)), url
     except Exception as exc:  # noqa: BLE001 -- SQLAlchemy, driver and OS errors alike: one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ("; PostgreSQL: pip install -e .[postgres] and write postgresql+psycopg2://..."
                 if isinstance(exc, ImportError) and url.startswith("postgres") else "")
         raise TrainError(f"--storage {url}: cannot open it ({type(exc).__name__}: {first[:300]}){hint}") from None
+
+
+def _retry(make, attempts: int = 6):
+    """``make()``, retried on a database integrity or operational error: workers started together on
+    a new database race to create its tables (one wins, the others see its half-made schema)."""
+    import random
+
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random() * (attempt + 1))
 
 
 def make_pruner(name: str, epochs: int):
@@ -262,8 +280,9 @@ def run_tune(params: dict, data: Dataset, out_dir=None, trials: int | None = Non
     store, url = open_storage(storage, out)
     config = search_config(params)
     try:
-        study = optuna.create_study(study_name=study_name, storage=store, direction="minimize", load_if_exists=True,
-                                    sampler=optuna.samplers.TPESampler(constant_liar=True), pruner=make_pruner(t["pruner"], t["epochs"]))
+        study = _retry(lambda: optuna.create_study(
+            study_name=study_name, storage=store, direction="minimize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(constant_liar=True), pruner=make_pruner(t["pruner"], t["epochs"])))
     except Exception as exc:  # noqa: BLE001 -- the storage answers only now (e.g. a server that is down)
         raise TrainError(f"--storage {url}: cannot open study {study_name!r} ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})") from None

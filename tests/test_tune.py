@@ -159,6 +159,8 @@ def test_bad_input_one_line_and_nothing_lost(tiny, tmp_path, capsys):
     assert "--storage" in err
     err = _error_line(capsys, ["--params", str(params), "--tune", "--storage", f"journal:{tmp_path}/no/dir/j.log"])
     assert "--storage" in err
+    err = _error_line(capsys, ["--params", str(params), "--tune", "--storage", f"sqlite:///{tmp_path}/no/dir/s.db"])
+    assert "does not exist" in err
     assert "--tune" in _error_line(capsys, ["--params", str(params), "--trials", "3"])
     bad = json.loads(params.read_text())
     bad["tune"]["space"]["featurizer_width"] = {"choices": [1]}
@@ -226,7 +228,7 @@ def test_resume_after_kill_keeps_trials_and_continues(tiny, tmp_path):
     cmd = ("--params", params, "--tune", "--trials", "2", "--out", out)
     first = _cli(*cmd)
     t0 = time.time()
-    while not _finished(url) and first.poll() is None and time.time() - t0 < 300:
+    while not ((out / "study.db").exists() and _finished(url)) and first.poll() is None and time.time() - t0 < 300:
         time.sleep(0.5)
     first.send_signal(signal.SIGKILL)
     first.communicate()
