@@ -7,6 +7,7 @@
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
     python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
+    python train.py --params params.json --tune [--trials N] [--study NAME] [--storage URL]  # hyperparameter search
 
 This file is the command line only; the work is done by the package ``dosnet_bv`` (one module per
 concern: ``params``, ``data``, ``scalers``, ``fit``, ``metrics``, ``outputs``, ``runs``,
@@ -17,7 +18,8 @@ changes the initialisation and batch order, never the split (``split_seed``, fix
 Run folder ``<out_dir>/<fusion>-<targets>-<time>/`` (or ``--out``): ``params.json`` (as used),
 ``model.keras``, ``scalers.json``, ``metrics.json``, ``predictions.csv``, ``history.csv``,
 ``parity.png``, ``learning_curve.png``, ``train.log`` (with ``model.summary()``) and, with
-``--tensorboard``, ``tensorboard/``.
+``--tensorboard``, ``tensorboard/``. ``--tune`` (``dosnet_bv.tune``) writes ``<out_dir>/tune-<study>/``
+(or ``--out``): ``best_params.json``, ``trials.csv``, the search's plots and its SQLite study.
 """
 from __future__ import annotations
 
@@ -63,6 +65,15 @@ def parse_args(argv=None):
     p.add_argument("--full", action="store_true",
                    help=f"--ablation / --learning-curve with params' epochs and patience (default: at most "
                         f"{QUICK_EPOCHS} epochs, patience {QUICK_PATIENCE})")
+    p.add_argument("--tune", action="store_true",
+                   help="hyperparameter search (Optuna) over params' tune section on family-grouped folds of the "
+                        "non-test data; run folder <out_dir>/tune-<study> (or --out); the same command resumes")
+    p.add_argument("--trials", type=int, metavar="N",
+                   help="with --tune: finished trials the study should reach, all workers together (default tune.trials)")
+    p.add_argument("--study", metavar="NAME", help="with --tune: study name (default dosnet-bv)")
+    p.add_argument("--storage", metavar="URL",
+                   help="with --tune: Optuna storage: a database URL (sqlite:///FILE, postgresql+psycopg2://...) or journal:FILE "
+                        "(default: sqlite in the run folder)")
     return p.parse_args(argv)
 
 
@@ -70,6 +81,12 @@ def check_flags(args) -> str | None:
     """The flag combinations that make sense; returns the study (ablation, learning-curve) or None."""
     if args.cv is not None and (args.cv < 0 or args.cv == 1):
         raise TrainError(f"--cv K needs K >= 2, got {args.cv}")
+    if (args.trials is not None or args.study or args.storage) and not args.tune:
+        raise TrainError("--trials, --study and --storage go with --tune")
+    if args.tune and (args.cv is not None or args.ablation or args.learning_curve or args.tensorboard):
+        raise TrainError("--tune runs alone (no --cv, --ablation, --learning-curve, --tensorboard)")
+    if args.trials is not None and args.trials < 1:
+        raise TrainError(f"--trials needs at least 1, got {args.trials}")
     study = "ablation" if args.ablation else "learning-curve" if args.learning_curve else None
     if args.ablation and args.learning_curve:
         raise TrainError("--ablation and --learning-curve: run one at a time (--learning-curve --from-ablation "
@@ -94,8 +111,8 @@ def dispatch(args) -> None:
         predict_run(args.predict, args.data, args.out)
         return
     if args.importance:
-        if args.cv is not None or args.ablation or args.learning_curve:
-            raise TrainError("--importance RUN_DIR runs alone (no --cv, --ablation, --learning-curve)")
+        if args.cv is not None or args.ablation or args.learning_curve or args.tune:
+            raise TrainError("--importance RUN_DIR runs alone (no --cv, --ablation, --learning-curve, --tune)")
         run_importance(args.importance, load_params(args.params), args.data, args.out)
         return
     study = check_flags(args)
@@ -108,6 +125,11 @@ def dispatch(args) -> None:
     validate_params(params)
     data = load_data(resolve_data_file(params["data_file"]), params)
     structure_columns(data, params["structure_families"])  # fail before training on a bad family
+    if args.tune:
+        from dosnet_bv.tune import run_tune
+
+        run_tune(params, data, args.out, args.trials, args.study, args.storage)
+        return
     cv = params["cv_folds"] if args.cv is not None else None
     name = study or f"{params['fusion']}-{'+'.join(params['targets'])}" + (f"-cv{cv}" if cv else "")
     out = Path(args.out) if args.out else Path(params["out_dir"]) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"

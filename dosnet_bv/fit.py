@@ -66,12 +66,14 @@ def net_module():
 
 
 def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows: dict, log: Log,
-                tensorboard_dir=None, show_summary: bool = False) -> FitResult:
+                tensorboard_dir=None, show_summary: bool = False, callbacks=()) -> FitResult:
     """Fit scalers on ``train_rows``, train with early stopping on ``val_rows``, then predict.
 
     ``predict_rows``: name -> row indices to predict after training (e.g. train/val/test).
     ``tensorboard_dir``: write TensorBoard logs there (as upstream does; ``--tensorboard``).
     ``show_summary``: write ``model.summary()`` to ``log`` (as upstream prints it).
+    ``callbacks``: more Keras callbacks, called after the run's own each epoch (e.g. the pruning
+    of ``dosnet_bv.tune``; an exception raised in one ends the fit and propagates).
     """
     import keras
 
@@ -109,6 +111,7 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
     if show_summary:
         model.summary(print_fn=lambda line, *args, **kwargs: log(line.rstrip()))
     epochs = params["epochs"]
+    extra_callbacks = callbacks
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, lr: net.learning_rate(epoch, params)),
                  epoch_log_callback(log, epochs, targets, scalers.targets.scale)]
     if params["early_stopping_patience"] > 0:
@@ -120,6 +123,7 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
         if importlib.util.find_spec("tensorboard") is None:
             raise TrainError("--tensorboard needs the tensorboard package (pip install 'tensorboard>=2.16,<2.22')")
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
+    callbacks += list(extra_callbacks)
     t0 = time.time()
     with stream_errors(data, streaming):
         hist = model.fit(**fit_data, epochs=epochs, verbose=0, callbacks=callbacks)

@@ -56,6 +56,82 @@ DISTRIBUTE = ("none", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
+#: Keys the ``tune`` section's search space may vary (``dosnet_bv.tune``) and how: "float" and
+#: "int" keys take a range ``{"low", "high"[, "log"]}`` or ``{"choices": [...]}``, the others
+#: choices only. Keys that change what the loss measures (targets, loss, weights, scaling) are not
+#: tunable: the objective compares validation losses across trials. net.py's DOS featurizer widths
+#: are fixed there (not params keys), so they cannot be searched.
+TUNABLE = {"learning_rate": "float", "dropout": "float", "batch_size": "int", "early_channels": "int",
+           "fusion": None, "structure_units": None, "structure_families": None, "lr_schedule": None}
+TUNE_PRUNERS = ("median", "halving", "none")
+TUNE_SECTION_RULE = ('an object {"trials", "folds", "epochs", "patience", "pruner", "space"} '
+                     '(docs/training.md#hyperparameter-search)')
+
+
+def tune_section_problem(v) -> str | None:
+    """What is wrong with a ``tune`` section (None when it is fine): the search settings and the
+    space, each range non-empty and each bound or choice a valid value of its params key."""
+    if not isinstance(v, dict):
+        return f"must be {TUNE_SECTION_RULE}"
+    rules = {"trials": (lambda x: _int(x) and x >= 1, "a positive integer (trials when --trials is not given)"),
+             "folds": (lambda x: _int(x) and x >= 2, "an integer >= 2 (family-grouped folds of the training data)"),
+             "epochs": (lambda x: _int(x) and x >= 1, "a positive integer (maximum epochs per fold)"),
+             "patience": (lambda x: _int(x) and x >= 0, "a non-negative integer (early stopping; 0: none)"),
+             "pruner": (lambda x: x in TUNE_PRUNERS, "one of " + ", ".join(TUNE_PRUNERS)),
+             "space": (lambda x: isinstance(x, dict) and len(x) > 0, "a non-empty object {params key: range or choices}")}
+    unknown = sorted(set(v) - set(rules))
+    if unknown:
+        return f"unknown key {unknown[0]!r} (known: {', '.join(rules)})"
+    for key, (ok, what) in rules.items():
+        if key not in v:
+            return f"missing key {key!r} ({what})"
+        if not ok(v[key]):
+            return f"{key!r} must be {what}, got {json.dumps(v[key])}"
+    for name, spec in v["space"].items():
+        problem = _space_problem(name, spec)
+        if problem:
+            return f"space {name!r}: {problem}"
+    return None
+
+
+def _space_problem(name: str, spec) -> str | None:
+    if name not in TUNABLE:
+        return f"unknown parameter (tunable: {', '.join(TUNABLE)})"
+    ok, what = PARAM_RULES[name]
+    if isinstance(spec, dict) and set(spec) == {"choices"}:
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            return "'choices' must be a non-empty list"
+        bad = next((c for c in choices if not ok(c)), _NONE)
+        if bad is not _NONE:
+            return f"choice {json.dumps(bad)} is not {what}"
+        if len({json.dumps(c) for c in choices}) != len(choices):
+            return "'choices' has duplicates"
+        return None
+    kind = TUNABLE[name]
+    if kind is None:
+        return 'takes {"choices": [...]} only'
+    if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) <= {"low", "high", "log"}:
+        return 'must be {"low": ..., "high": ..., "log": false} or {"choices": [...]}'
+    lo, hi, log = spec["low"], spec["high"], spec.get("log", False)
+    num = _int if kind == "int" else _num
+    if not (num(lo) and num(hi)):
+        return f"'low' and 'high' must be {'integers' if kind == 'int' else 'numbers'}"
+    if lo >= hi:
+        return f"empty or inverted range [{lo}, {hi}] (low must be below high)"
+    if not isinstance(log, bool):
+        return "'log' must be true or false"
+    if log and lo <= 0:
+        return f"a log range needs low > 0, got {lo}"
+    for b in (lo, hi):
+        if not ok(b):
+            return f"bound {b} is not {what}"
+    return None
+
+
+_NONE = object()
+
+
 #: key -> (check, what the value must be). params.json must hold exactly these keys.
 PARAM_RULES: dict = {
     "data_file": (lambda v: isinstance(v, str) and v != "", "a path (string)"),
@@ -96,6 +172,7 @@ PARAM_RULES: dict = {
     "importance_repeats": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
     "importance_ig_steps": (lambda v: _int(v) and v >= 1, "a positive integer"),
     "out_dir": (lambda v: isinstance(v, str) and v != "", "a folder (string)"),
+    "tune": (lambda v: tune_section_problem(v) is None, TUNE_SECTION_RULE),
 }
 
 
@@ -123,6 +200,8 @@ def validate_params(params: dict) -> dict:
     for key, (ok, what) in PARAM_RULES.items():
         if key not in params:
             raise TrainError(f"params: missing key {key!r} ({what})")
+        if key == "tune" and tune_section_problem(params[key]):
+            raise TrainError(f"params: 'tune': {tune_section_problem(params[key])}")
         if not ok(params[key]):
             raise TrainError(f"params: {key!r} must be {what}, got {json.dumps(params[key])}")
     for key in ("targets", "loss_weights"):
