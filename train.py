@@ -30,6 +30,7 @@ from dosnet_bv.ablation import QUICK_EPOCHS, QUICK_PATIENCE, run_ablation
 from dosnet_bv.cli import OneLineParser, run_command
 from dosnet_bv.data import load_data, structure_columns
 from dosnet_bv.learning_curve import run_learning_curve
+from dosnet_bv.outputs import prepare_run_folder
 from dosnet_bv.params import BV_TARGETS, FUSIONS, TrainError, load_params, resolve_data_file, validate_params
 from dosnet_bv.runs import predict_run, run_cv, run_experiment, run_importance
 
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--data", help="data file (overrides data_file)")
     p.add_argument("--epochs", type=int, help="maximum epochs (overrides epochs)")
     p.add_argument("--out", help="run folder (default: <out_dir>/<fusion>-<targets>-<time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in an existing --out folder (else an existing, non-empty one is refused)")
     p.add_argument("--fusion", help="overrides fusion: " + ", ".join(FUSIONS))
     p.add_argument("--targets", nargs="+", help="overrides targets: some of " + ", ".join(BV_TARGETS))
     p.add_argument("--seed", type=int, help="overrides seed (initialisation and batch order; the split stays)")
@@ -84,6 +87,8 @@ def check_flags(args) -> str | None:
         raise TrainError(f"--seeds needs at least 1, got {args.seeds}")
     if args.tensorboard and study:
         raise TrainError("--tensorboard goes with a single run or --cv")
+    if args.overwrite and study:
+        raise TrainError(f"--overwrite goes with a single run or --cv (--{study} resumes in an existing folder)")
     return study
 
 
@@ -111,6 +116,8 @@ def dispatch(args) -> None:
     cv = params["cv_folds"] if args.cv is not None else None
     name = study or f"{params['fusion']}-{'+'.join(params['targets'])}" + (f"-cv{cv}" if cv else "")
     out = Path(args.out) if args.out else Path(params["out_dir"]) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not study:
+        prepare_run_folder(out, args.overwrite)
     if args.ablation:
         run_ablation(params, data, out, args.seeds, args.full)
     elif args.learning_curve:

@@ -40,6 +40,9 @@ VERSION_ATTR = "schema_version"
 
 TARGETS = ("bvs_vu", "valence", "bvs_deviation_vu", "gii_vu")
 SPLITS = ("train", "val", "test")
+#: The plausible range of every target, |value| <= TARGET_LIMIT (valence units; electrons for the
+#: valence): build skips a material beyond it and train.py refuses such a file.
+TARGET_LIMIT = 10.0
 
 DOS = "dos"
 STRUCTURE = "structure"

@@ -241,6 +241,11 @@ def epoch_log_callback(log: Log, epochs: int, targets, target_scale) -> "keras.c
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
+            loss = float(logs.get("loss", 0.0))
+            if not np.isfinite(loss):  # stop at once: a NaN model must not be saved as a finished run
+                raise TrainError(f"training diverged: loss {loss} at epoch {epoch + 1}/{self.epochs}; try a smaller "
+                                 f"learning_rate (now {float(np.asarray(self.model.optimizer.learning_rate)):.3g}), "
+                                 f"target_scaling 'standard' or loss 'log_cosh', and check the data for extreme values")
             parts = [f"epoch {epoch + 1:3d}/{self.epochs}", f"loss {logs.get('loss', float('nan')):.4f}",
                      f"val_loss {logs.get('val_loss', float('nan')):.4f}"]
             for j, t in enumerate(self.targets):
