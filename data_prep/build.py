@@ -342,6 +342,10 @@ def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progr
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the h5 gets the user's usual permissions
         os.replace(tmp, out_path)
+    except OSError as exc:  # disk full, I/O error: one line (h5schema.H5WriteError)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise h5schema.H5WriteError.of(out_path, exc) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
