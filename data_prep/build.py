@@ -180,6 +180,11 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         valences = record.provenance.get("bv_valences")  # BVAnalyzer valences stored by the source
         if valences is None or len(valences) != len(s):
             valences = assign_valences(s)
+        v = np.asarray(valences, dtype=float)
+        bad = np.flatnonzero(~(np.abs(v) <= h5schema.TARGET_LIMIT))
+        if len(bad):
+            return mid, (f"implausible valence {v[bad[0]]:g} at site {bad[0]} "
+                         f"(|valence| must be <= {h5schema.TARGET_LIMIT:g})")
         t = compute_targets(s, cfg.bv_cutoff_ang, valences=valences)
     except BondValenceError as exc:
         return mid, f"bond valence: {exc}"
@@ -460,11 +465,12 @@ def _tracked(work, job):
 def _stop(executor) -> None:
     """Stop a process pool now: cancel what has not started and terminate the workers (shutdown
     alone would wait for the running records)."""
+    procs = list((getattr(executor, "_processes", None) or {}).values())  # CPython's worker table (shutdown clears it)
     executor.shutdown(wait=False, cancel_futures=True)
-    for proc in list((getattr(executor, "_processes", None) or {}).values()):  # CPython's worker table
+    for proc in procs:
         if proc.is_alive():
             proc.terminate()
-    for proc in list((getattr(executor, "_processes", None) or {}).values()):
+    for proc in procs:
         proc.join(5)
 
 
