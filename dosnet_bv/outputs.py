@@ -17,7 +17,7 @@ from data_prep.plotting import pyplot
 from dosnet_bv.data import Dataset, target_matrix
 from dosnet_bv.params import TrainError
 
-__all__ = ["Log", "pyplot", "atomic_path", "prepare_run_folder", "write_json", "write_predictions", "write_history", "plot_parity", "plot_learning_curve"]
+__all__ = ["Log", "pyplot", "atomic_path", "prepare_run_folder", "write_text", "write_json", "write_predictions", "write_history", "plot_parity", "plot_learning_curve"]
 
 
 @contextmanager
@@ -154,6 +154,12 @@ def plot_learning_curve(path, histories: list, best_epochs: list) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def write_text(path, text: str) -> None:
+    """``text`` to ``path`` atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path, obj) -> None:
