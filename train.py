@@ -4,6 +4,7 @@
                     [--fusion F] [--targets T [T ...]] [--seed S] [--tensorboard]
     python train.py --params params.json --cv [K]            # grouped K-fold CV by material
     python train.py --predict RUN_DIR --data FILE [--out DIR] # predictions with a saved model
+    python train.py --resume RUN_DIR                         # continue an interrupted single run
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
     python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
@@ -32,7 +33,7 @@ from dosnet_bv.data import load_data, structure_columns
 from dosnet_bv.learning_curve import run_learning_curve
 from dosnet_bv.outputs import prepare_run_folder
 from dosnet_bv.params import BV_TARGETS, FUSIONS, TrainError, load_params, resolve_data_file, validate_params
-from dosnet_bv.runs import predict_run, run_cv, run_experiment, run_importance
+from dosnet_bv.runs import check_resumable, predict_run, run_cv, run_experiment, run_importance
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run folder (default: <out_dir>/<fusion>-<targets>-<time>)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in an existing --out folder (else an existing, non-empty one is refused)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the interrupted single run in RUN_DIR from its last epoch's checkpoint (with the "
+                        "params it was started with; --data may point to a moved data file)")
     p.add_argument("--fusion", help="overrides fusion: " + ", ".join(FUSIONS))
     p.add_argument("--targets", nargs="+", help="overrides targets: some of " + ", ".join(BV_TARGETS))
     p.add_argument("--seed", type=int, help="overrides seed (initialisation and batch order; the split stays)")
@@ -92,7 +96,29 @@ def check_flags(args) -> str | None:
     return study
 
 
+def resume(args) -> None:
+    """``--resume RUN_DIR``: the run's own params.json, its data file (or --data), its checkpoint."""
+    others = [f for f, v in (("--params", args.params != "params.json"), ("--epochs", args.epochs),
+                             ("--fusion", args.fusion), ("--targets", args.targets), ("--seed", args.seed is not None),
+                             ("--cv", args.cv is not None), ("--out", args.out), ("--overwrite", args.overwrite),
+                             ("--predict", args.predict), ("--importance", args.importance),
+                             ("--ablation", args.ablation), ("--learning-curve", args.learning_curve)) if v]
+    if others:
+        raise TrainError(f"--resume RUN_DIR continues the run with its own params; it cannot be combined with "
+                         f"{others[0]}")
+    run = Path(args.resume)
+    check_resumable(run)
+    params = load_params(run / "params.json")
+    if args.data:
+        params["data_file"] = args.data
+    data = load_data(resolve_data_file(params["data_file"]), params)
+    run_experiment(params, data, run, tensorboard=args.tensorboard, resume=True)
+
+
 def dispatch(args) -> None:
+    if args.resume:
+        resume(args)
+        return
     if args.predict:
         if not args.data:
             raise TrainError("--predict RUN_DIR needs --data FILE")

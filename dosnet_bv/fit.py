@@ -5,6 +5,7 @@ TensorBoard logs; in memory or streamed (``dosnet_bv.streaming``), on one device
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -66,12 +67,19 @@ def net_module():
 
 
 def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows: dict, log: Log,
-                tensorboard_dir=None, show_summary: bool = False) -> FitResult:
+                tensorboard_dir=None, show_summary: bool = False, checkpoint=None, resume: bool = False) -> FitResult:
     """Fit scalers on ``train_rows``, train with early stopping on ``val_rows``, then predict.
 
     ``predict_rows``: name -> row indices to predict after training (e.g. train/val/test).
     ``tensorboard_dir``: write TensorBoard logs there (as upstream does; ``--tensorboard``).
     ``show_summary``: write ``model.summary()`` to ``log`` (as upstream prints it).
+    ``checkpoint``: a file (``.npz``) written atomically at the end of every epoch (``Checkpoint``);
+    with ``resume`` training continues from it, to the same numbers as an uninterrupted run.
+
+    Training runs one epoch per ``model.fit`` call: in memory, epoch e's batch order is a
+    permutation drawn from (seed, e) alone, so an epoch does not depend on how the process got
+    there; early stopping (patience on ``val_loss``, best weights restored at the end, as Keras'
+    ``EarlyStopping``) is done here so that its state can be checkpointed.
     """
     import keras
 
@@ -95,6 +103,7 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
 
     if not streaming:
         x_tr, x_va = model_inputs(params, data, scalers, train_rows), model_inputs(params, data, scalers, val_rows)
+        y_tr = y_of(train_rows)
     tf_setup(params["seed"])
     n_structure = len(scalers.structure_columns)
     with model_scope(strategy, params["precision"]):
@@ -104,29 +113,58 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
         x_va = stream_input(params, data, scalers, val_rows, y_scaled, False, replicas)
         fit_data = {"x": x_tr, "validation_data": x_va, "shuffle": False}  # the stream shuffles
     else:
-        fit_data = {"x": x_tr, "y": y_of(train_rows), "validation_data": (x_va, y_of(val_rows)),
-                    "batch_size": params["batch_size"], "shuffle": True}
+        fit_data = {"validation_data": (x_va, y_of(val_rows)), "batch_size": params["batch_size"], "shuffle": False}
     if show_summary:
         model.summary(print_fn=lambda line, *args, **kwargs: log(line.rstrip()))
-    epochs = params["epochs"]
+    epochs, patience = params["epochs"], params["early_stopping_patience"]
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, lr: net.learning_rate(epoch, params)),
                  epoch_log_callback(log, epochs, targets, scalers.targets.scale)]
-    if params["early_stopping_patience"] > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=params["early_stopping_patience"],
-                                                       restore_best_weights=True))
     if tensorboard_dir is not None:
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
             raise TrainError("--tensorboard needs the tensorboard package (pip install 'tensorboard>=2.16,<2.22')")
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
-    t0 = time.time()
+    ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
+    state = {"epoch": 0, "history": {}, "best": None, "best_epoch": 0, "wait": 0, "seconds": 0.0, "stopped": False}
+    best_weights = None
+    if resume:
+        state, best_weights = ckpt.restore(model, params)
+        log(f"resumed from {ckpt.path} after epoch {state['epoch']}/{epochs}")
+    history = state["history"]
+    t0 = time.time() - state["seconds"]
     with stream_errors(data, streaming):
-        hist = model.fit(**fit_data, epochs=epochs, verbose=0, callbacks=callbacks)
+        for epoch in range(state["epoch"], epochs):
+            if state["stopped"]:
+                break
+            if not streaming:  # batch order of this epoch: from (seed, epoch) only
+                order = np.random.default_rng([params["seed"], epoch]).permutation(len(train_rows))
+                fit_data["x"] = {k: v[order] for k, v in x_tr.items()}
+                fit_data["y"] = {k: v[order] for k, v in y_tr.items()}
+            hist = model.fit(**fit_data, epochs=epoch + 1, initial_epoch=epoch, verbose=0, callbacks=callbacks)
+            for k, vals in hist.history.items():
+                history.setdefault(k, []).extend(float(v) for v in vals)
+            if patience > 0 and "val_loss" in hist.history:  # as keras.callbacks.EarlyStopping(restore_best_weights)
+                current = history["val_loss"][-1]
+                if best_weights is None:
+                    best_weights = model.get_weights()
+                state["wait"] += 1
+                if state["best"] is None or current < state["best"]:
+                    state.update(best=current, best_epoch=epoch + 1, wait=0)
+                    best_weights = model.get_weights()
+                elif state["wait"] >= patience and epoch > 0:
+                    state["stopped"] = True
+            state["epoch"] = epoch + 1
+            state["seconds"] = time.time() - t0
+            if ckpt is not None:
+                ckpt.save(model, state, best_weights)
+            if state["stopped"]:
+                break
+    if patience > 0 and best_weights is not None:
+        model.set_weights(best_weights)
     seconds = time.time() - t0
-    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     val = history.get("val_loss", [])
-    best = int(np.argmin(val)) + 1 if val and params["early_stopping_patience"] > 0 else len(val)
+    best = state["best_epoch"] if val and patience > 0 else len(val)
     del x_tr, x_va, fit_data
     predictor, pred_replicas = model, replicas
     if distribute.worker_of(strategy)[1] > 1:  # each worker predicts every row alone: no collectives, row order kept
@@ -150,6 +188,62 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
             z = predict_outputs(predictor, model_inputs(params, data, scalers, rows), targets, params["batch_size"])
             preds[name] = scalers.targets.inverse(z)
     return FitResult(model, scalers, history, best, preds, seconds)
+
+
+class Checkpoint:
+    """The training state at the end of an epoch, in one ``.npz`` written atomically: the model's
+    weights, the optimizer's variables (Adam's step count and moments), the state of every random
+    seed generator of the model (dropout), the best weights so far and, as JSON, the epoch, history,
+    early-stopping state and elapsed seconds. The batch order needs no state: it is drawn from
+    (seed, epoch)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+
+    @staticmethod
+    def _seed_states(model) -> list:
+        return [sg.state for layer in model._flatten_layers() for sg in getattr(layer, "_seed_generators", [])]
+
+    def save(self, model, state: dict, best_weights) -> None:
+        from dosnet_bv.outputs import atomic_path
+
+        arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+        arrays.update({f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+        arrays.update({f"s{i}": np.asarray(v) for i, v in enumerate(self._seed_states(model))})
+        arrays.update({f"b{i}": w for i, w in enumerate(best_weights or [])})
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, state=np.array(json.dumps({**state, "has_best": best_weights is not None})), **arrays)
+
+    def restore(self, model, params: dict):
+        """Load into ``model`` (built and compiled as when saved); returns (state, best weights)."""
+        import zipfile
+
+        try:
+            with np.load(self.path) as z:
+                state = json.loads(str(z["state"]))
+                keys = set(z.files)
+                take = lambda prefix: [z[f"{prefix}{i}"] for i in range(sum(k.startswith(prefix) and k[1:].isdigit()  # noqa: E731
+                                                                            for k in keys))]
+                weights, opt, seeds, best = take("w"), take("o"), take("s"), take("b")
+        except FileNotFoundError:
+            raise TrainError(f"--resume: no checkpoint {self.path} (the run stopped before its first epoch ended: "
+                             f"start it again with --overwrite)") from None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            raise TrainError(f"--resume: cannot read the checkpoint {self.path}: {exc}") from None
+        try:
+            model.set_weights(weights)
+            model.optimizer.build(model.trainable_variables)
+            if len(opt) != len(model.optimizer.variables):
+                raise ValueError(f"{len(opt)} optimizer variables saved, {len(model.optimizer.variables)} expected")
+            for v, a in zip(model.optimizer.variables, opt):
+                v.assign(a)
+            for v, a in zip(self._seed_states(model), seeds):
+                v.assign(a)
+        except ValueError as exc:
+            raise TrainError(f"--resume: the checkpoint {self.path} does not fit the run's model: {exc}") from None
+        return state, (best if state.pop("has_best") else None)
 
 
 def strategy_for(params: dict):

@@ -44,7 +44,7 @@ def atomic_path(path):
 
 #: What a run folder of train.py may hold; ``metrics.json`` is written last and marks it complete.
 RUN_FILES = ("metrics.json", "params.json", "model.keras", "scalers.json", "predictions.csv", "history.csv",
-             "parity.png", "learning_curve.png", "train.log")
+             "parity.png", "learning_curve.png", "train.log", "checkpoint.npz")
 
 
 def prepare_run_folder(out, overwrite: bool) -> None:

@@ -20,6 +20,21 @@ from dosnet_bv.params import (PARAM_RULES, SPLITS, TARGET_UNITS, TrainError, loa
 from dosnet_bv.scalers import model_inputs, scalers_from_json
 
 
+#: The training state of an unfinished single run (``fit.Checkpoint``), for ``--resume``.
+CHECKPOINT = "checkpoint.npz"
+
+
+def check_resumable(run_dir: Path) -> None:
+    """``TrainError`` unless ``run_dir`` holds an interrupted single run that ``--resume`` can continue."""
+    if not (run_dir / "params.json").is_file():
+        raise TrainError(f"--resume: {run_dir / 'params.json'} not found (is {run_dir} a train.py run folder?)")
+    if (run_dir / "metrics.json").is_file():
+        raise TrainError(f"--resume: {run_dir} is complete (it has metrics.json); nothing to resume")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise TrainError(f"--resume: {run_dir} has no {CHECKPOINT} (interrupted before its first epoch ended, or a "
+                         f"--cv run): start it again with --overwrite")
+
+
 def check_run_folder(run_dir: Path, what: str) -> None:
     """``TrainError`` unless ``run_dir`` holds a finished run: params, scalers, model and, written
     last, ``metrics.json`` (without it the run was interrupted or failed)."""
@@ -51,14 +66,16 @@ def read_json(path: Path, what: str) -> dict:
         raise TrainError(f"{what}: cannot read {path}: {exc}") from None
 
 
-def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None, tensorboard: bool = False) -> dict:
+def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None, tensorboard: bool = False,
+                   resume: bool = False) -> dict:
     """Train on the train split, stop early on val, predict train/val/test; write the run folder.
 
     Returns the metrics written to ``metrics.json``: ``splits`` -> split -> target -> MAE, RMSE,
     R², per-element MAE, mean-baseline MAE (and valence accuracy), plus counts and timing.
     Under ``distribute`` multi_worker the chief writes ``out_dir``, worker i ``out_dir/worker<i>``.
     ``tensorboard``: TensorBoard logs in ``out_dir/tensorboard`` (upstream writes them always; off
-    by default here since they cost time).
+    by default here since they cost time). ``out_dir/checkpoint.npz`` is written at the end of
+    every epoch and removed when the run is complete; ``resume`` continues from it.
     """
     from dosnet_bv import distribute
 
@@ -69,7 +86,8 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None,
     out.mkdir(parents=True, exist_ok=True)
     log = log or Log(out / "train.log")
     targets = params["targets"]
-    write_json(out / "params.json", params)
+    if not resume:
+        write_json(out / "params.json", params)
     rows = {s: np.flatnonzero(data.split == s) for s in SPLITS}
     for s in ("train", "val"):
         if not len(rows[s]):
@@ -78,7 +96,8 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None,
     log(f"DOSnet-BV: {data.n} samples from {data.path}; fusion {params['fusion']}, targets {', '.join(targets)}; "
         + ", ".join(f"{s} {c['materials']} materials / {c['samples']} samples" for s, c in counts.items()))
     res = fit_predict(params, data, rows["train"], rows["val"], rows, log,
-                      tensorboard_dir=out / "tensorboard" if tensorboard else None, show_summary=True)
+                      tensorboard_dir=out / "tensorboard" if tensorboard else None, show_summary=not resume,
+                      checkpoint=out / CHECKPOINT, resume=resume)
     with atomic_path(out / "model.keras") as tmp:
         res.model.save(tmp)
     write_json(out / "scalers.json", res.scalers.json)
@@ -95,6 +114,7 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None,
     plot_parity(out / "parity.png", targets, [(s, y[rows[s]], res.predictions[s]) for s in SPLITS])
     plot_learning_curve(out / "learning_curve.png", [res.history], [res.best_epoch])
     write_json(out / "metrics.json", metrics)  # last: marks the run folder complete
+    (out / CHECKPOINT).unlink(missing_ok=True)
     log(f"trained {metrics['epochs_run']} epochs in {res.seconds:.0f} s (best epoch {res.best_epoch}, "
         f"{metrics['train_samples_per_s']:.0f} samples/s)")
     log(summary_table(metrics["splits"], targets))

@@ -4,7 +4,9 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 
 import h5py
 import numpy as np
@@ -205,3 +207,44 @@ def test_bad_seed_on_the_command_line_leaves_no_run_folder(h5, tmp_path):
     r = run_cli("train.py", "--params", params, "--seed", str(2 ** 70), "--out", tmp_path / "run")
     assert "'seed' must be an integer in [0," in _one_line(r)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ item 3: interrupt and resume
+def _train_cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([os.sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def test_sigint_then_resume_gives_the_uninterrupted_result(h5, tmp_path):
+    """A real SIGINT to a real training process after its third epoch; ``--resume`` continues from
+    the last checkpoint and ends with the metrics of an uninterrupted run of the same seed (CPU)."""
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(_params(data_file=str(h5), epochs=12, early_stopping_patience=3,
+                                         lr_schedule="dosnet_step", dropout=0.2)))
+    whole = _train_cli("--params", params, "--out", tmp_path / "whole")
+    cut = _train_cli("--params", params, "--out", tmp_path / "cut")
+    log = tmp_path / "cut" / "train.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and cut.poll() is None:
+        if log.is_file() and "epoch   3/12" in log.read_text():
+            break
+        time.sleep(0.05)
+    cut.send_signal(signal.SIGINT)  # python's default handler: KeyboardInterrupt, exit status 130
+    _, err = cut.communicate(timeout=120)
+    assert cut.returncode == 130, err[-3000:]
+    assert (tmp_path / "cut" / "checkpoint.npz").is_file() and not (tmp_path / "cut" / "metrics.json").exists()
+    r = run_cli("train.py", "--resume", tmp_path / "cut")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in (tmp_path / "cut" / "train.log").read_text()
+    _, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-3000:]
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert (a["epochs_run"], a["best_epoch"]) == (b["epochs_run"], b["best_epoch"])
+    for s in ("train", "val", "test"):
+        assert b["splits"][s]["bvs_vu"]["mae"] == pytest.approx(a["splits"][s]["bvs_vu"]["mae"], rel=1e-5, abs=1e-6)
+    assert not (tmp_path / "cut" / "checkpoint.npz").exists()  # removed once complete
+    r = run_cli("train.py", "--resume", tmp_path / "cut")
+    assert "is complete" in _one_line(r)
