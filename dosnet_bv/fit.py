@@ -19,12 +19,33 @@ from dosnet_bv.params import ROOT, TrainError
 from dosnet_bv.scalers import Scalers, fit_scalers, model_inputs
 
 
+def cpu_threads() -> int:
+    """TensorFlow's CPU thread count: ``DOSNET_THREADS`` if set, else the machine's core count (what
+    TF takes by default, but fixed here, never derived from the current load)."""
+    import os
+
+    value = os.environ.get("DOSNET_THREADS", "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise TrainError(f"DOSNET_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    return os.cpu_count() or 1
+
+
 def tf_setup(seed: int) -> None:
-    """Fresh Keras state, seeded Python/NumPy/TF generators and deterministic TF ops (CPU)."""
+    """Fresh Keras state, seeded Python/NumPy/TF generators, deterministic TF ops and a fixed CPU
+    thread count (``cpu_threads``): the same seed gives the same numbers on the same machine and
+    software, whatever else runs on it (tests/test_train_faults.py checks under load)."""
     import keras
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
+    n = cpu_threads()
+    try:  # only before TF's runtime starts: the first run of a process sets it
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+    except RuntimeError:
+        pass
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()

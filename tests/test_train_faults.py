@@ -248,3 +248,25 @@ def test_sigint_then_resume_gives_the_uninterrupted_result(h5, tmp_path):
     assert not (tmp_path / "cut" / "checkpoint.npz").exists()  # removed once complete
     r = run_cli("train.py", "--resume", tmp_path / "cut")
     assert "is complete" in _one_line(r)
+
+
+# ------------------------------------------------------------------ item 7: same seed, same numbers
+def test_same_seed_same_numbers_in_another_process_under_cpu_load(run, h5, tmp_path):
+    """The in-process fixture run, repeated by train.py in a separate process while two other
+    processes keep the CPUs busy: identical predictions and metrics (timings aside)."""
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(_params(data_file=str(h5))))
+    burn = [subprocess.Popen([os.sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        r = run_cli("train.py", "--params", params, "--out", tmp_path / "again")
+    finally:
+        for b in burn:
+            b.kill()
+            b.wait()
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "again" / "predictions.csv").read_text() == (run / "predictions.csv").read_text()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (run, tmp_path / "again"))
+    for m in (a, b):
+        for k in ("train_seconds", "train_samples_per_s", "data_file", "input"):  # timing, path, free memory
+            m.pop(k)
+    assert a == b
