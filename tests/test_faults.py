@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from data_prep.build import BuildConfig, BuildError, build_h5, output_lock
+from data_prep.build import BuildConfig, BuildError, build_h5
 from data_prep.layout import EnergyGrid
 from data_prep.records import Spectrum
 from records_factory import make_record, structures, write_records
@@ -129,6 +129,8 @@ def test_output_location_is_checked_before_featurising(records, tmp_path):
 def test_a_second_build_to_the_same_output_is_refused(records, tmp_path):
     """Two concurrent builds to one new --out: the one that comes second is refused (was: it
     silently replaced the first one's file)."""
+    from data_prep.build import output_lock
+
     out = tmp_path / "x.h5"
     with output_lock(out):
         with pytest.raises(BuildError, match="another build is writing"):

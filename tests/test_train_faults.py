@@ -18,7 +18,7 @@ from conftest import ROOT, run_cli
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 from dosnet_bv.data import load_data  # noqa: E402
-from dosnet_bv.outputs import Log, atomic_path, prepare_run_folder, write_json  # noqa: E402
+from dosnet_bv.outputs import Log, write_json  # noqa: E402
 from dosnet_bv.params import TrainError, validate_params  # noqa: E402
 from dosnet_bv.runs import check_run_folder, predict_run, run_experiment  # noqa: E402
 
@@ -79,6 +79,8 @@ def test_existing_run_folder_is_refused_without_overwrite(h5, tmp_path):
 
 
 def test_overwrite_first_unmarks_then_clears_the_old_run(tmp_path):
+    from dosnet_bv.outputs import prepare_run_folder
+
     out = tmp_path / "run"
     out.mkdir()
     for name in ("metrics.json", "train.log", "model.keras", "notes.txt"):
@@ -118,6 +120,8 @@ def test_predict_and_importance_refuse_an_incomplete_or_damaged_run(run, h5, tmp
 
 def test_atomic_writes_keep_the_old_file_when_the_disk_is_full(tmp_path):
     """Simulated ENOSPC (raised inside the write): the old file stays whole, no temporary is left."""
+    from dosnet_bv.outputs import atomic_path
+
     path = tmp_path / "metrics.json"
     write_json(path, {"old": 1})
     with pytest.raises(OSError, match="No space"):
