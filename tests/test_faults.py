@@ -230,3 +230,36 @@ def test_disk_full_simulated(records, tmp_path, monkeypatch):
     with pytest.raises(h5schema.H5WriteError, match="No space left on device; nothing was written"):
         build_h5(records[:2], tmp_path / "x.h5", CFG, n_procs=1, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ item 3: the ablation's resume
+def test_ablation_resume_recomputes_a_truncated_result_file(tmp_path):
+    """A results/*.json cut short (as a crash mid-write left it before writes were atomic): one log
+    line names it and the run is recomputed, the intact one is reused; a truncated config is rewritten."""
+    from dosnet_bv.ablation import ModelSpec, Runner, check_resume
+    from dosnet_bv.outputs import Log
+
+    res = {"scores": {"val": {"bvs_vu": {"nmae": 0.5, "mae": 0.2}}, "test": {"bvs_vu": {"mae": 0.25}}},
+           "info": {}, "seconds": 1.0}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "mean__seed1.json").write_text(json.dumps(res)[:25])  # truncated
+    (tmp_path / "results" / "mean__seed2.json").write_text(json.dumps(res))
+    calls, lines = [], []
+    log = Log(quiet=True)
+    log.printer, log.quiet = lines.append, False
+
+    def run(spec, seed):
+        calls.append(seed)
+        return res
+
+    runner = Runner(tmp_path, log, 2, 2.0, run)
+    spec = ModelSpec("mean", "baseline")
+    assert runner(spec, 1, 1.0, "mean") == res and runner(spec, 2, 1.0, "mean") == res
+    runner.close()
+    assert calls == [1]
+    assert any("mean__seed1.json is damaged" in line and "recomputing" in line for line in lines), lines
+    assert json.loads((tmp_path / "results" / "mean__seed1.json").read_text()) == res
+    cfg = tmp_path / "ablation_config.json"
+    cfg.write_text('{"seeds": [1, ')
+    check_resume(cfg, {"seeds": [1, 2]}, log)
+    assert json.loads(cfg.read_text()) == {"seeds": [1, 2]}
