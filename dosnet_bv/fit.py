@@ -151,7 +151,9 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
     best_weights = None
     if resume:
         state, best_weights = ckpt.restore(model, params)
-        log(f"resumed from {ckpt.path} after epoch {state['epoch']}/{epochs}")
+        log(f"resumed from {ckpt.path} after epoch {state['epoch']}/{epochs}"
+            + ("; streamed input: its shuffle starts afresh, so the result is close to, not equal to, an "
+               "uninterrupted run's" if streaming else ""))
     history = state["history"]
     t0 = time.time() - state["seconds"]
     with stream_errors(data, streaming):
