@@ -4,6 +4,7 @@
                     [--fusion F] [--targets T [T ...]] [--seed S] [--tensorboard]
     python train.py --params params.json --cv [K]            # grouped K-fold CV by material
     python train.py --predict RUN_DIR --data FILE [--out DIR] # predictions with a saved model
+    python train.py --resume RUN_DIR                         # continue an interrupted single run
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
     python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
@@ -32,8 +33,9 @@ from dosnet_bv.ablation import QUICK_EPOCHS, QUICK_PATIENCE, run_ablation
 from dosnet_bv.cli import OneLineParser, run_command
 from dosnet_bv.data import load_data, structure_columns
 from dosnet_bv.learning_curve import run_learning_curve
+from dosnet_bv.outputs import prepare_run_folder
 from dosnet_bv.params import BV_TARGETS, FUSIONS, TrainError, load_params, resolve_data_file, validate_params
-from dosnet_bv.runs import predict_run, run_cv, run_experiment, run_importance
+from dosnet_bv.runs import check_resumable, predict_run, run_cv, run_experiment, run_importance
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -44,6 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--data", help="data file (overrides data_file)")
     p.add_argument("--epochs", type=int, help="maximum epochs (overrides epochs)")
     p.add_argument("--out", help="run folder (default: <out_dir>/<fusion>-<targets>-<time>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in an existing --out folder (else an existing, non-empty one is refused)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the interrupted single run in RUN_DIR from its last epoch's checkpoint (with the "
+                        "params it was started with; --data may point to a moved data file)")
     p.add_argument("--fusion", help="overrides fusion: " + ", ".join(FUSIONS))
     p.add_argument("--targets", nargs="+", help="overrides targets: some of " + ", ".join(BV_TARGETS))
     p.add_argument("--seed", type=int, help="overrides seed (initialisation and batch order; the split stays)")
@@ -101,10 +108,34 @@ def check_flags(args) -> str | None:
         raise TrainError(f"--seeds needs at least 1, got {args.seeds}")
     if args.tensorboard and study:
         raise TrainError("--tensorboard goes with a single run or --cv")
+    if args.overwrite and study:
+        raise TrainError(f"--overwrite goes with a single run or --cv (--{study} resumes in an existing folder)")
     return study
 
 
+def resume(args) -> None:
+    """``--resume RUN_DIR``: the run's own params.json, its data file (or --data), its checkpoint."""
+    others = [f for f, v in (("--params", args.params != "params.json"), ("--epochs", args.epochs),
+                             ("--fusion", args.fusion), ("--targets", args.targets), ("--seed", args.seed is not None),
+                             ("--cv", args.cv is not None), ("--out", args.out), ("--overwrite", args.overwrite),
+                             ("--predict", args.predict), ("--importance", args.importance),
+                             ("--ablation", args.ablation), ("--learning-curve", args.learning_curve)) if v]
+    if others:
+        raise TrainError(f"--resume RUN_DIR continues the run with its own params; it cannot be combined with "
+                         f"{others[0]}")
+    run = Path(args.resume)
+    check_resumable(run)
+    params = load_params(run / "params.json")
+    if args.data:
+        params["data_file"] = args.data
+    data = load_data(resolve_data_file(params["data_file"]), params)
+    run_experiment(params, data, run, tensorboard=args.tensorboard, resume=True)
+
+
 def dispatch(args) -> None:
+    if args.resume:
+        resume(args)
+        return
     if args.predict:
         if not args.data:
             raise TrainError("--predict RUN_DIR needs --data FILE")
@@ -133,6 +164,8 @@ def dispatch(args) -> None:
     cv = params["cv_folds"] if args.cv is not None else None
     name = study or f"{params['fusion']}-{'+'.join(params['targets'])}" + (f"-cv{cv}" if cv else "")
     out = Path(args.out) if args.out else Path(params["out_dir"]) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not study:
+        prepare_run_folder(out, args.overwrite)
     if args.ablation:
         run_ablation(params, data, out, args.seeds, args.full)
     elif args.learning_curve:

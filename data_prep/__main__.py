@@ -227,7 +227,8 @@ def main(argv=None) -> int:
             print(json.dumps(summary_, indent=1, default=str))
         return 0
 
-    return error_tail("data_prep", run, (BuildError,), "interrupted; finished work is kept")
+    # OSError: disk full, permission, read-only file system: one line too
+    return error_tail("data_prep", run, (BuildError, OSError), "interrupted; finished work is kept")
 
 
 def _is_h5_merge(args) -> bool:

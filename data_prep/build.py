@@ -7,9 +7,14 @@ this module featurises records and writes through ``h5schema.Writer``.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
+import signal
 import tempfile
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -48,11 +53,25 @@ class BuildConfig:
     def __post_init__(self):
         if self.split_by not in SPLIT_BY:
             raise BuildError(f"split_by must be one of {list(SPLIT_BY)}, got {self.split_by!r}")
-        f = tuple(float(x) for x in self.split_fractions)
+        try:
+            f = tuple(float(x) for x in self.split_fractions)
+        except (TypeError, ValueError):
+            f = ()
         if len(f) != 3 or min(f) < 0 or abs(sum(f) - 1) > 1e-6:
             raise BuildError(f"split fractions must be three non-negative numbers summing to 1, got {self.split_fractions}")
         self.split_fractions = f
         self.structure_families = tuple(self.structure_families)
+        # checked here, in the main process: a bad value must not reach the workers (symprec < 0
+        # crashes spglib there)
+        if not isinstance(self.grid, EnergyGrid):
+            raise BuildError(f"grid must be an EnergyGrid, got {self.grid!r}")
+        checks = {"n_neighbours": (_count(self.n_neighbours, 0), "a non-negative integer"),
+                  "bv_cutoff_ang": (_positive(self.bv_cutoff_ang), "a positive number (Angstrom)"),
+                  "symprec": (_positive(self.symprec), "a positive number (Angstrom)"),
+                  "split_seed": (_count(self.split_seed, 0) and self.split_seed < 2 ** 32, "an integer in [0, 2**32)")}
+        bad = next((k for k, (ok, _) in checks.items() if not ok), None)
+        if bad:
+            raise BuildError(f"{bad} must be {checks[bad][1]}, got {json.dumps(getattr(self, bad))}")
 
     def as_dict(self) -> dict:
         return {"grid": self.grid.as_dict(), "n_neighbours": self.n_neighbours,
@@ -69,12 +88,38 @@ class BuildConfig:
             raise BuildError(f"params 'data': {problem}")
         d = {k: v for k, v in dict(params or {}).items() if k not in TRAIN_READ_KEYS}
         if "grid" in d:
-            d["grid"] = EnergyGrid.from_dict(d["grid"])
+            d["grid"] = grid_from_dict(d["grid"])
         return cls(**d)
+
+
+def grid_from_dict(d) -> EnergyGrid:
+    """``EnergyGrid.from_dict`` with every value checked; a bad one -> ``BuildError``."""
+    if not isinstance(d, dict):
+        raise BuildError(f"grid must be an object, got {json.dumps(d)}")
+    unknown = sorted(set(d) - {"emin_ev", "emax_ev", "n_points", "sigma_ev"})
+    if unknown:
+        raise BuildError(f"grid: unknown key(s) {unknown}")
+    for k, v in d.items():
+        ok = _count(v, 2) if k == "n_points" else _positive(v) if k == "sigma_ev" else _finite(v)
+        if not ok:
+            what = "an integer >= 2" if k == "n_points" else "a positive number" if k == "sigma_ev" else "a number"
+            raise BuildError(f"grid: {k} must be {what}, got {json.dumps(v)}")
+    try:
+        return EnergyGrid.from_dict(d)
+    except ValueError as exc:
+        raise BuildError(f"grid: {exc}") from None
 
 
 def _count(v, least: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _finite(v) and v > 0
 
 
 def data_section_problem(section, for_training: bool = True) -> str | None:
@@ -142,6 +187,11 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         valences = record.provenance.get("bv_valences")  # BVAnalyzer valences stored by the source
         if valences is None or len(valences) != len(s):
             valences = assign_valences(s)
+        v = np.asarray(valences, dtype=float)
+        bad = np.flatnonzero(~(np.abs(v) <= h5schema.TARGET_LIMIT))
+        if len(bad):
+            return mid, (f"implausible valence {v[bad[0]]:g} at site {bad[0]} "
+                         f"(|valence| must be <= {h5schema.TARGET_LIMIT:g})")
         t = compute_targets(s, cfg.bv_cutoff_ang, valences=valences)
     except BondValenceError as exc:
         return mid, f"bond valence: {exc}"
@@ -154,6 +204,15 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
     feats = StructureFeaturizer(cfg.structure_families, symprec=cfg.symprec).featurize(s, sites)
     if not (np.all(np.isfinite(dos)) and np.all(np.isfinite(feats))):
         return mid, "non-finite values in the gridded DOS or structure features"
+    if not np.any(dos):
+        return mid, (f"the DOS lies entirely outside the energy window [{cfg.grid.emin_ev:g}, {cfg.grid.emax_ev:g}] eV "
+                     f"(relative to the reference level): every sample would be all zeros")
+    for name in ("bvs_vu", "valence", "bvs_deviation_vu"):
+        v = np.asarray(t[name])[sites]
+        bad = np.flatnonzero(~(np.abs(v) <= h5schema.TARGET_LIMIT))
+        if len(bad):
+            return mid, (f"implausible {name} {v[bad[0]]:g} at site {sites[bad[0]]} "
+                         f"(|{name}| must be <= {h5schema.TARGET_LIMIT:g} v.u.)")
     sp = record.spectrum
     fw = 0.0 if sp.f_weight is None else float(np.sum(sp.f_weight))
     total = float(np.sum(sp.weights)) + fw
@@ -194,7 +253,7 @@ def _versions() -> dict:
 
 def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: bool = False,
              n_procs: int | None = None, progress: bool = True, source: str = "records",
-             shard: tuple[int, int] | None = None, dos_compression: str | None = "lzf") -> dict:
+             shard: tuple[int, int] | None = None, dos_compression: str | None = "lzf", work=None) -> dict:
     """Featurise every record and write one h5 atomically. Returns a summary dict.
 
     ``shard`` = (I, N): keep only the records of shard I of N (``data_prep.shards``; stored as the
@@ -202,17 +261,28 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
     ``dos_compression``: "lzf" (default) or None. Uncompressed costs more disk but reads ~13x
     faster (0.02 vs 0.3 ms of CPU per 2000 x 27 sample): what streaming training wants when the
     CPU is busy (README, section Scaling).
+
+    The output location is checked first (a writable folder, not a folder name) and locked for the
+    build (``output_lock``: a second build to the same file is refused). Featurising runs in a
+    process pool that notices a dead worker (``featurise_all``). ``work``: the per-record function
+    (default ``_work``; tests pass one that crashes).
     """
+    cfg = cfg or BuildConfig()
+    out_path = Path(out_path)
+    check_output(out_path, overwrite)
+    with output_lock(out_path):
+        check_output(out_path, overwrite)  # again: a build that finished while this one waited
+        return _build_locked(record_paths, out_path, cfg, n_procs, progress, source, shard, dos_compression, work)
+
+
+def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progress, source, shard,
+                  dos_compression, work) -> dict:
     import h5py
     from tqdm import tqdm
 
     from data_prep.bond_valence import CITATIONS as BV_CITATIONS
     from data_prep.structure_features import StructureFeaturizer
 
-    cfg = cfg or BuildConfig()
-    out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise BuildError(f"{out_path} exists; pass --overwrite to replace it")
     paths = sorted(str(p) for p in record_paths)
     if not paths:
         raise BuildError("no records to build from")
@@ -225,16 +295,13 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
     results, skipped = [], {}
     jobs = [(p, cfg) for p in paths]
     bar = tqdm(total=len(jobs), desc="featurising", unit="material", disable=not progress)
-    if n_procs > 1 and len(jobs) > 4:
-        with mp.get_context("spawn").Pool(n_procs, initializer=_quiet_worker) as pool:
-            for r in pool.imap(_work, jobs, chunksize=4):
+    try:
+        with closing(featurise_all(jobs, n_procs, work or _work)) as featurised:
+            for r in featurised:
                 _collect(r, results, skipped)
                 bar.update()
-    else:
-        for j in jobs:
-            _collect(_work(j), results, skipped)
-            bar.update()
-    bar.close()
+    finally:
+        bar.close()
     ids = [r.material_id for r in results]
     dup = sorted({i for i in ids if ids.count(i) > 1}) if len(set(ids)) != len(ids) else []
     if dup:
@@ -249,7 +316,6 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
     feat = StructureFeaturizer(cfg.structure_families, symprec=cfg.symprec)
     n = sum(len(r.site_index) for r in results)
     P, C = cfg.grid.n_points, results[0].dos.shape[2]
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -287,7 +353,14 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
                     data_prep_version=__version__)
             if shard is not None:
                 w.attrs(shard=f"{shard[0]}/{shard[1]}")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the h5 gets the user's usual permissions
         os.replace(tmp, out_path)
+    except OSError as exc:  # disk full, I/O error: one line (h5schema.H5WriteError)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise h5schema.H5WriteError.of(out_path, exc) from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -318,15 +391,163 @@ def assign_family_ids(results: list[MaterialSamples]) -> None:
         r.family_id, r.prototype_group = fams[r.material_id].family_id, fams[r.material_id].prototype_group
 
 
+@dataclass
+class WorkerError:
+    """An unexpected exception while featurising one record (returned by a worker, raised as a
+    one-line ``BuildError`` by the main process)."""
+
+    material_id: str
+    message: str
+
+
 def _collect(r, results, skipped):
+    if isinstance(r, WorkerError):
+        raise BuildError(f"featurising {r.material_id} failed: {r.message}")
     if isinstance(r, tuple):
         skipped[r[0]] = r[1]
     else:
         results.append(r)
 
 
-def _quiet_worker():
+# ----------------------------------------------------------------------------- output and workers
+def check_output(out_path: Path, overwrite: bool) -> None:
+    """Before any work: ``out_path`` is not a folder, not an existing file (unless ``overwrite``),
+    and its folder exists (created if missing) and is writable."""
+    if out_path.is_dir():
+        raise BuildError(f"--out {out_path} is a folder; give a file name, e.g. {out_path / 'data.h5'}")
+    if out_path.exists() and not overwrite:
+        raise BuildError(f"{out_path} exists; pass --overwrite to replace it")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BuildError(f"cannot create the output folder {out_path.parent}: {exc.strerror or exc}") from None
+    if not os.access(out_path.parent, os.W_OK | os.X_OK):
+        raise BuildError(f"cannot write to the output folder {out_path.parent} (permission denied or read-only)")
+
+
+@contextmanager
+def output_lock(out_path: Path):
+    """Hold an exclusive ``flock`` on ``.<name>.lock`` beside ``out_path`` for the build; another
+    build to the same file is refused at once. The lock goes with the process (also on kill -9);
+    the lock file is removed at the end."""
+    import fcntl
+
+    lock = out_path.parent / f".{out_path.name}.lock"
+    refused = BuildError(f"another build is writing {out_path} (lock file {lock}); wait for it to finish or "
+                         f"choose another --out")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o666)
+    except OSError as exc:
+        raise BuildError(f"cannot write to the output folder {out_path.parent}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise refused from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the holder finished and removed it between our open and flock
+            raise refused
+        try:
+            yield
+        finally:
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+_BUSY_DIR = None  # in a worker: where it notes the record it is featurising (featurise_all)
+
+
+def _quiet_worker(busy_dir=None):
+    global _BUSY_DIR
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the workers
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import warnings
 
     warnings.filterwarnings("ignore")
+    _BUSY_DIR = busy_dir
+
+
+def _tracked(work, job):
+    """``work(job)`` in a worker, with ``<busy dir>/<pid>`` naming the record while it runs, so that
+    the main process can tell which record a worker died on."""
+    note = Path(_BUSY_DIR) / str(os.getpid()) if _BUSY_DIR else None
+    if note:
+        note.write_text(str(job[0]))
+    try:
+        return work(job)
+    except Exception as exc:  # noqa: BLE001 (an unexpected failure ends the build on one line)
+        return WorkerError(Path(job[0]).stem, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    finally:
+        if note:
+            note.unlink(missing_ok=True)
+
+
+def _stop(executor) -> None:
+    """Stop a process pool now: cancel what has not started and terminate the workers (shutdown
+    alone would wait for the running records)."""
+    procs = list((getattr(executor, "_processes", None) or {}).values())  # CPython's worker table (shutdown clears it)
+    executor.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(5)
+
+
+def _dies_alone(work, job) -> bool:
+    """True when ``work(job)`` kills a fresh single worker too."""
+    ex = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_quiet_worker)
+    try:
+        ex.submit(_tracked, work, job).result()
+        return False
+    except BrokenProcessPool:
+        return True
+    finally:
+        _stop(ex)
+
+
+def featurise_all(jobs, n_procs: int, work):
+    """Yield ``work(job)`` for every job (in completion order); in ``n_procs`` spawned processes
+    when there are more than 4 jobs. A worker that dies (segfault, out of memory, kill) ends the
+    build with a ``BuildError`` naming the record it was on; Ctrl-C terminates the workers at once."""
+    if n_procs <= 1 or len(jobs) <= 4:
+        for j in jobs:
+            yield _tracked(work, j)
+        return
+    busy = tempfile.mkdtemp(prefix="data_prep-build-")
+    ex = ProcessPoolExecutor(n_procs, mp_context=mp.get_context("spawn"), initializer=_quiet_worker,
+                             initargs=(busy,))
+    try:
+        pending = {ex.submit(_tracked, work, j): j for j in jobs}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                pending.pop(f)
+                try:
+                    r = f.result()
+                except BrokenProcessPool:
+                    raise _worker_died(busy, work, jobs) from None
+                yield r
+    finally:
+        _stop(ex)
+        for note in Path(busy).glob("*"):
+            note.unlink(missing_ok=True)
+        os.rmdir(busy)
+
+
+def _worker_died(busy: str, work, jobs) -> BuildError:
+    """The ``BuildError`` for a dead worker: the records the workers were on, narrowed to the one
+    that kills a worker again when retried alone."""
+    on = sorted({p.read_text() for p in Path(busy).glob("*")})
+    by_path = {str(j[0]): j for j in jobs}
+    culprits = [p for p in on if p in by_path and _dies_alone(work, by_path[p])] if len(on) > 1 else on
+    names = ", ".join(Path(p).stem for p in (culprits or on)) or "an unknown record"
+    return BuildError(f"a featurising worker died (crashed, killed or out of memory) on {names}; "
+                      f"remove or fix that record and build again")

@@ -9,6 +9,7 @@ it imports nothing of ours.)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -20,11 +21,19 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def error_tail(prog: str, run, errors: tuple, interrupted: str = "interrupted") -> int:
-    """``run()``'s exit code; an exception of ``errors`` -> one line on stderr and 1; Ctrl-C -> 130."""
+    """``run()``'s exit code; an exception of ``errors`` -> one line on stderr and 1; Ctrl-C -> 130.
+
+    A multi-line message (HDF5's errors have several) is joined into one line. An error marked
+    ``exit_now`` (``data_prep.h5schema.H5WriteError``: HDF5 holds a file it could not close, which
+    crashes the interpreter's teardown) ends the process at once with ``os._exit(1)``."""
     try:
         return run()
     except errors as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        if getattr(exc, "exit_now", False):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: {interrupted}", file=sys.stderr)

@@ -33,7 +33,9 @@ A file without ``schema_version``, or with another version, is refused with a on
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,9 @@ VERSION_ATTR = "schema_version"
 
 TARGETS = ("bvs_vu", "valence", "bvs_deviation_vu", "gii_vu")
 SPLITS = ("train", "val", "test")
+#: The plausible range of every target, |value| <= TARGET_LIMIT (valence units; electrons for the
+#: valence): build skips a material beyond it and train.py refuses such a file.
+TARGET_LIMIT = 10.0
 
 DOS = "dos"
 STRUCTURE = "structure"
@@ -76,6 +81,21 @@ REBUILD_HINT = "rebuild it with: python -m data_prep build ... (or make data for
 class BuildError(Exception):
     """A problem with a build or a data file as a whole (bad option, duplicate ids, existing
     output, unreadable or outdated file): reported on one line."""
+
+
+class H5WriteError(BuildError):
+    """Writing an h5 failed in HDF5 (disk full, I/O error). The half-written temporary file is
+    removed, but HDF5 may still hold the file open in a state that crashes the interpreter at exit
+    (h5py 3 closing a file whose last flush failed: exit status 139), so a command line reports
+    this error and ends with ``os._exit`` (``data_prep.cli.error_tail``)."""
+
+    exit_now = True  # error_tail: skip the interpreter's teardown
+
+    @classmethod
+    def of(cls, path, exc: OSError) -> "H5WriteError":
+        why = os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())[:200]
+        return cls(f"cannot write {path}: {why}; nothing was written (free some space and build again)"
+                   if exc.errno == errno.ENOSPC else f"cannot write {path}: {why}")
 
 
 def target(name: str) -> str:

@@ -235,6 +235,10 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
                     skipped.update(json.loads(h.attrs.get(sch.SKIPPED_ATTR, "{}")))
                 o.attrs[sch.SKIPPED_ATTR] = json.dumps(skipped, sort_keys=True)
             os.replace(tmp, out_path)
+        except OSError as exc:  # disk full, I/O error: one line (sch.H5WriteError)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise sch.H5WriteError.of(out_path, exc) from None
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -18,7 +18,7 @@ from dosnet_bv import report
 from dosnet_bv.data import Dataset, structure_columns, target_matrix
 from dosnet_bv.fit import fit_predict
 from dosnet_bv.metrics import data_counts
-from dosnet_bv.outputs import Log, write_json
+from dosnet_bv.outputs import Log, write_json, write_text
 from dosnet_bv.params import FUSIONS, SPLITS, TARGET_UNITS, TrainError
 
 
@@ -227,10 +227,21 @@ def run_model(spec: ModelSpec, seed: int, params: dict, data: Dataset, train_row
             "seconds": round(time.time() - t0, 1)}
 
 
-def check_resume(path: Path, config: dict) -> None:
-    """Write the run's config, or check that an existing run folder was made with the same one."""
-    if path.is_file():
-        old = json.loads(path.read_text())
+def read_leftover(path: Path, log: Log):
+    """A JSON file an earlier run left, or None when it is damaged (e.g. truncated by a crash
+    before writes were atomic): then one log line says so and the caller recomputes it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        log(f"{path} is damaged ({exc.__class__.__name__}: {exc}); recomputing it")
+        return None
+
+
+def check_resume(path: Path, config: dict, log: Log) -> None:
+    """Write the run's config, or check that an existing run folder was made with the same one
+    (a damaged config file is reported and written anew)."""
+    old = read_leftover(path, log) if path.is_file() else None
+    if old is not None:
         if old != json.loads(json.dumps(config)):
             diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
             raise TrainError(f"{path.parent} holds a run with other settings ({', '.join(diff)}); "
@@ -258,8 +269,9 @@ class Runner:
     def __call__(self, spec: ModelSpec, seed: int, cost: float, label: str) -> dict:
         path = self.dir / f"{spec.model}__seed{seed}.json"
         self.i += 1
-        if path.is_file():
-            res, note = json.loads(path.read_text()), "from an earlier, interrupted run"
+        res = read_leftover(path, self.log) if path.is_file() else None
+        if res is not None:
+            note = "from an earlier, interrupted run"
             self.resumed_seconds += res.get("seconds", 0.0)
         else:
             t = time.time()
@@ -309,7 +321,7 @@ def run_ablation(params: dict, data: Dataset, out_dir, n_seeds: int = 3, full: b
         raise TrainError("params: 'structure_families' is empty; the ablation's fused models need the structure vector")
     structure_columns(data, families)
     check_resume(out / "ablation_config.json",
-                  {"data_file": data.path, "n_samples": data.n, "seeds": seeds, "params": run_params})
+                  {"data_file": data.path, "n_samples": data.n, "seeds": seeds, "params": run_params}, log)
     write_json(out / "params.json", params)
     counts = data_counts(data, rows)
     log(f"ablation on {data.path}: {data.n} samples; " + ", ".join(
@@ -393,7 +405,7 @@ def run_ablation(params: dict, data: Dataset, out_dir, n_seeds: int = 3, full: b
     write_json(out / "ablation.json", result)
     report.plot_ablation(out / "ablation.png", summaries, order, targets, kinds, TARGET_UNITS,
                          {m: m for m in order})
-    (out / "ablation.md").write_text(report.ablation_markdown(result, summaries, order, labels, kinds, SPLITS))
+    write_text(out / "ablation.md", report.ablation_markdown(result, summaries, order, labels, kinds, SPLITS))
     log(report.markdown_table(summaries, order, targets, labels))
     for v in verdicts:
         log(v["text"].replace("**", "").replace("`", ""))

@@ -11,9 +11,10 @@ __all__ = ["OneLineParser", "error_tail", "run_command"]
 
 def run_command(run, prog: str = "train.py") -> int:
     """``run()`` with train.py's error tail: a ``TrainError`` is one line on stderr and exit code 1,
-    Ctrl-C exit code 130; ``run`` returns nothing on success (exit code 0)."""
+    Ctrl-C exit code 130; an ``OSError`` (disk full, permission, read-only file system) is one line
+    too; ``run`` returns nothing on success (exit code 0)."""
     def call() -> int:
         run()
         return 0
 
-    return error_tail(prog, call, (TrainError,))
+    return error_tail(prog, call, (TrainError, OSError))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data_prep.h5schema import TARGET_LIMIT as TARGET_LIMIT_VU  # |target| <= 10: checked at build and here
 from dosnet_bv.params import BV_TARGETS, SPLITS, TrainError
 
 
@@ -114,17 +115,31 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise TrainError(f"cannot read {path}: {exc}") from None
-    lens = {len(data.structure), len(data.material_id), len(data.element), len(data.split), len(data.site_index),
-            len(data.family_id),
-            *(len(y) for y in data.targets.values())}
+    per_sample = {"structure": data.structure, "meta/material_id": data.material_id, "meta/element": data.element,
+                  "meta/origin": data.origin,
+                  "meta/family_id": data.family_id, "meta/site_index": data.site_index, "split": data.split,
+                  **{f"targets/{t}": y for t, y in data.targets.items()}}
+    short = next((k for k, v in per_sample.items() if len(v) != n), None)
+    if short:
+        raise TrainError(f"{path}: {short} has {len(per_sample[short])} rows but the DOS has {n} samples")
     f = data.structure.shape[1]
-    if lens != {n} or len(data.structure_labels) != f or len(data.structure_families) != f:
-        raise TrainError(f"{path}: arrays disagree in length (dos has {n} samples)")
+    if len(data.structure_labels) != f or len(data.structure_families) != f:
+        raise TrainError(f"{path}: the structure vector has {f} columns but {len(data.structure_labels)} labels and "
+                         f"{len(data.structure_families)} families")
+    if len(data.channel_labels) != width:
+        raise TrainError(f"{path}: channel_labels has {len(data.channel_labels)} names but the DOS has {width} "
+                         f"channels")
     if not np.all(np.isfinite(data.structure)):
         raise TrainError(f"{path}: the structure vector contains NaN or infinite values")
     for t in params["targets"]:
         if not np.all(np.isfinite(data.targets[t])):
             raise TrainError(f"{path}: target {t!r} contains NaN or infinite values")
+        bad = np.flatnonzero(np.abs(data.targets[t]) > TARGET_LIMIT_VU)
+        if len(bad):
+            i = bad[0]
+            raise TrainError(f"{path}: target {t!r} of sample {i} ({data.material_id[i]} site {data.site_index[i]}) is "
+                             f"{data.targets[t][i]:g}, outside the plausible range |{t}| <= {TARGET_LIMIT_VU:g}"
+                             + (f" ({len(bad)} samples in all)" if len(bad) > 1 else ""))
     if params["zero_tail"] is not None:
         lo, hi = params["zero_tail"]
         if hi > length:

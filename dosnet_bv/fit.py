@@ -5,6 +5,7 @@ TensorBoard logs; in memory or streamed (``dosnet_bv.streaming``), on one device
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -18,12 +19,33 @@ from dosnet_bv.params import ROOT, TrainError
 from dosnet_bv.scalers import Scalers, fit_scalers, model_inputs
 
 
+def cpu_threads() -> int:
+    """TensorFlow's CPU thread count: ``DOSNET_THREADS`` if set, else the machine's core count (what
+    TF takes by default, but fixed here, never derived from the current load)."""
+    import os
+
+    value = os.environ.get("DOSNET_THREADS", "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise TrainError(f"DOSNET_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    return os.cpu_count() or 1
+
+
 def tf_setup(seed: int) -> None:
-    """Fresh Keras state, seeded Python/NumPy/TF generators and deterministic TF ops (CPU)."""
+    """Fresh Keras state, seeded Python/NumPy/TF generators, deterministic TF ops and a fixed CPU
+    thread count (``cpu_threads``): the same seed gives the same numbers on the same machine and
+    software, whatever else runs on it (tests/test_train_faults.py checks under load)."""
     import keras
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
+    n = cpu_threads()
+    try:  # only before TF's runtime starts: the first run of a process sets it
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)
+    except RuntimeError:
+        pass
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
@@ -66,7 +88,8 @@ def net_module():
 
 
 def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows: dict, log: Log,
-                tensorboard_dir=None, show_summary: bool = False, callbacks=()) -> FitResult:
+                tensorboard_dir=None, show_summary: bool = False, checkpoint=None, resume: bool = False,
+                callbacks=()) -> FitResult:
     """Fit scalers on ``train_rows``, train with early stopping on ``val_rows``, then predict.
 
     ``predict_rows``: name -> row indices to predict after training (e.g. train/val/test).
@@ -74,6 +97,13 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
     ``show_summary``: write ``model.summary()`` to ``log`` (as upstream prints it).
     ``callbacks``: more Keras callbacks, called after the run's own each epoch (e.g. the pruning
     of ``dosnet_bv.tune``; an exception raised in one ends the fit and propagates).
+    ``checkpoint``: a file (``.npz``) written atomically at the end of every epoch (``Checkpoint``);
+    with ``resume`` training continues from it, to the same numbers as an uninterrupted run.
+
+    Training runs one epoch per ``model.fit`` call: in memory, epoch e's batch order is a
+    permutation drawn from (seed, e) alone, so an epoch does not depend on how the process got
+    there; early stopping (patience on ``val_loss``, best weights restored at the end, as Keras'
+    ``EarlyStopping``) is done here so that its state can be checkpointed.
     """
     import keras
 
@@ -97,6 +127,7 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
 
     if not streaming:
         x_tr, x_va = model_inputs(params, data, scalers, train_rows), model_inputs(params, data, scalers, val_rows)
+        y_tr = y_of(train_rows)
     tf_setup(params["seed"])
     n_structure = len(scalers.structure_columns)
     with model_scope(strategy, params["precision"]):
@@ -106,17 +137,13 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
         x_va = stream_input(params, data, scalers, val_rows, y_scaled, False, replicas)
         fit_data = {"x": x_tr, "validation_data": x_va, "shuffle": False}  # the stream shuffles
     else:
-        fit_data = {"x": x_tr, "y": y_of(train_rows), "validation_data": (x_va, y_of(val_rows)),
-                    "batch_size": params["batch_size"], "shuffle": True}
+        fit_data = {"validation_data": (x_va, y_of(val_rows)), "batch_size": params["batch_size"], "shuffle": False}
     if show_summary:
         model.summary(print_fn=lambda line, *args, **kwargs: log(line.rstrip()))
-    epochs = params["epochs"]
+    epochs, patience = params["epochs"], params["early_stopping_patience"]
     extra_callbacks = callbacks
     callbacks = [keras.callbacks.LearningRateScheduler(lambda epoch, lr: net.learning_rate(epoch, params)),
                  epoch_log_callback(log, epochs, targets, scalers.targets.scale)]
-    if params["early_stopping_patience"] > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=params["early_stopping_patience"],
-                                                       restore_best_weights=True))
     if tensorboard_dir is not None:
         import importlib.util
 
@@ -124,13 +151,48 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
             raise TrainError("--tensorboard needs the tensorboard package (pip install 'tensorboard>=2.16,<2.22')")
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(tensorboard_dir)))
     callbacks += list(extra_callbacks)
-    t0 = time.time()
+    ckpt = Checkpoint(checkpoint) if checkpoint is not None else None
+    state = {"epoch": 0, "history": {}, "best": None, "best_epoch": 0, "wait": 0, "seconds": 0.0, "stopped": False}
+    best_weights = None
+    if resume:
+        state, best_weights = ckpt.restore(model, params)
+        log(f"resumed from {ckpt.path} after epoch {state['epoch']}/{epochs}"
+            + ("; streamed input: its shuffle starts afresh, so the result is close to, not equal to, an "
+               "uninterrupted run's" if streaming else ""))
+    history = state["history"]
+    t0 = time.time() - state["seconds"]
     with stream_errors(data, streaming):
-        hist = model.fit(**fit_data, epochs=epochs, verbose=0, callbacks=callbacks)
+        for epoch in range(state["epoch"], epochs):
+            if state["stopped"]:
+                break
+            if not streaming:  # batch order of this epoch: from (seed, epoch) only
+                order = np.random.default_rng([params["seed"], epoch]).permutation(len(train_rows))
+                fit_data["x"] = {k: v[order] for k, v in x_tr.items()}
+                fit_data["y"] = {k: v[order] for k, v in y_tr.items()}
+            hist = model.fit(**fit_data, epochs=epoch + 1, initial_epoch=epoch, verbose=0, callbacks=callbacks)
+            for k, vals in hist.history.items():
+                history.setdefault(k, []).extend(float(v) for v in vals)
+            if patience > 0 and "val_loss" in hist.history:  # as keras.callbacks.EarlyStopping(restore_best_weights)
+                current = history["val_loss"][-1]
+                if best_weights is None:
+                    best_weights = model.get_weights()
+                state["wait"] += 1
+                if state["best"] is None or current < state["best"]:
+                    state.update(best=current, best_epoch=epoch + 1, wait=0)
+                    best_weights = model.get_weights()
+                elif state["wait"] >= patience and epoch > 0:
+                    state["stopped"] = True
+            state["epoch"] = epoch + 1
+            state["seconds"] = time.time() - t0
+            if ckpt is not None:
+                ckpt.save(model, state, best_weights)
+            if state["stopped"]:
+                break
+    if patience > 0 and best_weights is not None:
+        model.set_weights(best_weights)
     seconds = time.time() - t0
-    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     val = history.get("val_loss", [])
-    best = int(np.argmin(val)) + 1 if val and params["early_stopping_patience"] > 0 else len(val)
+    best = state["best_epoch"] if val and patience > 0 else len(val)
     del x_tr, x_va, fit_data
     predictor, pred_replicas = model, replicas
     if distribute.worker_of(strategy)[1] > 1:  # each worker predicts every row alone: no collectives, row order kept
@@ -154,6 +216,62 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
             z = predict_outputs(predictor, model_inputs(params, data, scalers, rows), targets, params["batch_size"])
             preds[name] = scalers.targets.inverse(z)
     return FitResult(model, scalers, history, best, preds, seconds)
+
+
+class Checkpoint:
+    """The training state at the end of an epoch, in one ``.npz`` written atomically: the model's
+    weights, the optimizer's variables (Adam's step count and moments), the state of every random
+    seed generator of the model (dropout), the best weights so far and, as JSON, the epoch, history,
+    early-stopping state and elapsed seconds. The batch order needs no state: it is drawn from
+    (seed, epoch)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+
+    @staticmethod
+    def _seed_states(model) -> list:
+        return [sg.state for layer in model._flatten_layers() for sg in getattr(layer, "_seed_generators", [])]
+
+    def save(self, model, state: dict, best_weights) -> None:
+        from dosnet_bv.outputs import atomic_path
+
+        arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+        arrays.update({f"o{i}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)})
+        arrays.update({f"s{i}": np.asarray(v) for i, v in enumerate(self._seed_states(model))})
+        arrays.update({f"b{i}": w for i, w in enumerate(best_weights or [])})
+        with atomic_path(self.path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, state=np.array(json.dumps({**state, "has_best": best_weights is not None})), **arrays)
+
+    def restore(self, model, params: dict):
+        """Load into ``model`` (built and compiled as when saved); returns (state, best weights)."""
+        import zipfile
+
+        try:
+            with np.load(self.path) as z:
+                state = json.loads(str(z["state"]))
+                keys = set(z.files)
+                take = lambda prefix: [z[f"{prefix}{i}"] for i in range(sum(k.startswith(prefix) and k[1:].isdigit()  # noqa: E731
+                                                                            for k in keys))]
+                weights, opt, seeds, best = take("w"), take("o"), take("s"), take("b")
+        except FileNotFoundError:
+            raise TrainError(f"--resume: no checkpoint {self.path} (the run stopped before its first epoch ended: "
+                             f"start it again with --overwrite)") from None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            raise TrainError(f"--resume: cannot read the checkpoint {self.path}: {exc}") from None
+        try:
+            model.set_weights(weights)
+            model.optimizer.build(model.trainable_variables)
+            if len(opt) != len(model.optimizer.variables):
+                raise ValueError(f"{len(opt)} optimizer variables saved, {len(model.optimizer.variables)} expected")
+            for v, a in zip(model.optimizer.variables, opt):
+                v.assign(a)
+            for v, a in zip(self._seed_states(model), seeds):
+                v.assign(a)
+        except ValueError as exc:
+            raise TrainError(f"--resume: the checkpoint {self.path} does not fit the run's model: {exc}") from None
+        return state, (best if state.pop("has_best") else None)
 
 
 def strategy_for(params: dict):
@@ -245,6 +363,11 @@ def epoch_log_callback(log: Log, epochs: int, targets, target_scale) -> "keras.c
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
+            loss = float(logs.get("loss", 0.0))
+            if not np.isfinite(loss):  # stop at once: a NaN model must not be saved as a finished run
+                raise TrainError(f"training diverged: loss {loss} at epoch {epoch + 1}/{self.epochs}; try a smaller "
+                                 f"learning_rate (now {float(np.asarray(self.model.optimizer.learning_rate)):.3g}), "
+                                 f"target_scaling 'standard' or loss 'log_cosh', and check the data for extreme values")
             parts = [f"epoch {epoch + 1:3d}/{self.epochs}", f"loss {logs.get('loss', float('nan')):.4f}",
                      f"val_loss {logs.get('val_loss', float('nan')):.4f}"]
             for j, t in enumerate(self.targets):

@@ -13,7 +13,7 @@ import numpy as np
 from dosnet_bv import report
 from dosnet_bv.ablation import BASELINES, Features, ModelSpec, Study, cn_column, dosnet_key, run_model
 from dosnet_bv.data import Dataset, structure_columns
-from dosnet_bv.outputs import Log, write_json
+from dosnet_bv.outputs import Log, atomic_path, write_json, write_text
 from dosnet_bv.params import FUSIONS, TARGET_UNITS, TrainError
 
 LC_FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.0)
@@ -138,7 +138,7 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
               "samples_per_material": per_material, "samples_at_1e4_materials": n_10k, "power_laws": extrap,
               "published": {**pub, "power_law": {"a": a_p, "b": b_p}}, "seconds": round(elapsed, 1)}
     write_json(out / "learning_curve.json", result)
-    with open(out / "learning_curve.csv", "w", newline="") as fh:
+    with atomic_path(out / "learning_curve.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["fraction", "train_materials", "train_samples", "model", "target", "val_mae_mean", "val_mae_std",
                     "test_mae_mean", "test_mae_std", "test_nmae_mean", "test_nmae_std", "seeds"])
@@ -150,6 +150,6 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
                             *(f"{x:.6g}" for x in (v["mae"]["mean"], v["mae"]["std"], te["mae"]["mean"],
                                                    te["mae"]["std"], nm["mean"], nm["std"])), len(seeds)])
     report.plot_learning_curves(out / "learning_curve.png", curves, targets, TARGET_UNITS, fits, pub, n_10k)
-    (out / "learning_curve.md").write_text(report.learning_curve_markdown(result, n_materials, TARGET_UNITS))
+    write_text(out / "learning_curve.md", report.learning_curve_markdown(result, n_materials, TARGET_UNITS))
     log(f"learning curve finished in {report.duration(elapsed)}; table: {out / 'learning_curve.md'}")
     return result

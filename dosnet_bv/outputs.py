@@ -5,14 +5,63 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from data_prep.plotting import pyplot
 from dosnet_bv.data import Dataset, target_matrix
+from dosnet_bv.params import TrainError
 
-__all__ = ["Log", "pyplot", "write_json", "write_predictions", "write_history", "plot_parity", "plot_learning_curve"]
+__all__ = ["Log", "pyplot", "atomic_path", "prepare_run_folder", "write_text", "write_json", "write_predictions", "write_history", "plot_parity", "plot_learning_curve"]
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path`` (same suffix, so writers that choose the format by
+    the suffix work); when the block ends without an error the file gets the user's umask
+    permissions and is renamed to ``path`` in one step (``os.replace``), else it is removed.
+    A reader thus sees the old file or the new one, never a half-written one (interrupt, kill -9,
+    disk full)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+#: What a run folder of train.py may hold; ``metrics.json`` is written last and marks it complete.
+RUN_FILES = ("metrics.json", "params.json", "model.keras", "scalers.json", "predictions.csv", "history.csv",
+             "parity.png", "learning_curve.png", "train.log", "checkpoint.npz")
+
+
+def prepare_run_folder(out, overwrite: bool) -> None:
+    """Check the run folder ``out`` before any work: a new folder (or an empty one) is used as it
+    is; an existing non-empty one is refused unless ``overwrite``, which first removes
+    ``metrics.json`` (so the folder reads as incomplete until the new run finishes) and then the
+    old run's other files (the new log starts empty)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise TrainError(f"--out {out} exists and is not empty; pass --overwrite to replace the run in it, "
+                         f"or choose a new --out")
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 class Log:
@@ -40,7 +89,7 @@ def write_predictions(path, data: Dataset, targets, parts) -> None:
     ``(split label, rows, (len(rows), T) predictions, fold or None)``."""
     with_fold = any(p[3] is not None for p in parts)
     y = target_matrix(data, targets)
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["material_id", "site_index", "element", "origin", "split"] + (["fold"] if with_fold else [])
                    + [f"{t}_{k}" for t in targets for k in ("true", "pred")])
@@ -53,7 +102,7 @@ def write_predictions(path, data: Dataset, targets, parts) -> None:
 
 def write_history(path, history: dict) -> None:
     keys = sorted(history)
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["epoch"] + keys)
         for e in range(len(history[keys[0]]) if keys else 0):
@@ -80,7 +129,8 @@ def plot_parity(path, targets, groups) -> None:
         ax.set_ylabel(f"predicted {t}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -101,9 +151,31 @@ def plot_learning_curve(path, histories: list, best_epochs: list) -> None:
     ax.set_ylabel("loss (weighted sum over targets)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
+def write_text(path, text: str) -> None:
+    """``text`` to ``path`` atomically (``atomic_path``)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 def write_json(path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=1) + "\n")
+    """``obj`` as strict JSON (a NaN or infinity is written as null, never as bare ``NaN``),
+    atomically (``atomic_path``)."""
+    text = json.dumps(_finite(obj), indent=1, allow_nan=False) + "\n"
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _finite(obj):
+    """``obj`` with every non-finite float replaced by None (JSON null)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -9,6 +9,7 @@ Also: the names shared by the training modules (targets, fusions, splits) and ``
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from data_prep.build import DATA_SECTION_RULE, TRAIN_READ_KEYS, data_section_problem
@@ -34,6 +35,17 @@ def _int(v) -> bool:
 
 def _num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+#: Seeds go to numpy, Python and TensorFlow: 0 <= seed < 2**31 leaves room for the per-fold and
+#: per-job offsets added to them (numpy refuses negatives, TF's seed is 32 bits).
+SEED_LIMIT = 2 ** 31
+#: Adam diverges long before this; above it a learning rate is a typo.
+MAX_LEARNING_RATE = 1.0
+
+
+def _seed(v) -> bool:
+    return _int(v) and 0 <= v < SEED_LIMIT - 100_000
 
 
 def _split_ok(v) -> bool:
@@ -154,13 +166,14 @@ PARAM_RULES: dict = {
     "precision": (lambda v: v in PRECISIONS, "one of " + ", ".join(PRECISIONS)),
     "loss": (lambda v: v in LOSSES, "one of " + ", ".join(LOSSES)),
     "optimizer": (lambda v: v == "adam", "'adam'"),
-    "learning_rate": (lambda v: _num(v) and v > 0, "a positive number"),
+    "learning_rate": (lambda v: _num(v) and math.isfinite(v) and 0 < v <= MAX_LEARNING_RATE,
+                      f"a positive number at most {MAX_LEARNING_RATE:g}"),
     "lr_schedule": (lambda v: v in LR_SCHEDULES, "one of " + ", ".join(LR_SCHEDULES)),
     "early_stopping_patience": (lambda v: _int(v) and v >= 0, "a non-negative integer (0: no early stopping)"),
     "split": (_split_ok, "'stored' or three fractions [train, val, test] summing to 1"),
-    "split_seed": (_int, "an integer"),
+    "split_seed": (_seed, f"an integer in [0, {SEED_LIMIT - 100_000}]"),
     "split_by": (lambda v: v in SPLIT_BY, "'family' (no substitution/prototype family on two sides) or 'material'"),
-    "seed": (_int, "an integer"),
+    "seed": (_seed, f"an integer in [0, {SEED_LIMIT - 100_000}]"),
     "cv_folds": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
     "cv_val_fraction": (lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)"),
     "channels": (lambda v: _int(v) and v > 0, "a positive integer"),

@@ -14,17 +14,48 @@ from dosnet_bv import report
 from dosnet_bv.data import Dataset, load_data, target_matrix
 from dosnet_bv.fit import fit_predict, predict_outputs, strategy_for, stream_errors, stream_input
 from dosnet_bv.metrics import data_counts, metrics_for, summary_table
-from dosnet_bv.outputs import Log, plot_learning_curve, plot_parity, write_history, write_json, write_predictions
+from dosnet_bv.outputs import Log, atomic_path, plot_learning_curve, plot_parity, write_history, write_json, write_predictions
 from dosnet_bv.params import (PARAM_RULES, SPLITS, TARGET_UNITS, TrainError, load_params, resolve_data_file,
                               validate_params)
 from dosnet_bv.scalers import model_inputs, scalers_from_json
 
 
+#: The training state of an unfinished single run (``fit.Checkpoint``), for ``--resume``.
+CHECKPOINT = "checkpoint.npz"
+
+
+def check_resumable(run_dir: Path) -> None:
+    """``TrainError`` unless ``run_dir`` holds an interrupted single run that ``--resume`` can continue."""
+    if not (run_dir / "params.json").is_file():
+        raise TrainError(f"--resume: {run_dir / 'params.json'} not found (is {run_dir} a train.py run folder?)")
+    if (run_dir / "metrics.json").is_file():
+        raise TrainError(f"--resume: {run_dir} is complete (it has metrics.json); nothing to resume")
+    if not (run_dir / CHECKPOINT).is_file():
+        raise TrainError(f"--resume: {run_dir} has no {CHECKPOINT} (interrupted before its first epoch ended, or a "
+                         f"--cv run): start it again with --overwrite")
+
+
 def check_run_folder(run_dir: Path, what: str) -> None:
-    """``TrainError`` unless ``run_dir`` holds a saved run (params, scalers, model)."""
+    """``TrainError`` unless ``run_dir`` holds a finished run: params, scalers, model and, written
+    last, ``metrics.json`` (without it the run was interrupted or failed)."""
     for name in ("params.json", "scalers.json", "model.keras"):
         if not (run_dir / name).is_file():
             raise TrainError(f"{what}: {run_dir / name} not found (is {run_dir} a train.py run folder?)")
+    if not (run_dir / "metrics.json").is_file():
+        raise TrainError(f"{what}: {run_dir} is an incomplete run (no metrics.json: training was interrupted or "
+                         f"failed); rerun it with --overwrite")
+
+
+def load_saved_model(run_dir: Path, what: str):
+    """``run_dir/model.keras``; a file Keras cannot read -> one-line ``TrainError``."""
+    import keras
+
+    path = run_dir / "model.keras"
+    try:
+        return keras.models.load_model(path, compile=False)
+    except Exception as exc:  # noqa: BLE001 (Keras raises many kinds, e.g. ValueError "File not found" for a bad zip)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainError(f"{what}: cannot load {path} (damaged or not a Keras model file): {first}") from None
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -35,14 +66,16 @@ def read_json(path: Path, what: str) -> dict:
         raise TrainError(f"{what}: cannot read {path}: {exc}") from None
 
 
-def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None, tensorboard: bool = False) -> dict:
+def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None, tensorboard: bool = False,
+                   resume: bool = False) -> dict:
     """Train on the train split, stop early on val, predict train/val/test; write the run folder.
 
     Returns the metrics written to ``metrics.json``: ``splits`` -> split -> target -> MAE, RMSE,
     R², per-element MAE, mean-baseline MAE (and valence accuracy), plus counts and timing.
     Under ``distribute`` multi_worker the chief writes ``out_dir``, worker i ``out_dir/worker<i>``.
     ``tensorboard``: TensorBoard logs in ``out_dir/tensorboard`` (upstream writes them always; off
-    by default here since they cost time).
+    by default here since they cost time). ``out_dir/checkpoint.npz`` is written at the end of
+    every epoch and removed when the run is complete; ``resume`` continues from it.
     """
     from dosnet_bv import distribute
 
@@ -53,7 +86,8 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None,
     out.mkdir(parents=True, exist_ok=True)
     log = log or Log(out / "train.log")
     targets = params["targets"]
-    write_json(out / "params.json", params)
+    if not resume:
+        write_json(out / "params.json", params)
     rows = {s: np.flatnonzero(data.split == s) for s in SPLITS}
     for s in ("train", "val"):
         if not len(rows[s]):
@@ -62,8 +96,10 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None,
     log(f"DOSnet-BV: {data.n} samples from {data.path}; fusion {params['fusion']}, targets {', '.join(targets)}; "
         + ", ".join(f"{s} {c['materials']} materials / {c['samples']} samples" for s, c in counts.items()))
     res = fit_predict(params, data, rows["train"], rows["val"], rows, log,
-                      tensorboard_dir=out / "tensorboard" if tensorboard else None, show_summary=True)
-    res.model.save(out / "model.keras")
+                      tensorboard_dir=out / "tensorboard" if tensorboard else None, show_summary=not resume,
+                      checkpoint=out / CHECKPOINT, resume=resume)
+    with atomic_path(out / "model.keras") as tmp:
+        res.model.save(tmp)
     write_json(out / "scalers.json", res.scalers.json)
     write_history(out / "history.csv", res.history)
     train_mean = target_matrix(data, targets)[rows["train"]].mean(axis=0)
@@ -72,12 +108,13 @@ def run_experiment(params: dict, data: Dataset, out_dir, log: Log | None = None,
                "train_samples_per_s": round(len(rows["train"]) * res.epochs_run / max(res.seconds, 1e-9), 1),
                "input": data.reading, "distribute": params["distribute"],
                "splits": {s: metrics_for(targets, data, rows[s], res.predictions[s], train_mean) for s in SPLITS}}
-    write_json(out / "metrics.json", metrics)
     write_predictions(out / "predictions.csv", data, targets,
                       [(s, rows[s], res.predictions[s], None) for s in SPLITS])
     y = target_matrix(data, targets)
     plot_parity(out / "parity.png", targets, [(s, y[rows[s]], res.predictions[s]) for s in SPLITS])
     plot_learning_curve(out / "learning_curve.png", [res.history], [res.best_epoch])
+    write_json(out / "metrics.json", metrics)  # last: marks the run folder complete
+    (out / CHECKPOINT).unlink(missing_ok=True)
     log(f"trained {metrics['epochs_run']} epochs in {res.seconds:.0f} s (best epoch {res.best_epoch}, "
         f"{metrics['train_samples_per_s']:.0f} samples/s)")
     log(summary_table(metrics["splits"], targets))
@@ -160,10 +197,10 @@ def run_cv(params: dict, data: Dataset, k: int, out_dir, log: Log | None = None,
     metrics = {"data_file": data.path, "fusion": params["fusion"], "targets": targets, "cv_folds": k,
                "seconds": round(time.time() - t0, 1),
                "splits": {"cv": metrics_for(targets, data, all_rows, pred, base)}, "folds": fold_metrics}
-    write_json(out / "metrics.json", metrics)
     write_predictions(out / "predictions.csv", data, targets, parts)
     plot_parity(out / "parity.png", targets, [("test", y, pred)])
     plot_learning_curve(out / "learning_curve.png", histories, bests)
+    write_json(out / "metrics.json", metrics)  # last: marks the run folder complete
     log(summary_table(metrics["splits"], targets))
     log(f"run folder: {out}")
     return metrics
@@ -184,9 +221,7 @@ def predict_run(run_dir, data_path, out_dir=None, log: Log | None = None) -> Pat
     out = Path(out_dir) if out_dir else run_dir / f"predict-{Path(data_path).stem}"
     out.mkdir(parents=True, exist_ok=True)
     log = log or Log(out / "predict.log")
-    import keras
-
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    model = load_saved_model(run_dir, "--predict")
     targets = params["targets"]
     rows = np.arange(data.n)
     streaming = data.streaming and params["fusion"] != "structure_only"
@@ -223,8 +258,6 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
     (0 after standardisation). Writes ``importance.md``, ``importance.json``, ``importance.log``,
     CSVs and figures into ``out_dir`` (default ``<run_dir>/importance``).
     """
-    import keras
-
     from data_prep.layout import GAP_THRESHOLD_EV, N_ORBITALS, ORBITAL_GROUPS, EnergyGrid, atom_roles
     from dosnet_bv import importance
 
@@ -246,7 +279,7 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
     out = Path(out_dir) if out_dir else run_dir / "importance"
     out.mkdir(parents=True, exist_ok=True)
     log = log or Log(out / "importance.log")
-    model = keras.models.load_model(run_dir / "model.keras", compile=False)
+    model = load_saved_model(run_dir, "--importance")
     x = model_inputs(run_params, data, scalers, rows["test"])
     roles = atom_roles(run_params["n_neighbours"])
     dos_names = [f"atom{i + 1}_dos" for i in range(len(roles))] if fusion != "structure_only" else []

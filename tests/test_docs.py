@@ -32,7 +32,7 @@ DOCS = [
 ]
 
 PENDING_FLAGS = {
-    "train.py": {"--tensorboard", "--overwrite", "--resume"},  # restructure branch (issue 14)
+    "train.py": {"--tensorboard"},  # restructure branch (issue 14)
 }
 
 # CLIs whose --help must not be run: `python -m DOSnet.demo` writes its synthetic data file before
