@@ -100,7 +100,7 @@ def compute_barriers(structure, valences, ion: tuple[str, int] | None = None, se
     s.add_oxidation_state_by_site([int(v) for v in valences])
     t0 = time.process_time()
     calc = Lain(verbose=False)
-    with contextlib.redirect_stdout(io.StringIO()):  # bvlain prints on missing parameters
+    with contextlib.redirect_stdout(io.StringIO()), np.errstate(all="ignore"):  # bvlain prints and divides by 0
         calc.read_structure(s, oxi_check=False)
         try:
             calc.bvse_distribution(mobile_ion=ion_label(ion), r_cut=st["r_cut_ang"], resolution=st["resolution_ang"],
