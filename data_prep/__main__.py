@@ -6,6 +6,8 @@
     python -m data_prep inspect data/embedded.h5 [--plot]
     python -m data_prep compute-embedded [--out DIR] [--procs 2] [--time-limit 600] [--shard I/N]
     python -m data_prep fetch --source mp --out DIR [--limit N] [--elements ...] [--shard I/N] ...
+    python -m data_prep import vasp RUN_DIR_OR_VASPRUN... --out DIR   # your DFT -> records
+    python -m data_prep import pymatgen COMPLETE_DOS.json... --out DIR
     python -m data_prep migration --source embedded [--procs 1] [--time-limit 300]   # BVSE barrier cache
     python -m data_prep merge OUT IN1 IN2 ...          # record folders
     python -m data_prep merge OUT.h5 A.h5 B.h5 ...     # shard builds -> the unsharded build
@@ -92,6 +94,12 @@ def _parser():
     f.add_argument("--retry-skipped", action="store_true", default=None,
                    help="try again the materials an earlier run skipped")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    u = sub.add_parser("import", help="your DFT (vasprun.xml with LORBIT = 11, or a pymatgen CompleteDos JSON) "
+                                      "-> records for build --source records")
+    u.add_argument("format", choices=("vasp", "pymatgen"), help="vasp: run folders or vasprun.xml files; "
+                                                                 "pymatgen: CompleteDos JSON files")
+    u.add_argument("paths", nargs="+", metavar="PATH")
+    u.add_argument("--out", required=True, help="records folder (created)")
     g = sub.add_parser("migration", help="compute the BVSE migration barriers of records into a cache "
                                          "(needs bvlain; resumable; build reads the cache)")
     g.add_argument("--source", nargs="+", required=True, metavar="SOURCE", help="'embedded' or 'records DIR'")
@@ -210,6 +218,16 @@ def main(argv=None) -> int:
             if args.plot:
                 png = plot_summary(args.h5, Path(args.h5).with_suffix(".png"), args.sample)
                 print(f"figure: {png}")
+        elif args.cmd == "import":
+            from data_prep.user_dft import import_runs
+
+            r = import_runs(args.format, args.paths, args.out)
+            for path, reason in r["failed"].items():
+                print(f"data_prep: error: {reason}", file=sys.stderr)
+            if r["written"]:
+                print(f"wrote {len(r['written'])} record(s) to {args.out}; next: python -m data_prep build "
+                      f"--source records {args.out} --out {Path(args.out).with_suffix('.h5')}")
+            return 1 if r["failed"] else 0
         elif args.cmd == "migration":
             from data_prep import migration as mig
 
