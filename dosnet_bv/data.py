@@ -53,7 +53,7 @@ class Dataset:
         return not isinstance(self.dos, np.ndarray)
 
 
-def load_data(path, params: dict, resplit: bool = True) -> Dataset:
+def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -> Dataset:
     """Read a data_prep h5 into numpy arrays and check it against ``params``.
 
     The one place that reads the data file. Checks the input width (``length``, ``channels``,
@@ -116,9 +116,9 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
         raise TrainError(f"{path} has no target {absent[0]!r} (built before the migration targets): "
                          "rebuild it with python -m data_prep build")
     migration = [t for t in params["targets"] if t in MIGRATION_TARGETS]
-    if migration:
+    if migration and labelled:  # labelled=False (predictions): keep every sample, NaN truths
         data = labelled_only(data, migration)
-    for t in params["targets"]:
+    for t in params["targets"] if labelled else [t for t in params["targets"] if t not in MIGRATION_TARGETS]:
         if not np.all(np.isfinite(data.targets[t])):
             raise TrainError(f"{path}: target {t!r} contains NaN or infinite values")
     if params["zero_tail"] is not None:

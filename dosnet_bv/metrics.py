@@ -12,6 +12,10 @@ def target_metrics(target: str, y_true, y_pred, elements, train_mean) -> dict:
     (``train_mean``: a number, or one per sample in CV), per-element MAE, and for ``valence`` the
     accuracy of predictions rounded to the nearest integer."""
     y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
+    known = np.isfinite(y_true)  # predictions on a file without a migration barrier: no truth there
+    if not np.all(known):
+        y_true, y_pred, elements = y_true[known], y_pred[known], np.asarray(elements)[known]
+        train_mean = np.broadcast_to(np.asarray(train_mean, float), known.shape)[known]
     n = int(y_true.size)
     if n == 0:
         return {"n": 0}
@@ -31,7 +35,10 @@ def target_metrics(target: str, y_true, y_pred, elements, train_mean) -> dict:
 def material_metrics(y_true, y_pred, material_ids, train_mean) -> dict:
     """Per-material scores of a per-material target carried by several sites (the migration
     barriers): the mean prediction over a material's sites against its one true value."""
-    mids = np.asarray(material_ids)
+    known = np.isfinite(np.asarray(y_true, float))
+    y_true, y_pred = np.asarray(y_true, float)[known], np.asarray(y_pred, float)[known]
+    mids = np.asarray(material_ids)[known]
+    train_mean = np.broadcast_to(np.asarray(train_mean, float), known.shape)[known]
     uniq, inv = np.unique(mids, return_inverse=True)
     count = np.bincount(inv, minlength=len(uniq))
     pred = np.bincount(inv, weights=np.asarray(y_pred, float), minlength=len(uniq)) / count

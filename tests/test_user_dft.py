@@ -117,3 +117,31 @@ def test_import_cli_then_build(tmp_path):
     r = run_cli("-m", "data_prep", "build", "--source", "records", tmp_path / "mine", "--out", tmp_path / "mine.h5",
                 "--procs", "1")
     assert r.returncode == 0, r.stderr[-500:]
+
+
+def test_predict_one_command_prints_a_table(tmp_path):
+    """python -m dosnet_bv predict RUN vasprun...: import, build, predict; true BVS beside predictions."""
+    import h5py  # noqa: F401
+
+    from data_prep.build import BuildConfig, build_h5
+    from data_prep.layout import EnergyGrid
+    from dosnet_bv.data import load_data
+    from dosnet_bv.outputs import Log
+    from dosnet_bv.runs import run_experiment
+    from records_factory import write_records
+    from test_bv_model import _params
+
+    grid = EnergyGrid(n_points=400)
+    h5 = tmp_path / "train.h5"
+    build_h5(write_records(tmp_path / "records"), h5, BuildConfig(grid=grid, split_fractions=(0.5, 0.25, 0.25)),
+             n_procs=1, progress=False, migration_cache=tmp_path / "none.json")
+    p = _params(data_file=str(h5), targets=["bvs_vu"], loss_weights={"bvs_vu": 1.0}, epochs=1, split="stored")
+    p["data"] = {**p["data"], "grid": grid.as_dict()}
+    run_experiment(p, load_data(h5, p), tmp_path / "model", Log(quiet=True))
+    r = run_cli("-m", "dosnet_bv", "predict", tmp_path / "model", _run(tmp_path), "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-800:]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("user-run")]
+    assert len(lines) == 2                                      # rocksalt MgO: one Mg and one O sample
+    assert "bvs_vu true" in r.stdout and "method gap" in r.stdout
+    r = run_cli("-m", "dosnet_bv", "predict", tmp_path / "model", tmp_path / "missing")
+    assert r.returncode == 1 and r.stderr.count("\n") <= 2 and "not found" in r.stdout + r.stderr
