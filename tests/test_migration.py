@@ -158,3 +158,19 @@ def test_train_on_migration_target_reports_per_material_mae(tmp_path, monkeypatc
     test = res["splits"]["test"]["migration_e1d_ev"]
     assert test["per_material"]["n_materials"] == len(set(data.material_id[data.split == "test"]))
     assert "per material" in summary_table(res["splits"], ["migration_e1d_ev"])
+
+
+def test_ablation_scores_migration_targets_per_material():
+    from dosnet_bv.ablation import score_splits
+    from dosnet_bv.data import Dataset
+
+    mids = np.array(["a", "a", "b", "c", "c", "c"])
+    y = np.array([1.0, 1.0, 2.0, 3.0, 3.0, 3.0])
+    d = Dataset(path="x", dos=np.zeros((6, 1, 1), np.float32), structure=np.zeros((6, 1), np.float32),
+                structure_labels=["s"], structure_families=["site"], targets={"migration_e1d_ev": y, "bvs_vu": y},
+                material_id=mids, element=np.array(["Li"] * 6), origin=np.array(["x"] * 6), site_index=np.arange(6),
+                split=np.array(["test"] * 6), channel_labels=["c"])
+    pred = np.array([[1.5, 1.5], [0.5, 0.5], [2.0, 2.0], [3.3, 3.3], [2.7, 2.7], [3.0, 3.0]])
+    s = score_splits(d, ["migration_e1d_ev", "bvs_vu"], {"test": np.arange(6)}, {"test": pred})["test"]
+    assert s["migration_e1d_ev"]["n"] == 3 and s["migration_e1d_ev"]["mae"] < 1e-12   # site errors cancel per material
+    assert s["bvs_vu"]["n"] == 6 and s["bvs_vu"]["mae"] > 0.1
