@@ -107,7 +107,7 @@ def atoms_per_sample(params: dict) -> int:
 
 
 FUSIONS = ("none", "late", "early", "structure_only")
-BV_TARGETS = ("bvs_vu", "bvs_deviation_vu", "valence")
+BV_TARGETS = ("bvs_vu", "bvs_deviation_vu", "valence", "migration_e1d_ev", "migration_e2d_ev", "migration_e3d_ev")
 LOSSES = {"log_cosh": keras.losses.LogCosh, "mse": keras.losses.MeanSquaredError,
           "mae": keras.losses.MeanAbsoluteError}
 

@@ -6,6 +6,9 @@
     python -m data_prep inspect data/embedded.h5 [--plot]
     python -m data_prep compute-embedded [--out DIR] [--procs 2] [--time-limit 600] [--shard I/N]
     python -m data_prep fetch --source mp --out DIR [--limit N] [--elements ...] [--shard I/N] ...
+    python -m data_prep import vasp RUN_DIR_OR_VASPRUN... --out DIR   # your DFT -> records
+    python -m data_prep import pymatgen COMPLETE_DOS.json... --out DIR
+    python -m data_prep migration --source embedded [--procs 1] [--time-limit 300]   # BVSE barrier cache
     python -m data_prep merge OUT IN1 IN2 ...          # record folders
     python -m data_prep merge OUT.h5 A.h5 B.h5 ...     # shard builds -> the unsharded build
 
@@ -39,6 +42,8 @@ def _parser():
                                                   "merge the N h5 files with: python -m data_prep merge")
     b.add_argument("--dos-compression", choices=("lzf", "none"), default="lzf",
                    help="lzf (default: smaller file) or none (reads ~13x faster: for streaming training)")
+    b.add_argument("--migration-time-limit", type=float, default=300.0,
+                   help="seconds per material for BVSE barriers not in the cache (needs bvlain)")
     e = sub.add_parser("export", help="h5 -> npy files or the upstream DOSnet pickle")
     e.add_argument("h5")
     e.add_argument("--format", choices=("npy", "upstream"), required=True)
@@ -91,6 +96,21 @@ def _parser():
     f.add_argument("--retry-skipped", action="store_true", default=None,
                    help="try again the materials an earlier run skipped")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    u = sub.add_parser("import", help="your DFT (vasprun.xml with LORBIT = 11, or a pymatgen CompleteDos JSON) "
+                                      "-> records for build --source records")
+    u.add_argument("format", choices=("vasp", "pymatgen"), help="vasp: run folders or vasprun.xml files; "
+                                                                 "pymatgen: CompleteDos JSON files")
+    u.add_argument("paths", nargs="+", metavar="PATH")
+    u.add_argument("--out", required=True, help="records folder (created)")
+    g = sub.add_parser("migration", help="compute the BVSE migration barriers of records into a cache "
+                                         "(needs bvlain; resumable; build reads the cache)")
+    g.add_argument("--source", nargs="+", required=True, metavar="SOURCE", help="'embedded' or 'records DIR'")
+    g.add_argument("--cache", help="cache JSON (default: the embedded cache for --source embedded, "
+                                   "else DIR/migration_barriers.json)")
+    g.add_argument("--procs", type=int, default=1)
+    g.add_argument("--time-limit", type=float, default=300.0, help="seconds per material")
+    g.add_argument("--resolution", type=float, default=0.2, help="BVSE grid spacing in Angstrom (default 0.2)")
+    g.add_argument("--retry-failed", action="store_true")
     m = sub.add_parser("merge", help="combine record folders (refuses duplicates that differ), or shard h5 "
                                      "builds into one h5 equal to the unsharded build")
     m.add_argument("out", help="output folder, or output .h5 file")
@@ -167,7 +187,8 @@ def main(argv=None) -> int:
                 shard = parse_shard(args.shard)
             t0 = time.time()
             s = build_h5(paths, args.out, cfg, overwrite=args.overwrite, n_procs=args.procs, source=source, shard=shard,
-                         dos_compression=None if args.dos_compression == "none" else "lzf")
+                         dos_compression=None if args.dos_compression == "none" else "lzf",
+                         migration_cache=migration_cache_path(args.source), migration_time_limit_s=args.migration_time_limit)
             part = f" (shard {args.shard})" if shard else ""
             print(f"wrote {s['out']}{part}: {s['n_materials']} materials, {s['n_samples']} samples "
                   f"({len(s['skipped'])} skipped, listed in {s['manifest']}) in {time.time() - t0:.0f} s")
@@ -199,6 +220,29 @@ def main(argv=None) -> int:
             if args.plot:
                 png = plot_summary(args.h5, Path(args.h5).with_suffix(".png"), args.sample)
                 print(f"figure: {png}")
+        elif args.cmd == "import":
+            from data_prep.user_dft import import_runs
+
+            r = import_runs(args.format, args.paths, args.out)
+            for path, reason in r["failed"].items():
+                print(f"data_prep: error: {reason}", file=sys.stderr)
+            if r["written"]:
+                print(f"wrote {len(r['written'])} record(s) to {args.out}; next: python -m data_prep build "
+                      f"--source records {args.out} --out {Path(args.out).with_suffix('.h5')}")
+            return 1 if r["failed"] else 0
+        elif args.cmd == "migration":
+            from data_prep import migration as mig
+
+            if mig.bvlain_version() is None:
+                raise BuildError("bvlain is not installed: pip install -e '.[migration]'")
+            paths, _ = _record_paths(args.source)
+            cache_path = migration_cache_path(args.source, args.cache)
+            cache = mig.BarrierCache(cache_path, {"resolution_ang": args.resolution})
+            t0 = time.time()
+            c = mig.compute_missing(list(mig.structure_jobs(paths)), cache, n_procs=args.procs,
+                                    time_limit_s=args.time_limit, retry_failed=args.retry_failed)
+            print(f"{cache_path}: {c['computed']} computed, {c['failed']} failed, {c['cached']} already cached "
+                  f"or without a mobile ion ({time.time() - t0:.0f} s)")
         elif args.cmd in ("fetch", "merge"):
             return _mp_command(args)
         elif args.cmd == "compute-embedded":
@@ -229,6 +273,15 @@ def main(argv=None) -> int:
 
     # OSError: disk full, permission, read-only file system: one line too
     return error_tail("data_prep", run, (BuildError, OSError), "interrupted; finished work is kept")
+
+
+def migration_cache_path(source: list[str], explicit: str | None = None) -> Path:
+    """The barrier cache of a source: the committed embedded one, or DIR/migration_barriers.json."""
+    from data_prep.migration import EMBEDDED_CACHE
+
+    if explicit:
+        return Path(explicit)
+    return EMBEDDED_CACHE if source[0] == "embedded" else Path(source[-1]) / "migration_barriers.json"
 
 
 def _is_h5_merge(args) -> bool:

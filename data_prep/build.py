@@ -169,6 +169,7 @@ class MaterialSamples:
     parent_id: str = ""        # the real structure it was derived from (itself when real)
     family_id: str = ""        # set by build_h5 over all materials (data_prep.families)
     prototype_group: str = ""
+    valences: list = field(default_factory=list)   # per site of the structure (migration targets)
 
 
 def featurise_record(record: MaterialRecord, cfg: BuildConfig):
@@ -228,7 +229,8 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         neighbour_distances_ang=np.array([x.neighbour_distances_ang for x in samples], dtype=np.float32),
         multiplicity=np.array([x.multiplicity for x in samples], dtype=np.int32),
         elements=[x.element for x in samples], outside=outside.astype(np.float32), bv_params=t["params"],
-        parent_id=str(record.provenance.get("parent_id") or mid))
+        parent_id=str(record.provenance.get("parent_id") or mid),
+        valences=[int(v) for v in valences])
 
 
 def _work(args):
@@ -253,7 +255,8 @@ def _versions() -> dict:
 
 def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: bool = False,
              n_procs: int | None = None, progress: bool = True, source: str = "records",
-             shard: tuple[int, int] | None = None, dos_compression: str | None = "lzf", work=None) -> dict:
+             shard: tuple[int, int] | None = None, dos_compression: str | None = "lzf", work=None,
+             migration_cache=None, migration_time_limit_s: float | None = None) -> dict:
     """Featurise every record and write one h5 atomically. Returns a summary dict.
 
     ``shard`` = (I, N): keep only the records of shard I of N (``data_prep.shards``; stored as the
@@ -266,6 +269,8 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
     build (``output_lock``: a second build to the same file is refused). Featurising runs in a
     process pool that notices a dead worker (``featurise_all``). ``work``: the per-record function
     (default ``_work``; tests pass one that crashes).
+    ``migration_cache``: JSON of BVSE barriers (``data_prep.migration``) read, and extended with the
+    missing materials when bvlain is installed; None keeps computed barriers in memory only.
     """
     cfg = cfg or BuildConfig()
     out_path = Path(out_path)
@@ -313,6 +318,9 @@ def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progr
     assign_family_ids(results)
     group_of = {r.material_id: r.family_id for r in results} if cfg.split_by == "family" else None
     split_of = grouped_split(ids, cfg.split_fractions, cfg.split_seed, group_of=group_of)
+    from data_prep.migration import build_targets
+
+    mig = build_targets(results, migration_cache, n_procs, migration_time_limit_s, progress)
     feat = StructureFeaturizer(cfg.structure_families, symprec=cfg.symprec)
     n = sum(len(r.site_index) for r in results)
     P, C = cfg.grid.n_points, results[0].dos.shape[2]
@@ -339,6 +347,7 @@ def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progr
                     n, cfg.n_neighbours),
                 multiplicity=np.concatenate([r.multiplicity for r in results]),
                 outside_weight=np.concatenate([r.outside for r in results]))
+            w.migration(mig["per_sample"], mig["per_material"], mig["ion"], mig["info"])
             w.split(rep(lambda r: split_of[r.material_id]))
             w.materials(**{key: [getattr(r, key) for r in results] for key in h5schema.MATERIAL_STRINGS},
                         split=[split_of[r.material_id] for r in results],
@@ -366,6 +375,7 @@ def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progr
             os.unlink(tmp)
         raise
     manifest = {"n_records": len(paths), "n_materials": len(results), "n_samples": n, "skipped": skipped,
+                "migration": {"counts": mig["info"]["counts"], "missing": mig["reasons"]},
                 **({"shard": f"{shard[0]}/{shard[1]}"} if shard is not None else {})}
     manifest_path = out_path.with_suffix(".manifest.json")
     from data_prep.records import atomic_write_bytes

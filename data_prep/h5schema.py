@@ -12,6 +12,12 @@ structure features, ``M`` materials):
 - ``structure`` (n, F) float32; ``structure_labels`` (F,) and ``structure_families`` (F,) strings.
 - ``targets/bvs_vu``, ``targets/valence``, ``targets/bvs_deviation_vu``, ``targets/gii_vu`` (n,)
   float32 (gii is the material's value repeated on its samples).
+- optional migration targets (``data_prep.migration``): ``targets/migration_e1d_ev``,
+  ``targets/migration_e2d_ev``, ``targets/migration_e3d_ev`` (n,) float32 BVSE percolation barriers
+  (eV) of the material's mobile ion on the samples of that ion, NaN on other samples and where the
+  material has none or the computation failed; the same per material as ``materials/migration_*``
+  with ``materials/migration_ion`` (e.g. ``Li1+``, empty when none); root attr ``migration``
+  (JSON: bvlain version, settings incl. resolution, citation, counts).
 - ``meta/material_id``, ``meta/element``, ``meta/origin`` (n,) strings; ``meta/site_index`` (n,),
   ``meta/neighbour_indices`` (n, n_neighbours), ``meta/multiplicity`` (n,) int32;
   ``meta/neighbour_distances_ang`` (n, n_neighbours); ``meta/outside_weight`` (n, C) states
@@ -49,6 +55,9 @@ SPLITS = ("train", "val", "test")
 #: The plausible range of every target, |value| <= TARGET_LIMIT (valence units; electrons for the
 #: valence): build skips a material beyond it and train.py refuses such a file.
 TARGET_LIMIT = 10.0
+#: Optional per-sample targets (present in builds since the migration targets were added).
+MIGRATION_TARGETS = ("migration_e1d_ev", "migration_e2d_ev", "migration_e3d_ev")
+MIGRATION_ATTR = "migration"
 
 DOS = "dos"
 STRUCTURE = "structure"
@@ -153,6 +162,15 @@ class Writer:
         """``values``: every name of ``TARGETS`` -> (n,) values (stored as float32)."""
         for name in TARGETS:
             self.h[target(name)] = np.asarray(values[name], dtype=np.float32)
+
+    def migration(self, per_sample: dict, per_material: dict, ion, info: dict) -> None:
+        """The optional migration targets: ``MIGRATION_TARGETS`` -> (n,) per sample and (M,) per
+        material, the mobile ion per material ('' if none) and the ``migration`` root attribute."""
+        for name in MIGRATION_TARGETS:
+            self.h[target(name)] = np.asarray(per_sample[name], dtype=np.float32)
+            self.h[material(name)] = np.asarray(per_material[name], dtype=np.float64)
+        self.strings(material("migration_ion"), ion)
+        self.h.attrs[MIGRATION_ATTR] = json.dumps(info, sort_keys=True)
 
     def sample_meta(self, material_id, element, origin, site_index, family_id=None, **more) -> None:
         """Per-sample metadata: the string columns, ``site_index`` and any numeric ``more`` columns.

@@ -157,12 +157,26 @@ def baseline_predictions(name: str, data: Dataset, targets, train_rows, val_rows
 
 
 def score_splits(data: Dataset, targets, rows: dict, preds: dict) -> dict:
-    """``{split: {target: dosnet_bv.report.scores}}`` of predictions ``{split: (len(rows), T)}``."""
+    """``{split: {target: dosnet_bv.report.scores}}`` of predictions ``{split: (len(rows), T)}``.
+    Migration targets (one value per material on its mobile-ion sites) are scored per material:
+    the mean prediction over a material's sites against its barrier (``n`` counts materials)."""
+    from dosnet_bv.params import MIGRATION_TARGETS
     from dosnet_bv.report import scores
 
     y = target_matrix(data, targets)
-    return {s: {t: scores(y[rows[s], j], p[:, j], accuracy=(t == "valence")) for j, t in enumerate(targets)}
-            for s, p in preds.items()}
+
+    def per_material(r, yt, yp):
+        _, inv = np.unique(data.material_id[r], return_inverse=True)
+        c = np.bincount(inv)
+        return np.bincount(inv, weights=yt) / c, np.bincount(inv, weights=yp) / c
+
+    def one(s, j, t, p):
+        yt, yp = y[rows[s], j], p[:, j]
+        if t in MIGRATION_TARGETS and len(yt):
+            yt, yp = per_material(rows[s], yt, yp)
+        return scores(yt, yp, accuracy=(t == "valence"))
+
+    return {s: {t: one(s, j, t, p) for j, t in enumerate(targets)} for s, p in preds.items()}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_prep.h5schema import TARGET_LIMIT as TARGET_LIMIT_VU  # |target| <= 10: checked at build and here
-from dosnet_bv.params import BV_TARGETS, SPLITS, TrainError
+from dosnet_bv.params import BV_TARGETS, MIGRATION_TARGETS, SPLITS, TrainError
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Dataset:
         return not isinstance(self.dos, np.ndarray)
 
 
-def load_data(path, params: dict, resplit: bool = True) -> Dataset:
+def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -> Dataset:
     """Read a data_prep h5 into numpy arrays and check it against ``params``.
 
     The one place that reads the data file. Checks the input width (``length``, ``channels``,
@@ -106,7 +106,7 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
             data = Dataset(
                 path=str(path), dos=dos, structure=h.structure(), structure_labels=h.structure_labels(),
                 structure_families=h.structure_families(),
-                targets={t: np.asarray(h.target(t), dtype=np.float64) for t in BV_TARGETS},
+                targets={t: np.asarray(h.target(t), dtype=np.float64) for t in BV_TARGETS if sch.target(t) in h},
                 material_id=h.meta_strings("material_id"), element=h.meta_strings("element"),
                 origin=h.meta_strings("origin"), site_index=h.meta("site_index"), split=h.split(),
                 family_id=h.meta_strings("family_id"),
@@ -131,7 +131,14 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
                          f"channels")
     if not np.all(np.isfinite(data.structure)):
         raise TrainError(f"{path}: the structure vector contains NaN or infinite values")
-    for t in params["targets"]:
+    absent = [t for t in params["targets"] if t not in data.targets]
+    if absent:
+        raise TrainError(f"{path} has no target {absent[0]!r} (built before the migration targets): "
+                         "rebuild it with python -m data_prep build")
+    migration = [t for t in params["targets"] if t in MIGRATION_TARGETS]
+    if migration and labelled:  # labelled=False (predictions): keep every sample, NaN truths
+        data = labelled_only(data, migration)
+    for t in params["targets"] if labelled else [t for t in params["targets"] if t not in MIGRATION_TARGETS]:
         if not np.all(np.isfinite(data.targets[t])):
             raise TrainError(f"{path}: target {t!r} contains NaN or infinite values")
         bad = np.flatnonzero(np.abs(data.targets[t]) > TARGET_LIMIT_VU)
@@ -156,6 +163,25 @@ def load_data(path, params: dict, resplit: bool = True) -> Dataset:
     if bad:
         raise TrainError(f"{path}: unknown split label {bad[0]!r} (expected train, val, test)")
     return data
+
+
+def labelled_only(data: Dataset, targets) -> Dataset:
+    """The samples where every one of ``targets`` is finite (migration targets: the sites of a
+    material's mobile ion). In-memory only: a streamed file is refused with a one-line error."""
+    keep = np.flatnonzero(np.all([np.isfinite(data.targets[t]) for t in targets], axis=0))
+    if not len(keep):
+        raise TrainError(f"{data.path}: no sample carries {', '.join(targets)} (no mobile-ion materials, or the "
+                         "barriers are not in the file: see its manifest)")
+    if len(keep) == data.n:
+        return data
+    if data.streaming:
+        raise TrainError("migration targets are trained in memory: set params data.in_memory to true or 'auto'")
+    fields = dict(vars(data))
+    for k, v in fields.items():  # every per-sample array (energies_ev is per grid point)
+        if k != "energies_ev" and isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == data.n:
+            fields[k] = v[keep]
+    fields["targets"] = {t: y[keep] for t, y in data.targets.items()}
+    return Dataset(**fields)
 
 
 def structure_columns(data: Dataset, families) -> np.ndarray:

@@ -19,7 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SPLITS = ("train", "val", "test")
 # Names net.py accepts. Repeated here so that params are checked before TensorFlow is imported
 # (its import prints to stderr); tests/test_bv_model.py checks they equal net.py's.
-BV_TARGETS = ("bvs_vu", "bvs_deviation_vu", "valence")
+BV_TARGETS = ("bvs_vu", "bvs_deviation_vu", "valence", "migration_e1d_ev", "migration_e2d_ev", "migration_e3d_ev")
+#: Per-material targets carried on the sites of a material's mobile ion (NaN elsewhere): samples
+#: without a value are dropped when they are trained on, and evaluation averages the predictions
+#: of one material's sites (``metrics.material_metrics``). data_prep.h5schema.MIGRATION_TARGETS.
+MIGRATION_TARGETS = ("migration_e1d_ev", "migration_e2d_ev", "migration_e3d_ev")
 FUSIONS = ("none", "late", "early", "structure_only")
 LR_SCHEDULES = ("dosnet_step", "constant", "cosine")
 LOSSES = ("log_cosh", "mse", "mae")
@@ -230,7 +234,7 @@ def validate_params(params: dict) -> dict:
 SPLIT_BY = ("family", "material")
 
 #: Units of each target in tables and plots.
-TARGET_UNITS = {"bvs_vu": "vu", "bvs_deviation_vu": "vu", "valence": ""}
+TARGET_UNITS = {"bvs_vu": "vu", "bvs_deviation_vu": "vu", "valence": "", **{t: "eV" for t in MIGRATION_TARGETS}}
 
 
 def resolve_data_file(path, what: str = "params key 'data_file' or --data") -> Path:

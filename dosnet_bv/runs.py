@@ -216,7 +216,7 @@ def predict_run(run_dir, data_path, out_dir=None, log: Log | None = None) -> Pat
     check_run_folder(run_dir, "--predict")
     params = load_params(run_dir / "params.json")
     js = read_json(run_dir / "scalers.json", "--predict")
-    data = load_data(data_path, params, resplit=False)
+    data = load_data(data_path, params, resplit=False, labelled=False)
     scalers = scalers_from_json(js, data)
     out = Path(out_dir) if out_dir else run_dir / f"predict-{Path(data_path).stem}"
     out.mkdir(parents=True, exist_ok=True)

@@ -98,7 +98,7 @@ def _cli(words: list[str]) -> tuple[tuple[str, ...], list[str]]:
     args = words[1:]
     if args[:1] == ["-m"]:
         module, rest = args[1], args[2:]
-        if module == "data_prep" and rest and not rest[0].startswith("-"):
+        if module in ("data_prep", "dosnet_bv") and rest and not rest[0].startswith("-"):
             return ("-m", module, rest[0]), rest[1:]
         return ("-m", module), rest
     return (args[0],), args[1:]
