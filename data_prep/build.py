@@ -277,11 +277,12 @@ def build_h5(record_paths, out_path, cfg: BuildConfig | None = None, overwrite: 
     check_output(out_path, overwrite)
     with output_lock(out_path):
         check_output(out_path, overwrite)  # again: a build that finished while this one waited
-        return _build_locked(record_paths, out_path, cfg, n_procs, progress, source, shard, dos_compression, work)
+        return _build_locked(record_paths, out_path, cfg, n_procs, progress, source, shard, dos_compression, work,
+                             migration_cache, migration_time_limit_s)
 
 
 def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progress, source, shard,
-                  dos_compression, work) -> dict:
+                  dos_compression, work, migration_cache=None, migration_time_limit_s=None) -> dict:
     import h5py
     from tqdm import tqdm
 
