@@ -230,6 +230,11 @@ def merge_h5(out_path, inputs, overwrite: bool = False, progress: bool = True) -
                 for key, val in first.attrs.items():
                     if key not in (sch.SHARD_ATTR, sch.SKIPPED_ATTR):
                         o.attrs[key] = val
+                if sch.MIGRATION_ATTR in first.attrs:  # counts over all shards
+                    info = json.loads(first.attrs[sch.MIGRATION_ATTR])
+                    parts = [json.loads(h.attrs.get(sch.MIGRATION_ATTR, "{}")).get("counts", {}) for h in files]
+                    info["counts"] = {k: sum(int(c.get(k, 0)) for c in parts) for k in info.get("counts", {})}
+                    o.attrs[sch.MIGRATION_ATTR] = json.dumps(info, sort_keys=True)
                 skipped = {}
                 for h in files:
                     skipped.update(json.loads(h.attrs.get(sch.SKIPPED_ATTR, "{}")))
