@@ -211,14 +211,8 @@ class BVParams:
         if key[1] <= 0 or key[3] >= 0:
             raise MissingBVParameter(*key, detail="the cation needs a positive and the anion a "
                                                   "negative valence")
-        exact = self._by_key.get(key, [])
-        generic = self._by_key.get((cation, UNSPECIFIED_VALENCE, anion, key[3]), [])
-        candidates = [("exact", [e for e in exact if not e.unchecked]),
-                      ("unspecified-valence", [e for e in generic if not e.unchecked])]
-        if self.allow_unchecked:
-            candidates += [("exact-unchecked", [e for e in exact if e.unchecked]),
-                           ("unspecified-valence-unchecked", [e for e in generic if e.unchecked])]
-        for tier, found in candidates:
+        exact, generic = self._entries(key)
+        for tier, found in self._tiers(key):
             if found:
                 e = found[0]
                 choice = BVChoice(*key, entry=e, tier=tier,
@@ -238,15 +232,23 @@ class BVParams:
         key = (cation, int(cation_valence), anion, int(anion_valence))
         if key[1] <= 0 or key[3] >= 0:
             return []
-        exact = self._by_key.get(key, [])
-        generic = self._by_key.get((cation, UNSPECIFIED_VALENCE, anion, key[3]), [])
+        return [BVChoice(*key, entry=e, tier=tier, reference=self.references.get(e.ref_id, e.ref_id))
+                for tier, found in self._tiers(key) for e in found]
+
+    def _entries(self, key) -> tuple[list, list]:
+        """(entries for the exact valences, entries with an unspecified cation valence) of ``key``."""
+        cation, _, anion, anion_valence = key
+        return self._by_key.get(key, []), self._by_key.get((cation, UNSPECIFIED_VALENCE, anion, anion_valence), [])
+
+    def _tiers(self, key) -> list[tuple[str, list]]:
+        """[(tier, entries), ...] in order of preference (the module docstring's tiers)."""
+        exact, generic = self._entries(key)
         tiers = [("exact", [e for e in exact if not e.unchecked]),
                  ("unspecified-valence", [e for e in generic if not e.unchecked])]
         if self.allow_unchecked:
             tiers += [("exact-unchecked", [e for e in exact if e.unchecked]),
                       ("unspecified-valence-unchecked", [e for e in generic if e.unchecked])]
-        return [BVChoice(*key, entry=e, tier=tier, reference=self.references.get(e.ref_id, e.ref_id))
-                for tier, found in tiers for e in found]
+        return tiers
 
     def alternative(self, cation: str, cation_valence: int, anion: str, anion_valence: int
                     ) -> BVChoice | None:
