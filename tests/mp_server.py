@@ -78,6 +78,8 @@ also per task identifier under ``tasks``); object-store bytes and GETs per kind 
 """
 from __future__ import annotations
 
+import contextlib
+
 import email.utils
 import hashlib
 import json
@@ -784,3 +786,17 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+@contextlib.contextmanager
+def running_standin(folder, specs):
+    """The stand-in built in ``folder`` and served, with the environment pointing at it (and no
+    pymatgen key): yields (server, specs by material id, folder). Shared by the MP test modules."""
+    import pytest
+
+    folder = build_standin(folder, specs)
+    with StandIn(folder) as srv, pytest.MonkeyPatch.context() as mp:
+        for k, v in srv.env().items():
+            mp.setenv(k, v)
+        mp.delenv("PMG_MAPI_KEY", raising=False)
+        yield srv, {s["material_id"]: s for s in specs}, folder

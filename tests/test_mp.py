@@ -24,7 +24,7 @@ from data_prep.mp import FetchConfig, MergeError, fetch_mp, merge_folders, plan,
 from data_prep.mp.api import canonical_id, classify, redact
 from data_prep.mp.fetch import bv_crosscheck, method_from
 from data_prep.records import MaterialRecord, Spectrum
-from mp_server import STANDIN_KEY, StandIn, build_standin, default_specs
+from mp_server import running_standin, STANDIN_KEY, StandIn, build_standin, default_specs
 
 DOS_KINDS = ("electronic_structure", "oxidation_states", "materials", "total_dos", "projected_dos")
 FAST = dict(backoff_s=0.02)
@@ -32,13 +32,8 @@ FAST = dict(backoff_s=0.02)
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
-    specs = default_specs()
-    folder = build_standin(tmp_path_factory.mktemp("standin"), specs)
-    with StandIn(folder) as srv, pytest.MonkeyPatch.context() as mp:
-        for k, v in srv.env().items():
-            mp.setenv(k, v)
-        mp.delenv("PMG_MAPI_KEY", raising=False)
-        yield srv, {s["material_id"]: s for s in specs}
+    with running_standin(tmp_path_factory.mktemp("standin"), default_specs()) as (srv, by_id, folder):
+        yield srv, by_id
 
 
 @pytest.fixture()

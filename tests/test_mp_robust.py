@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT
 from data_prep.mp import FetchConfig, fetch_mp
 from data_prep.records import MaterialRecord
-from mp_server import STANDIN_KEY, StandIn, build_standin, default_specs
+from mp_server import running_standin, STANDIN_KEY, StandIn, build_standin, default_specs
 
 FAST = dict(backoff_s=0.01, retries=2)
 ANSI = re.compile(r"\x1b\[")
@@ -26,13 +26,8 @@ ANSI = re.compile(r"\x1b\[")
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory):
-    specs = default_specs()
-    folder = build_standin(tmp_path_factory.mktemp("standin17"), specs)
-    with StandIn(folder) as srv, pytest.MonkeyPatch.context() as mp:
-        for k, v in srv.env().items():
-            mp.setenv(k, v)
-        mp.delenv("PMG_MAPI_KEY", raising=False)
-        yield srv, {s["material_id"]: s for s in specs}, folder
+    with running_standin(tmp_path_factory.mktemp("standin17"), default_specs()) as (srv, by_id, folder):
+        yield srv, by_id, folder
 
 
 @pytest.fixture()
