@@ -7,7 +7,6 @@ which model runs on which rows. ``run_model`` and the quick budget are shared wi
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from dosnet_bv.fit import fit_predict
 from dosnet_bv.metrics import data_counts
 from dosnet_bv.outputs import Log, write_json, write_text
 from dosnet_bv.params import FUSIONS, SPLITS, TARGET_UNITS, TrainError
+from dosnet_bv.resume import ResultStore, check_resume
 
 
 #: The default ("quick") budget of --ablation and --learning-curve: at most QUICK_EPOCHS epochs,
@@ -241,27 +241,13 @@ def run_model(spec: ModelSpec, seed: int, params: dict, data: Dataset, train_row
             "seconds": round(time.time() - t0, 1)}
 
 
-def read_leftover(path: Path, log: Log):
-    """A JSON file an earlier run left, or None when it is damaged (e.g. truncated by a crash
-    before writes were atomic): then one log line says so and the caller recomputes it."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        log(f"{path} is damaged ({exc.__class__.__name__}: {exc}); recomputing it")
-        return None
-
-
-def check_resume(path: Path, config: dict, log: Log) -> None:
-    """Write the run's config, or check that an existing run folder was made with the same one
-    (a damaged config file is reported and written anew)."""
-    old = read_leftover(path, log) if path.is_file() else None
-    if old is not None:
-        if old != json.loads(json.dumps(config)):
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != json.loads(json.dumps(config)).get(k))
-            raise TrainError(f"{path.parent} holds a run with other settings ({', '.join(diff)}); "
-                             f"choose a new --out to start afresh")
-    else:
-        write_json(path, config)
+def model_result(raw) -> dict:
+    """``raw`` when it has the form of a ``run_model`` result, else a ``resume.PARSE_ERRORS``
+    exception (a leftover file of another form is then recomputed)."""
+    if not isinstance(raw, dict) or not isinstance(raw["scores"]["test"], dict) or not isinstance(raw["info"], dict):
+        raise TypeError("not a run_model result")
+    float(raw["seconds"])
+    return raw
 
 
 class Runner:
@@ -272,8 +258,7 @@ class Runner:
     def __init__(self, out: Path, log: Log, n_jobs: int, total_cost: float, run):
         from tqdm import tqdm
 
-        self.dir = out / "results"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = ResultStore(out / "results", log)
         self.log, self.run, self.total_cost = log, run, total_cost
         self.t0, self.i, self.n_jobs = time.time(), 0, n_jobs
         self.cost_done, self.cost_timed, self.time_spent = 0.0, 0.0, 0.0
@@ -281,18 +266,16 @@ class Runner:
         self.bar = tqdm(total=n_jobs, unit="run", desc="runs", disable=None, leave=False)
 
     def __call__(self, spec: ModelSpec, seed: int, cost: float, label: str) -> dict:
-        path = self.dir / f"{spec.model}__seed{seed}.json"
         self.i += 1
-        res = read_leftover(path, self.log) if path.is_file() else None
-        if res is not None:
+        t = time.time()
+        job = self.store.get(f"{spec.model}__seed{seed}", lambda: self.run(spec, seed), model_result)
+        res = job.value
+        if job.resumed:
             note = "from an earlier, interrupted run"
-            self.resumed_seconds += res.get("seconds", 0.0)
+            self.resumed_seconds += res["seconds"]
         else:
-            t = time.time()
-            res = self.run(spec, seed)
             self.time_spent += time.time() - t
             self.cost_timed += cost
-            write_json(path, res)
             note = f"{res['seconds']:.0f} s"
         self.cost_done += cost
         self.bar.update()
