@@ -4,7 +4,7 @@
                     [--fusion F] [--targets T [T ...]] [--seed S] [--tensorboard]
     python train.py --params params.json --cv [K]            # grouped K-fold CV by material
     python train.py --predict RUN_DIR --data FILE [--out DIR] # predictions with a saved model
-    python train.py --resume RUN_DIR                         # continue an interrupted single run
+    python train.py --resume RUN_DIR                         # continue an interrupted single run or --cv
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
     python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
@@ -35,7 +35,7 @@ from dosnet_bv.data import load_data, structure_columns
 from dosnet_bv.learning_curve import run_learning_curve
 from dosnet_bv.outputs import prepare_run_folder
 from dosnet_bv.params import BV_TARGETS, FUSIONS, TrainError, load_params, resolve_data_file, validate_params
-from dosnet_bv.runs import check_resumable, predict_run, run_cv, run_experiment, run_importance
+from dosnet_bv.runs import check_resumable, cv_resumable, predict_run, run_cv, run_experiment, run_importance
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -49,13 +49,15 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in an existing --out folder (else an existing, non-empty one is refused)")
     p.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue the interrupted single run in RUN_DIR from its last epoch's checkpoint (with the "
-                        "params it was started with; --data may point to a moved data file)")
+                   help="continue the interrupted single run in RUN_DIR from its last epoch's checkpoint, or the "
+                        "interrupted --cv run after its finished folds (with the params it was started with; --data "
+                        "may point to a moved data file)")
     p.add_argument("--fusion", help="overrides fusion: " + ", ".join(FUSIONS))
     p.add_argument("--targets", nargs="+", help="overrides targets: some of " + ", ".join(BV_TARGETS))
     p.add_argument("--seed", type=int, help="overrides seed (initialisation and batch order; the split stays)")
     p.add_argument("--cv", type=int, nargs="?", const=0, metavar="K",
-                   help="grouped K-fold cross-validation by material (K defaults to cv_folds)")
+                   help="grouped K-fold cross-validation by family (K defaults to cv_folds); an interrupted one "
+                        "in --out resumes after its finished folds")
     p.add_argument("--tensorboard", action="store_true",
                    help="write TensorBoard logs to RUN/tensorboard (as upstream does; costs time)")
     p.add_argument("--predict", metavar="RUN_DIR", help="predict --data with the model saved in RUN_DIR")
@@ -114,7 +116,8 @@ def check_flags(args) -> str | None:
 
 
 def resume(args) -> None:
-    """``--resume RUN_DIR``: the run's own params.json, its data file (or --data), its checkpoint."""
+    """``--resume RUN_DIR``: the run's own params.json, its data file (or --data), its checkpoint
+    (a single run) or its finished folds (a ``--cv`` run)."""
     others = [f for f, v in (("--params", args.params != "params.json"), ("--epochs", args.epochs),
                              ("--fusion", args.fusion), ("--targets", args.targets), ("--seed", args.seed is not None),
                              ("--cv", args.cv is not None), ("--out", args.out), ("--overwrite", args.overwrite),
@@ -124,12 +127,15 @@ def resume(args) -> None:
         raise TrainError(f"--resume RUN_DIR continues the run with its own params; it cannot be combined with "
                          f"{others[0]}")
     run = Path(args.resume)
-    check_resumable(run)
+    cv = check_resumable(run)
     params = load_params(run / "params.json")
     if args.data:
         params["data_file"] = args.data
     data = load_data(resolve_data_file(params["data_file"]), params)
-    run_experiment(params, data, run, tensorboard=args.tensorboard, resume=True)
+    if cv:
+        run_cv(params, data, params["cv_folds"], run, tensorboard=args.tensorboard)
+    else:
+        run_experiment(params, data, run, tensorboard=args.tensorboard, resume=True)
 
 
 def dispatch(args) -> None:
@@ -164,7 +170,7 @@ def dispatch(args) -> None:
     cv = params["cv_folds"] if args.cv is not None else None
     name = study or f"{params['fusion']}-{'+'.join(params['targets'])}" + (f"-cv{cv}" if cv else "")
     out = Path(args.out) if args.out else Path(params["out_dir"]) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not study:
+    if not study and not (cv and cv_resumable(out) and not args.overwrite):  # an interrupted --cv resumes
         prepare_run_folder(out, args.overwrite)
     if args.ablation:
         run_ablation(params, data, out, args.seeds, args.full)

@@ -42,16 +42,18 @@ def atomic_path(path):
         raise
 
 
-#: What a run folder of train.py may hold; ``metrics.json`` is written last and marks it complete.
+#: What a run folder of train.py may hold; ``metrics.json`` is written last and marks it complete
+#: (``cv_config.json`` and ``results/fold<f>.json``: a ``--cv`` run's settings and finished folds).
 RUN_FILES = ("metrics.json", "params.json", "model.keras", "scalers.json", "predictions.csv", "history.csv",
-             "parity.png", "learning_curve.png", "train.log", "checkpoint.npz")
+             "parity.png", "learning_curve.png", "train.log", "checkpoint.npz", "cv_config.json")
+CV_FOLD_FILES = "results/fold*.json"
 
 
 def prepare_run_folder(out, overwrite: bool) -> None:
     """Check the run folder ``out`` before any work: a new folder (or an empty one) is used as it
     is; an existing non-empty one is refused unless ``overwrite``, which first removes
     ``metrics.json`` (so the folder reads as incomplete until the new run finishes) and then the
-    old run's other files (the new log starts empty)."""
+    old run's other files, finished CV folds included (the new log starts empty)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a folder")
@@ -62,6 +64,8 @@ def prepare_run_folder(out, overwrite: bool) -> None:
                          f"or choose a new --out")
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+    for path in out.glob(CV_FOLD_FILES):
+        path.unlink()
 
 
 class Log:

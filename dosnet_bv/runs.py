@@ -4,8 +4,10 @@ feature importance of a saved run (``run_importance``). Each writes a run folder
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,22 +19,35 @@ from dosnet_bv.metrics import data_counts, metrics_for, summary_table
 from dosnet_bv.outputs import Log, atomic_path, plot_learning_curve, plot_parity, write_history, write_json, write_predictions
 from dosnet_bv.params import (PARAM_RULES, SPLITS, TARGET_UNITS, TrainError, load_params, resolve_data_file,
                               validate_params)
+from dosnet_bv.resume import ResultStore, check_resume
 from dosnet_bv.scalers import model_inputs, scalers_from_json
 
 
 #: The training state of an unfinished single run (``fit.Checkpoint``), for ``--resume``.
 CHECKPOINT = "checkpoint.npz"
+#: The settings of a ``--cv`` run, written when it starts: it marks the folder as a CV run that a
+#: rerun (same ``--out``, or ``--resume``) continues after its finished folds (``results/fold<f>.json``).
+CV_CONFIG = "cv_config.json"
 
 
-def check_resumable(run_dir: Path) -> None:
-    """``TrainError`` unless ``run_dir`` holds an interrupted single run that ``--resume`` can continue."""
+def cv_resumable(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds an interrupted ``--cv`` run (its config, no ``metrics.json``)."""
+    return (Path(run_dir) / CV_CONFIG).is_file() and not (Path(run_dir) / "metrics.json").is_file()
+
+
+def check_resumable(run_dir: Path) -> bool:
+    """``TrainError`` unless ``run_dir`` holds an interrupted run that ``--resume`` can continue;
+    True for a ``--cv`` run (its params.json holds its ``cv_folds``), False for a single run."""
     if not (run_dir / "params.json").is_file():
         raise TrainError(f"--resume: {run_dir / 'params.json'} not found (is {run_dir} a train.py run folder?)")
     if (run_dir / "metrics.json").is_file():
         raise TrainError(f"--resume: {run_dir} is complete (it has metrics.json); nothing to resume")
+    if (run_dir / CV_CONFIG).is_file():
+        return True
     if not (run_dir / CHECKPOINT).is_file():
-        raise TrainError(f"--resume: {run_dir} has no {CHECKPOINT} (interrupted before its first epoch ended, or a "
-                         f"--cv run): start it again with --overwrite")
+        raise TrainError(f"--resume: {run_dir} has no {CHECKPOINT} (interrupted before its first epoch ended): "
+                         f"start it again with --overwrite")
+    return False
 
 
 def check_run_folder(run_dir: Path, what: str) -> None:
@@ -155,6 +170,38 @@ def cv_splits(group_ids, k: int, val_fraction: float, seed: int) -> list:
     return out
 
 
+@dataclass(frozen=True)
+class FoldResult:
+    """One finished CV fold, as ``results/fold<f>.json`` keeps it: ``predictions`` (n_test, T)
+    of its test rows in physical units, ``train_mean`` (T,) of its training rows (the mean
+    predictor), the per-epoch loss ``history`` and the ``best_epoch`` (1-based)."""
+
+    predictions: np.ndarray
+    train_mean: np.ndarray
+    history: dict
+    best_epoch: int
+
+    @classmethod
+    def parse(cls, raw: dict, n_test: int, n_targets: int) -> "FoldResult":
+        """From the JSON of a fold file; ``ValueError`` (or ``KeyError``, ``TypeError``) when it
+        does not fit a fold of ``n_test`` test rows and ``n_targets`` targets."""
+        pred = np.asarray(raw["predictions"], dtype=float).reshape(-1, n_targets) if n_test else np.zeros((0, n_targets))
+        mean = np.asarray(raw["train_mean"], dtype=float)
+        if pred.shape != (n_test, n_targets) or mean.shape != (n_targets,):
+            raise ValueError(f"{pred.shape[0]} test predictions of {mean.size} targets, expected {n_test} of {n_targets}")
+        history = {str(k): [float(x) for x in v] for k, v in raw["history"].items()}
+        return cls(pred, mean, history, int(raw["best_epoch"]))
+
+
+def data_fingerprint(data: Dataset) -> str:
+    """Short hash of the samples (material ids and site indices, in order): the same data under
+    another path (``--resume --data MOVED.h5``) has the same fingerprint."""
+    h = hashlib.sha1()
+    for mid, site in zip(data.material_id, data.site_index):
+        h.update(f"{mid}:{int(site)};".encode())
+    return h.hexdigest()[:16]
+
+
 def run_cv(params: dict, data: Dataset, k: int, out_dir, log: Log | None = None, tensorboard: bool = False) -> dict:
     """Grouped K-fold cross-validation: every sample predicted once, by the model of the fold
     that held its family (or material, ``split_by``) out. Writes params, metrics (overall and per fold), predictions
@@ -162,37 +209,55 @@ def run_cv(params: dict, data: Dataset, k: int, out_dir, log: Log | None = None,
 
     The folds are dealt with ``split_seed`` (fixed, like the train/val/test split: ``--seed`` does
     not move them); fold f trains with seed ``seed + f``. ``tensorboard``: logs per fold in
-    ``out_dir/tensorboard/fold<f>``.
+    ``out_dir/tensorboard/fold<f>``. Each finished fold is kept in ``out_dir/results/fold<f>.json``
+    and ``out_dir/cv_config.json`` holds the settings: run again into a folder holding an
+    interrupted CV of the same settings and data, it continues after the finished folds (a damaged
+    fold file is reported on one line and that fold trained again); other settings are refused.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = log or Log(out / "train.log")
     targets = params["targets"]
+    resuming = cv_resumable(out)
+    check_resume(out / CV_CONFIG, {"data": data_fingerprint(data), "n_samples": data.n, "cv_folds": k,
+                                   "params": {p: v for p, v in params.items() if p not in ("data_file", "out_dir")}},
+                 log)
     write_json(out / "params.json", params)
     groups = data.groups(params["split_by"])
     folds = cv_splits(groups, k, params["cv_val_fraction"], params["split_seed"])
     log(f"DOSnet-BV {k}-fold CV (grouped by {params['split_by']}: {len(set(groups))} groups): {data.n} samples, "
         f"{len(set(data.material_id))} materials "
         f"from {data.path}; fusion {params['fusion']}, targets {', '.join(targets)}")
+    if resuming:
+        log(f"resuming the interrupted CV in {out}: finished folds are read from {out / 'results'}")
+    store = ResultStore(out / "results", log)
     pred = np.full((data.n, len(targets)), np.nan)
     base = np.full((data.n, len(targets)), np.nan)  # the mean predictor of each sample's fold
     fold_metrics, histories, bests, parts = [], [], [], []
     y = target_matrix(data, targets)
     t0 = time.time()
     for f, (tr, va, te) in enumerate(folds):
-        log(f"fold {f + 1}/{k}: train {len(tr)}, val {len(va)}, test {len(te)} samples")
-        res = fit_predict({**params, "seed": params["seed"] + f}, data, tr, va, {"test": te}, log,
-                          tensorboard_dir=out / "tensorboard" / f"fold{f + 1}" if tensorboard else None,
-                          show_summary=f == 0)
-        pred[te] = res.predictions["test"]
-        train_mean = y[tr].mean(axis=0)
-        base[te] = train_mean
+        def train_fold():
+            log(f"fold {f + 1}/{k}: train {len(tr)}, val {len(va)}, test {len(te)} samples")
+            res = fit_predict({**params, "seed": params["seed"] + f}, data, tr, va, {"test": te}, log,
+                              tensorboard_dir=out / "tensorboard" / f"fold{f + 1}" if tensorboard else None,
+                              show_summary=f == 0)
+            return {"fold": f + 1, "best_epoch": res.best_epoch, "history": res.history,
+                    "predictions": res.predictions["test"].tolist(), "train_mean": y[tr].mean(axis=0).tolist(),
+                    "train_seconds": round(res.seconds, 1)}
+
+        job = store.get(f"fold{f + 1}", train_fold, lambda raw: FoldResult.parse(raw, len(te), len(targets)))
+        if job.resumed:
+            log(f"fold {f + 1}/{k}: from an earlier, interrupted run ({store.path(f'fold{f + 1}')})")
+        fold = job.value
+        pred[te] = fold.predictions
+        base[te] = fold.train_mean
         fold_metrics.append({"fold": f + 1, "counts": data_counts(data, {"train": tr, "val": va, "test": te}),
-                             "best_epoch": res.best_epoch, **metrics_for(targets, data, te, pred[te], train_mean)})
-        histories.append(res.history)
-        bests.append(res.best_epoch)
+                             "best_epoch": fold.best_epoch,
+                             **metrics_for(targets, data, te, pred[te], fold.train_mean)})
+        histories.append(fold.history)
+        bests.append(fold.best_epoch)
         parts.append(("test", te, pred[te], f + 1))
-        del res
     all_rows = np.arange(data.n)
     metrics = {"data_file": data.path, "fusion": params["fusion"], "targets": targets, "cv_folds": k,
                "seconds": round(time.time() - t0, 1),

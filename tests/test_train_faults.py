@@ -254,6 +254,50 @@ def test_sigint_then_resume_gives_the_uninterrupted_result(h5, tmp_path):
     assert "is complete" in _one_line(r)
 
 
+def test_interrupted_cv_resumes_after_its_finished_folds(h5, tmp_path, monkeypatch, capsys):
+    """A finished 3-fold CV is cut back to what an interruption in fold 3 leaves, with fold 2's file
+    damaged: the same command retrains folds 2 and 3 only (one line names the damaged file) and ends
+    with the uninterrupted numbers; ``--resume`` continues too; other settings are refused. The
+    training is a stand-in (a fixed offset per fold's seed): what is tested is which folds run."""
+    import train
+    from dosnet_bv import runs
+    from dosnet_bv.fit import FitResult
+
+    fits = []
+
+    def fit(p, data, tr, va, predict, log, **kw):
+        fits.append(p["seed"])
+        pred = data.targets["bvs_vu"][predict["test"]][:, None] + 0.01 * p["seed"]
+        return FitResult(None, None, {"loss": [1.0, 0.5], "val_loss": [1.2, 0.7]}, 2, {"test": pred}, 0.1)
+
+    monkeypatch.setattr(runs, "fit_predict", fit)
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps(_params(data_file=str(h5))))
+    out = tmp_path / "cv"
+    argv = ["--params", str(params), "--cv", "3", "--out", str(out)]
+    assert train.main(argv) == 0 and fits == [88, 89, 90]  # fold f trains with seed + f
+    whole = json.loads((out / "metrics.json").read_text())
+    (out / "metrics.json").unlink()
+    (out / "results" / "fold2.json").write_text((out / "results" / "fold2.json").read_text()[:40])  # truncated
+    (out / "results" / "fold3.json").unlink()
+    assert train.main(argv) == 0
+    assert fits == [88, 89, 90, 89, 90]  # folds 2 and 3 again
+    lines = (out / "train.log").read_text()
+    assert "fold2.json is damaged" in lines and "recomputing it" in lines and "fold 1/3: from an earlier" in lines
+    again = json.loads((out / "metrics.json").read_text())
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+    assert again["splits"]["cv"]["bvs_vu"]["mae"] == pytest.approx(0.89, abs=0.02)  # 0.88..0.90 by fold
+    (out / "metrics.json").unlink()
+    (out / "results" / "fold3.json").write_text('{"fold": 3}')  # valid JSON, not a fold: damaged too
+    assert train.main(["--resume", str(out)]) == 0 and fits[5:] == [90]
+    (out / "metrics.json").unlink()
+    capsys.readouterr()
+    assert train.main([*argv, "--seed", "5"]) == 1  # another seed into the interrupted CV: refused
+    assert "holds a run with other settings (params)" in capsys.readouterr().err
+    assert train.main(argv) == 0 and len(fits) == 6  # every fold finished: nothing trained
+    assert train.main([*argv, "--overwrite"]) == 0 and len(fits) == 9  # --overwrite starts afresh
+
+
 # ------------------------------------------------------------------ item 7: same seed, same numbers
 def test_same_seed_same_numbers_in_another_process_under_cpu_load(run, h5, tmp_path):
     """The in-process fixture run, repeated by train.py in a separate process while two other
