@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from dosnet_bv import report
-from dosnet_bv.ablation import BASELINES, Features, ModelSpec, Study, cn_column, dosnet_key, run_model
+from dosnet_bv.ablation import BASELINES, Features, ModelSpec, Study, cn_column, dosnet_key, model_result, run_model
 from dosnet_bv.data import Dataset, structure_columns
 from dosnet_bv.outputs import Log, atomic_path, write_json, write_text
 from dosnet_bv.params import FUSIONS, TARGET_UNITS, TrainError
+from dosnet_bv.resume import ResultStore, check_resume
 
 LC_FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.0)
 
@@ -46,7 +47,11 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
     ``ablation.json`` (``from_ablation``); the baseline is that file's ``best_baseline``, or else the
     baseline with the lowest validation normalised MAE on the full training set (one seed). Fits
     ``MAE = a N^-b`` (N training samples) per model and target and extrapolates to 10^4 materials.
-    Writes ``learning_curve.md``, ``.csv``, ``.json``, ``.png`` and ``learning_curve.log``.
+    Writes ``learning_curve.md``, ``.csv``, ``.json``, ``.png``, ``learning_curve.log`` and
+    ``results/`` (one file per point, model and seed, ``lc<percent>__<model>__seed<k>.json``, and per
+    baseline candidate, ``select__<baseline>__seed<k>.json``): rerun with the same ``out_dir``, an
+    interrupted curve resumes after its finished runs (a damaged file is reported on one line and
+    recomputed; other settings, in ``learning_curve_config.json``, are refused).
     """
     from tqdm import tqdm
 
@@ -70,17 +75,26 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
             raise TrainError(f"--from-ablation: {from_ablation} names an unknown model ({fusion!r}, {baseline!r})")
         chosen_by = f"validation split of {from_ablation}"
     structure_columns(data, families)
-    write_json(out / "params.json", params)
-    features = Features(data, run_params, log)  # the baselines' structure vector: params' families
     seeds = [params["seed"] + k for k in range(n_seeds)]
+    check_resume(out / "learning_curve_config.json",
+                 {"data_file": data.path, "n_samples": data.n, "seeds": seeds, "params": run_params,
+                  "dosnet": {"model": dosnet, "fusion": fusion, "structure_families": families}, "baseline": baseline},
+                 log)
+    write_json(out / "params.json", params)
+    store = ResultStore(out / "results", log)
+    features = Features(data, run_params, log)  # the baselines' structure vector: params' families
     log(f"learning curve on {data.path}: {data.n} samples; seeds {', '.join(map(str, seeds))}; {budget_text}")
+    log(f"run folder {out}; if interrupted, the same command with --out {out} resumes after the finished runs")
+    resumed = 0
     if baseline is None:
         cand = [b for b in BASELINES if b != "element_cn_mean" or cn_column(data) is not None]
         summ = {}
         for b in cand:
-            res = run_model(ModelSpec(b, "baseline"), params["seed"], run_params, data, rows["train"], rows,
-                            features, epoch_log)
-            summ[b] = report.summarise([res["scores"]])
+            job = store.get(f"select__{b}__seed{params['seed']}",
+                            lambda: run_model(ModelSpec(b, "baseline"), params["seed"], run_params, data,
+                                              rows["train"], rows, features, epoch_log), model_result)
+            resumed += job.resumed
+            summ[b] = report.summarise([job.value["scores"]])
         baseline = report.select_best(summ, cand, targets, "val")
         chosen_by += f"; baseline {baseline}: lowest validation nMAE of {', '.join(cand)} on the full training set"
     log(f"models: {dosnet} (structure families {', '.join(families) or '-'}) and {baseline} (chosen by {chosen_by})")
@@ -94,12 +108,17 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
             for spec in specs:
                 per_seed = []
                 for seed in seeds:
-                    r = run_model(spec, seed, run_params, data, tr, rows, features, epoch_log)
+                    job = store.get(f"lc{f * 100:g}__{spec.model}__seed{seed}",
+                                    lambda: run_model(spec, seed, run_params, data, tr, rows, features, epoch_log),
+                                    model_result)
+                    r = job.value
+                    resumed += job.resumed
                     per_seed.append(r)
                     bar.update()
+                    note = "from an earlier, interrupted run" if job.resumed else f"{r['seconds']:.0f} s"
                     log(f"{f * 100:5.1f} % ({k} materials, {len(tr)} samples) {spec.model} seed {seed}: test MAE "
                         + ", ".join(f"{t} {r['scores']['test'][t]['mae']:.4f}" for t in targets)
-                        + f" ({r['seconds']:.0f} s; elapsed {report.duration(time.time() - t_start)})")
+                        + f" ({note}; elapsed {report.duration(time.time() - t_start)})")
                 points.append({"fraction": f, "train_materials": k, "train_samples": int(len(tr)),
                                "model": spec.model, "summary": report.summarise([r["scores"] for r in per_seed]),
                                "per_seed": [{"seed": s, **r} for s, r in zip(seeds, per_seed)]})
@@ -136,7 +155,8 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
               "dosnet": {"model": dosnet, "fusion": fusion, "structure_families": families}, "baseline": baseline,
               "chosen_by": chosen_by, "fractions": list(LC_FRACTIONS), "points": points,
               "samples_per_material": per_material, "samples_at_1e4_materials": n_10k, "power_laws": extrap,
-              "published": {**pub, "power_law": {"a": a_p, "b": b_p}}, "seconds": round(elapsed, 1)}
+              "published": {**pub, "power_law": {"a": a_p, "b": b_p}}, "seconds": round(elapsed, 1),
+              "runs_resumed": resumed}
     write_json(out / "learning_curve.json", result)
     with atomic_path(out / "learning_curve.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)

@@ -289,6 +289,54 @@ def test_learning_curve_on_a_tiny_file(tiny, ablation_run, tmp_path):
     assert "10^4 materials" in md and "0.273" in md and "samples per material" in md
 
 
+def test_learning_curve_resumes_after_finished_points(tiny, tmp_path, monkeypatch):
+    """A learning curve cut back to what an interruption at the 50 % point leaves, with one 25 % file
+    truncated: the rerun trains only that run and the 50 and 100 % points (no baseline selection
+    again), names the damaged file on one line and writes the same curve; other settings are
+    refused. The models are a stand-in (MAE = 1/sqrt(N) + offsets): what is tested is which run."""
+    from dosnet_bv import learning_curve
+    from dosnet_bv.learning_curve import run_learning_curve
+    from dosnet_bv.params import TrainError
+
+    h5, _, _ = tiny
+    p = _params(h5, tmp_path)
+    data = load_data(h5, p)
+    calls = []
+
+    def fake_run_model(spec, seed, params, data, train_rows, rows, features, epoch_log):
+        calls.append((spec.model, len(train_rows), seed))
+        x = 1 / np.sqrt(len(train_rows)) + (0.1 if spec.kind == "baseline" else 0) + 0.001 * seed
+        sc = {"n": 10, "mae": x, "rmse": x, "r2": 0.5, "mad": 1.0, "nmae": x}
+        return {"scores": {s: {t: dict(sc) for t in params["targets"]} for s in ("val", "test")}, "info": {},
+                "seconds": 0.0}
+
+    monkeypatch.setattr(learning_curve, "run_model", fake_run_model)
+    out = tmp_path / "lc"
+    first = run_learning_curve(p, data, out, n_seeds=2, log=Log(quiet=True))
+    n_select = len(calls) - 5 * 2 * 2  # the baseline candidates, once each
+    assert n_select >= 2 and first["runs_resumed"] == 0
+    dosnet = first["dosnet"]["model"]
+    for f in out.glob("results/lc50__*"):
+        f.unlink()
+    for f in out.glob("results/lc100__*"):
+        f.unlink()
+    cut = out / "results" / f"lc25__{dosnet}__seed88.json"
+    cut.write_text(cut.read_text()[:30])
+    lines = []
+    log = Log(quiet=True)
+    log.printer, log.quiet = lines.append, False
+    del calls[:]
+    again = run_learning_curve(p, data, out, n_seeds=2, log=log)
+    n = {pt["fraction"]: pt["train_samples"] for pt in first["points"]}
+    assert sorted(calls) == sorted([(dosnet, n[0.25], 88)] + [(m, n[f], s) for m in (dosnet, first["baseline"])
+                                                              for f in (0.5, 1.0) for s in (88, 89)])
+    assert [ln for ln in lines if "is damaged" in ln] == [ln for ln in lines if f"{cut} is damaged" in ln] != []
+    assert again["runs_resumed"] == n_select + 5 * 2 * 2 - 9
+    assert again["points"] == first["points"] and again["power_laws"] == first["power_laws"]
+    with pytest.raises(TrainError, match="other settings"):
+        run_learning_curve(p, data, out, n_seeds=3, log=Log(quiet=True))
+
+
 def test_quick_budget_caps_epochs_and_anneals_within_them():
     params = json.loads((ROOT / "params.json").read_text())
     p, text = ablation_budget(params)
