@@ -42,6 +42,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +53,42 @@ VERSION_ATTR = "schema_version"
 
 TARGETS = ("bvs_vu", "valence", "bvs_deviation_vu", "gii_vu")
 SPLITS = ("train", "val", "test")
-#: The plausible range of every target, |value| <= TARGET_LIMIT (valence units; electrons for the
-#: valence): build skips a material beyond it and train.py refuses such a file.
+#: The plausible range of every bond valence target, |value| <= TARGET_LIMIT (valence units;
+#: electrons for the valence): build skips a material beyond it and train.py refuses such a file.
 TARGET_LIMIT = 10.0
 #: Optional per-sample targets (present in builds since the migration targets were added).
 MIGRATION_TARGETS = ("migration_e1d_ev", "migration_e2d_ev", "migration_e3d_ev")
+#: The plausible range of the BVSE migration barriers, 0 <= E <= MIGRATION_LIMIT_EV (eV). A BVSE
+#: percolation energy is measured from the minimum of the mobile ion's site-energy landscape, so
+#: it cannot be negative; bvlain bisects it below ``encut`` (5 eV in ``data_prep.migration``) and
+#: stores no value above; ion migration barriers measured in solids lie below about 3 eV. 20 eV,
+#: four times the search ceiling, lets any encut a user may choose through and catches only values
+#: the method cannot give (a damaged cache, a wrong unit). NaN is no barrier (not the mobile ion's
+#: site, no percolation below encut, no mobile ion): allowed. Build drops a barrier outside the
+#: range (NaN, the reason in the manifest) and train.py refuses a file holding one.
+MIGRATION_LIMIT_EV = 20.0
+
+
+@dataclass(frozen=True)
+class PlausibleRange:
+    """Where a target's values may lie: ``low <= value <= high``; ``text`` says it in words."""
+
+    low: float
+    high: float
+    text: str
+
+    def holds(self, values) -> np.ndarray:
+        """Elementwise: inside the range (NaN and infinities are not)."""
+        v = np.asarray(values, dtype=float)
+        return (v >= self.low) & (v <= self.high)
+
+
+def plausible_range(target: str) -> PlausibleRange:
+    """The plausible range of target ``target`` (``TARGETS``, ``MIGRATION_TARGETS``, or a trainer
+    target such as ``bvs_vu``): ``MIGRATION_LIMIT_EV`` for a barrier, ``TARGET_LIMIT`` otherwise."""
+    if target in MIGRATION_TARGETS:
+        return PlausibleRange(0.0, MIGRATION_LIMIT_EV, f"0 <= {target} <= {MIGRATION_LIMIT_EV:g} eV")
+    return PlausibleRange(-TARGET_LIMIT, TARGET_LIMIT, f"|{target}| <= {TARGET_LIMIT:g}")
 MIGRATION_ATTR = "migration"
 
 DOS = "dos"

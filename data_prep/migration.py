@@ -248,7 +248,10 @@ def compute_missing(jobs, cache: BarrierCache, n_procs: int = 1, time_limit_s: f
 
 
 def material_targets(entry: dict | None) -> tuple[dict, str | None]:
-    """(``TARGETS`` name -> value, reason or None) from a cache entry (None: not cached)."""
+    """(``TARGETS`` name -> value, reason or None) from a cache entry (None: not cached). A value
+    outside ``h5schema.plausible_range`` becomes NaN and the reason names it."""
+    from data_prep.h5schema import plausible_range
+
     nan = {t: float("nan") for t in TARGETS}
     if entry is None:
         return nan, "not computed"
@@ -256,7 +259,13 @@ def material_targets(entry: dict | None) -> tuple[dict, str | None]:
         return nan, entry["error"]
     vals = {t: float(entry[k]) if entry.get(k) is not None else float("nan")
             for t, k in zip(TARGETS, ("e1d_ev", "e2d_ev", "e3d_ev"))}
-    return vals, entry.get("note")
+    notes = [entry["note"]] if entry.get("note") else []
+    for t in TARGETS:  # a value the method cannot give (damaged cache, wrong unit): dropped, with the reason
+        rng = plausible_range(t)
+        if not np.isnan(vals[t]) and not rng.holds(vals[t]):
+            notes.append(f"implausible {t} {vals[t]:g} eV dropped (must be {rng.text})")
+            vals[t] = float("nan")
+    return vals, "; ".join(notes) or None
 
 
 def structure_jobs(record_paths):

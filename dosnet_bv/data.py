@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.h5schema import TARGET_LIMIT as TARGET_LIMIT_VU  # |target| <= 10: checked at build and here
+from data_prep.h5schema import plausible_range  # |BV target| <= 10, 0 <= barrier <= 20 eV: at build and here
 from dosnet_bv.params import BV_TARGETS, MIGRATION_TARGETS, SPLITS, TrainError
 
 
@@ -138,14 +138,16 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
     migration = [t for t in params["targets"] if t in MIGRATION_TARGETS]
     if migration and labelled:  # labelled=False (predictions): keep every sample, NaN truths
         data = labelled_only(data, migration)
-    for t in params["targets"] if labelled else [t for t in params["targets"] if t not in MIGRATION_TARGETS]:
-        if not np.all(np.isfinite(data.targets[t])):
+    for t in params["targets"]:
+        v = data.targets[t]
+        if t not in MIGRATION_TARGETS and not np.all(np.isfinite(v)):
             raise TrainError(f"{path}: target {t!r} contains NaN or infinite values")
-        bad = np.flatnonzero(np.abs(data.targets[t]) > TARGET_LIMIT_VU)
+        rng = plausible_range(t)
+        bad = np.flatnonzero(~rng.holds(v) & ~np.isnan(v))  # NaN barrier: none (left out above when training)
         if len(bad):
             i = bad[0]
             raise TrainError(f"{path}: target {t!r} of sample {i} ({data.material_id[i]} site {data.site_index[i]}) is "
-                             f"{data.targets[t][i]:g}, outside the plausible range |{t}| <= {TARGET_LIMIT_VU:g}"
+                             f"{v[i]:g}, outside the plausible range {rng.text}"
                              + (f" ({len(bad)} samples in all)" if len(bad) > 1 else ""))
     if params["zero_tail"] is not None:
         lo, hi = params["zero_tail"]

@@ -95,7 +95,7 @@ def write_learnable_h5(path, n_materials=150, sites=2, seed=0, poison=False):
         bad = split != "train"
         dos[bad] = 1e6
         structure[bad] = -1e6
-        bvs = np.where(bad, 9.9, bvs)  # the largest plausible target (dosnet_bv.data.TARGET_LIMIT_VU)
+        bvs = np.where(bad, 9.9, bvs)  # the largest plausible target (data_prep.h5schema.TARGET_LIMIT)
         valence = np.where(bad, 9.0, valence)
     write_minimal_h5(path, dos=dos, structure=structure, labels=["s0", "s1", "g0", "g1", "g2", "g3"],
                      families=["site"] * 2 + ["global"] * 4, bvs=bvs, valence=valence, mids=mids,

@@ -64,6 +64,51 @@ def test_build_without_bvlain_reads_cache_and_marks_missing(tmp_path, monkeypatc
     assert json.loads(open(s2["manifest"]).read())["migration"]["missing"]["test-Li2O"] == mig.NOT_INSTALLED
 
 
+def test_implausible_barriers_are_dropped_at_build_and_refused_at_load(tmp_path, monkeypatch):
+    """A barrier outside 0 <= E <= 20 eV (h5schema.MIGRATION_LIMIT_EV) cannot come from BVSE: build
+    stores NaN and names it in the manifest, keeping the plausible ones; load refuses a file that
+    holds one, naming the sample; 12 eV is plausible (not held to the bond valence limit of 10)
+    and NaN still means no barrier."""
+    from data_prep.h5schema import MIGRATION_LIMIT_EV
+    from data_prep.layout import EnergyGrid
+    from dosnet_bv.data import load_data
+    from dosnet_bv.params import TrainError
+    from test_bv_model import _params
+
+    assert MIGRATION_LIMIT_EV == 20.0
+    monkeypatch.setattr(mig, "bvlain_version", lambda: None)
+    s = _li2o()
+    paths = [make_record("Li2O", s, seed=1).save(tmp_path / "r" / "a.npz")]
+    cache = mig.BarrierCache(tmp_path / "cache.json")
+    cache.put("test-Li2O", {"ion": "Li1+", "e1d_ev": 35.0, "e2d_ev": -0.5, "e3d_ev": 1.2,
+                            "fingerprint": mig.fingerprint(s, [1] * 8 + [-2] * 4)})
+    cache.save()
+    h5 = tmp_path / "x.h5"
+    summary = build_h5(paths, h5, BuildConfig(grid=EnergyGrid(n_points=400), split_fractions=(1.0, 0.0, 0.0)),
+                       n_procs=1, progress=False, migration_cache=tmp_path / "cache.json")
+    reason = json.loads(open(summary["manifest"]).read())["migration"]["missing"]["test-Li2O"]
+    assert "implausible migration_e1d_ev 35 eV dropped (must be 0 <= migration_e1d_ev <= 20 eV)" in reason
+    assert "implausible migration_e2d_ev -0.5 eV" in reason and "e3d" not in reason
+    with h5py.File(h5, "r+") as h:
+        el = h["meta/element"].asstr()[...]
+        assert np.all(np.isnan(h["targets/migration_e1d_ev"][...])) and np.all(np.isnan(h["targets/migration_e2d_ev"][...]))
+        assert np.allclose(h["targets/migration_e3d_ev"][...][el == "Li"], 1.2)
+        e3 = h["targets/migration_e3d_ev"][...]
+        e3[el == "Li"] = 12.0
+        h["targets/migration_e3d_ev"][...] = e3
+    p = _params(data_file=str(h5), targets=["migration_e3d_ev"], loss_weights={"migration_e3d_ev": 1.0})
+    data = load_data(h5, p)  # 12 eV: plausible; the NaN (O) sites are left out
+    assert data.n == int(np.sum(el == "Li")) and np.allclose(data.targets["migration_e3d_ev"], 12.0)
+    with h5py.File(h5, "r+") as h:
+        e3[np.flatnonzero(el == "Li")[0]] = -0.25
+        h["targets/migration_e3d_ev"][...] = e3
+    with pytest.raises(TrainError, match=r"target 'migration_e3d_ev' of sample 0 \(test-Li2O site \d+\) is -0.25, "
+                                         r"outside the plausible range 0 <= migration_e3d_ev <= 20 eV"):
+        load_data(h5, p)
+    with pytest.raises(TrainError, match="outside the plausible range"):  # predictions check it too
+        load_data(h5, p, labelled=False)
+
+
 def test_embedded_cache_covers_every_mobile_ion_material():
     d = json.loads(mig.EMBEDDED_CACHE.read_text())
     assert d["settings"] == mig.DEFAULT_SETTINGS and d["bvlain_version"].startswith("0.25")
