@@ -261,3 +261,28 @@ def test_importance_refuses_bond_runs_in_one_line(tmp_path):
     with pytest.raises(TrainError, match="bond table") as exc:
         run_importance(run, _params(structure_input="vector"))
     assert "\n" not in str(exc.value)
+
+
+def test_bond_inputs_stream_like_in_memory(tmp_path):
+    """The streamed pipeline (data.in_memory false) feeds the bond inputs that the in-memory path
+    does (``scalers.model_inputs``), row for row."""
+    from dosnet_bv.data import load_data
+    from dosnet_bv.fit import stream_input
+    from dosnet_bv.scalers import fit_scalers, model_inputs
+
+    path = _tiny_h5(tmp_path / "b.h5", 40, bonds=_random_bonds(40))
+    p = _params(fusion="early", structure_input="both", structure_families=["site"], targets=["bvs_vu"],
+                data={"in_memory": False, "block_samples": 8, "shuffle_buffer": 0}, data_file=str(path))
+    data = load_data(path, p)
+    assert data.streaming
+    rows = np.arange(3, 29)
+    scalers = fit_scalers(p, data, np.arange(20))
+    want = model_inputs(p, data, scalers, rows)
+    got = {}
+    for batch in stream_input(p, data, scalers, rows, None, False):
+        for k, v in batch.items():
+            got.setdefault(k, []).append(np.asarray(v))
+    assert set(got) == set(want)
+    for k in ("bond_distance_ang", "bond_neighbour_z", "bond_mask", "centre_z", "structure"):
+        a = np.concatenate(got[k])
+        assert a.dtype == want[k].dtype and np.array_equal(a, want[k]), k
