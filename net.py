@@ -15,7 +15,11 @@ px, dxy, dyz, dz2, dxz, dx2), A = atoms per sample (3 by default), N = batch siz
 - ``build_model``: the network with every size taken from params: A = 1 + ``n_neighbours``,
   C = ``channels``, L = ``length``; the structure vector (F features per sample) joins the DOS
   as chosen by ``fusion``: ``none``, ``late``, ``early`` or ``structure_only``; one output per
-  bond-valence target (``bvs_vu``, ``bvs_deviation_vu``, ``valence``).
+  bond-valence target (``bvs_vu``, ``bvs_deviation_vu``, ``valence``); ``structure_input`` says
+  whether the structure branch reads that vector, the bond table (``bond_block``) or both.
+- ``bond_block``: the bond-aware structure branch, a deep-sets network over a site's neighbours:
+  ``GaussianExpansion`` of the distances, a learned embedding of the centre's and each
+  neighbour's element, one MLP per bond, ``MaskedBondPool`` (masked sum and mean), a readout.
 - ``compile_model``: Adam and one log-cosh loss per target, weighted by ``loss_weights``.
 - ``learning_rate``: the learning rate of an epoch under ``lr_schedule`` (upstream's step decay
   by default).
@@ -27,7 +31,8 @@ from __future__ import annotations
 import math
 
 import keras
-from keras import layers
+import numpy as np
+from keras import layers, ops
 
 
 def dos_featurizer(channels: int = 9, length: int = 2000, name: str = "dos_featurizer") -> keras.Model:
@@ -112,6 +117,13 @@ LOSSES = {"log_cosh": keras.losses.LogCosh, "mse": keras.losses.MeanSquaredError
           "mae": keras.losses.MeanAbsoluteError}
 
 
+STRUCTURE_INPUTS = ("vector", "bonds", "both")
+#: Elements 1..118; row 0 of the embedding is the padding of empty neighbour slots.
+N_ELEMENTS = 119
+#: The bond inputs: K neighbour slots per sample (any K: the bond branch does not depend on it).
+BOND_INPUTS = ("bond_distance_ang", "bond_neighbour_z", "bond_mask", "centre_z")
+
+
 def structure_block(x, units):
     """The structure vector (N, F) through Dense(u, relu) for each u in ``units`` -> (N, units[-1])."""
     for i, u in enumerate(units):
@@ -119,20 +131,118 @@ def structure_block(x, units):
     return x
 
 
+@keras.saving.register_keras_serializable(package="dosnet_bv")
+class GaussianExpansion(layers.Layer):
+    """Distances (N, K) in Å -> (N, K, R): exp(-((d - mu_r) / step)^2) with R = ``centres`` centres
+    mu_r evenly spaced from 0 to ``cutoff_ang`` and width = their step (CGCNN's expansion)."""
+
+    def __init__(self, centres: int = 32, cutoff_ang: float = 6.0, **kwargs):
+        super().__init__(**kwargs)
+        self.centres, self.cutoff_ang = int(centres), float(cutoff_ang)
+        self.mu = np.linspace(0.0, self.cutoff_ang, self.centres).astype("float32")
+        self.step = self.cutoff_ang / (self.centres - 1)
+
+    def call(self, d):
+        d = ops.expand_dims(ops.cast(d, self.compute_dtype), -1)
+        return ops.exp(-ops.square((d - ops.cast(self.mu, self.compute_dtype)) / self.step))
+
+    def compute_output_shape(self, shape):
+        return tuple(shape) + (self.centres,)
+
+    def get_config(self):
+        return {**super().get_config(), "centres": self.centres, "cutoff_ang": self.cutoff_ang}
+
+
+@keras.saving.register_keras_serializable(package="dosnet_bv")
+class BondPairs(layers.Layer):
+    """[rbf (N, K, R), centre embedding (N, 1, E), neighbour embedding (N, K, E)] -> (N, K, R + 2E):
+    one row per bond, the centre's embedding repeated on each of its bonds."""
+
+    def call(self, inputs):
+        rbf, centre, nbr = inputs
+        return ops.concatenate([rbf, centre + ops.zeros_like(nbr), nbr], axis=-1)
+
+    def compute_output_shape(self, shapes):
+        rbf, centre, nbr = shapes
+        return tuple(rbf[:-1]) + (rbf[-1] + centre[-1] + nbr[-1],)
+
+
+@keras.saving.register_keras_serializable(package="dosnet_bv")
+class MaskedBondPool(layers.Layer):
+    """[messages (N, K, U), distances (N, K) Å, mask (N, K)] -> (N, 2U): the sum and the mean over a
+    sample's bonds of the messages, each weighted by mask * 0.5 (1 + cos(pi d / cutoff_ang)) (1 at
+    0 Å, falling smoothly to 0 at the cutoff, so a neighbour crossing it does not jump). Empty
+    slots (mask 0) contribute exactly nothing and the slot order does not matter (deep sets); the
+    mean divides by the number of neighbours (at least 1), the sum keeps the count."""
+
+    def __init__(self, cutoff_ang: float = 6.0, **kwargs):
+        super().__init__(**kwargs)
+        self.cutoff_ang = float(cutoff_ang)
+
+    def call(self, inputs):
+        m, d, mask = inputs
+        d, mask = ops.cast(d, m.dtype), ops.cast(mask, m.dtype)
+        envelope = 0.5 * (ops.cos(math.pi * ops.minimum(d / self.cutoff_ang, 1.0)) + 1.0)
+        total = ops.sum(m * ops.expand_dims(mask * envelope, -1), axis=1)
+        count = ops.maximum(ops.sum(mask, axis=1, keepdims=True), 1.0)
+        return ops.concatenate([total, total / count], axis=-1)
+
+    def compute_output_shape(self, shapes):
+        return (shapes[0][0], 2 * shapes[0][-1])
+
+    def get_config(self):
+        return {**super().get_config(), "cutoff_ang": self.cutoff_ang}
+
+
+def bond_inputs() -> list:
+    """The bond table's inputs, K slots per sample (any K): ``bond_distance_ang`` (N, K) float32 Å,
+    ``bond_neighbour_z`` (N, K) int32 atomic numbers (0 in empty slots), ``bond_mask`` (N, K)
+    float32 (1 = a neighbour), ``centre_z`` (N, 1) int32."""
+    return [keras.Input(shape=(None,), name="bond_distance_ang"),
+            keras.Input(shape=(None,), name="bond_neighbour_z", dtype="int32"),
+            keras.Input(shape=(None,), name="bond_mask"),
+            keras.Input(shape=(1,), name="centre_z", dtype="int32")]
+
+
+def bond_block(inputs, params: dict):
+    """The bond-aware structure branch (``bond_inputs``) -> (N, bond_units[-1]).
+
+    Per bond: ``GaussianExpansion`` of d (``bond_rbf`` centres over 0..``bond_cutoff_ang``) joined
+    with a learned ``bond_embedding``-wide embedding of the centre's and the neighbour's element
+    (one table for both), through Dense(u, relu) for each u in ``bond_units``; then
+    ``MaskedBondPool`` (sum and mean over the bonds) and Dense(bond_units[-1], relu). Invariant
+    to the order of the neighbour slots and blind to empty ones.
+    """
+    d, z_nbr, mask, z_centre = inputs
+    cutoff = params["bond_cutoff_ang"]
+    embed = layers.Embedding(N_ELEMENTS, params["bond_embedding"], name="element_embedding")
+    x = BondPairs(name="bond_pairs")([GaussianExpansion(params["bond_rbf"], cutoff, name="bond_rbf")(d),
+                                      embed(z_centre), embed(z_nbr)])
+    for i, u in enumerate(params["bond_units"]):
+        x = layers.Dense(u, activation="relu", name=f"bond_dense{i + 1}")(x)
+    x = MaskedBondPool(cutoff, name="bond_pool")([x, d, mask])
+    return layers.Dense(params["bond_units"][-1], activation="relu", name="bond_readout")(x)
+
+
 def build_model(params: dict, n_structure: int = 0) -> keras.Model:
     """The DOSnet-BV network described by ``params``.
 
     Inputs, by name: ``atom{i}_dos`` (N, L, C) for i = 1..A, the standardised DOS of the centre
-    site and then its neighbours (all but ``structure_only``); ``structure`` (N, F = n_structure),
-    the standardised structure vector (all but ``none``). ``fusion``:
+    site and then its neighbours (all but ``structure_only``); with a structure branch (all
+    ``fusion`` but ``none``) and ``structure_input`` ``vector`` or ``both``: ``structure``
+    (N, F = n_structure), the standardised structure vector; with ``bonds`` or ``both``: the bond
+    table (``bond_inputs``). ``fusion``:
 
     - ``none``: the unmodified DOSnet body (A atoms, one shared featurizer, dense head);
-    - ``late``: the structure vector through ``structure_block`` (``structure_units``),
-      concatenated with the flattened DOS features before the head;
-    - ``early``: the structure vector projected to k = ``early_channels`` values and repeated
-      along the energy axis as k extra channels of every atom's DOS, so the shared featurizer
-      (C + k input channels) sees it in every convolution window;
-    - ``structure_only``: the structure block and the head alone (the control without DOS).
+    - ``late``: the structure vector through ``structure_block`` (``structure_units``) and/or
+      the bond table through ``bond_block``, concatenated with the flattened DOS features before
+      the head;
+    - ``early``: the structure vector and/or ``bond_block``'s output projected to
+      k = ``early_channels`` values and repeated along the energy axis as k extra channels of
+      every atom's DOS, so the shared featurizer (C + k input channels) sees it in every
+      convolution window;
+    - ``structure_only``: the structure branch (as in ``late``) and the head alone (the control
+      without DOS).
 
     Outputs: one (N, 1) regression output per name in ``targets``, keyed by name (``valence``
     too: predicted oxidation states are rounded to the nearest integer for accuracy).
@@ -140,15 +250,22 @@ def build_model(params: dict, n_structure: int = 0) -> keras.Model:
     fusion, channels, length = params["fusion"], params["channels"], params["length"]
     if fusion not in FUSIONS:
         raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
+    if params["structure_input"] not in STRUCTURE_INPUTS:
+        raise ValueError(f"unknown structure_input {params['structure_input']!r}; expected one of {STRUCTURE_INPUTS}")
+    with_vector = fusion != "none" and params["structure_input"] in ("vector", "both")
+    with_bonds = fusion != "none" and params["structure_input"] in ("bonds", "both")
     unknown = [t for t in params["targets"] if t not in BV_TARGETS]
     if unknown or not params["targets"]:
         raise ValueError(f"targets must be some of {BV_TARGETS}, got {params['targets']!r}")
     atoms = [keras.Input(shape=(length, channels), name=f"atom{i + 1}_dos")
              for i in range(atoms_per_sample(params) if fusion != "structure_only" else 0)]
-    structure = keras.Input(shape=(n_structure,), name="structure") if fusion != "none" else None
+    structure = keras.Input(shape=(n_structure,), name="structure") if with_vector else None
+    bonds = bond_inputs() if with_bonds else []
     if fusion == "early":
         k = params["early_channels"]
-        context = layers.Dense(k, name="structure_projection")(structure)
+        parts = ([structure] if with_vector else []) + ([bond_block(bonds, params)] if with_bonds else [])
+        context = parts[0] if len(parts) == 1 else layers.Concatenate(name="structure_parts")(parts)
+        context = layers.Dense(k, name="structure_projection")(context)
         context = layers.RepeatVector(length, name="structure_broadcast")(context)  # (N, L, k)
         views = [layers.Concatenate(axis=-1, name=f"atom{i + 1}_dos_structure")([a, context])
                  for i, a in enumerate(atoms)]
@@ -156,15 +273,20 @@ def build_model(params: dict, n_structure: int = 0) -> keras.Model:
     else:
         views = atoms
         shared = dos_featurizer(channels, length) if atoms else None
+
+    def branch():  # late and structure_only: the structure vector's block and/or the bond block
+        return (([structure_block(structure, params["structure_units"])] if with_vector else [])
+                + ([bond_block(bonds, params)] if with_bonds else []))
+
     if fusion == "structure_only":
-        features = structure_block(structure, params["structure_units"])
+        parts = branch()
+        features = parts[0] if len(parts) == 1 else layers.Concatenate(name="structure_parts")(parts)
     else:
         features = layers.Concatenate(axis=-1, name="atoms")([shared(v) for v in views])
         if fusion == "late":
             dos_flat = layers.Flatten(name="dos_flatten")(features)
-            features = layers.Concatenate(name="dos_structure")(
-                [dos_flat, structure_block(structure, params["structure_units"])])
-    inputs = atoms + ([structure] if structure is not None else [])
+            features = layers.Concatenate(name="dos_structure")([dos_flat] + branch())
+    inputs = atoms + ([structure] if structure is not None else []) + bonds
     outputs = _head(features, params["dropout"], params["targets"])
     return keras.Model(inputs, outputs, name=f"dosnet_bv_{fusion}")
 

@@ -1,5 +1,5 @@
-"""Records -> one HDF5 file of DOSnet inputs: gridded DOS channels, structure vector, bond valence
-targets, per-sample metadata and a material-grouped train/val/test split.
+"""Records -> one HDF5 file of DOSnet inputs: gridded DOS channels, structure vector, bond table
+(``data_prep.bonds``), bond valence targets, per-sample metadata and a grouped train/val/test split.
 
 The file layout (dataset and attribute names, ``schema_version``) is owned by ``data_prep.h5schema``;
 this module featurises records and writes through ``h5schema.Writer``.
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import __version__, h5schema
+from data_prep.bonds import DEFAULT_CUTOFF_ANG as BOND_CUTOFF_ANG, DEFAULT_SLOTS as BOND_SLOTS, BondTable
 from data_prep.h5schema import SPLITS, TARGETS, BuildError  # noqa: F401  (re-exported for build's callers)
 from data_prep.layout import DEFAULT_N_NEIGHBOURS, REFERENCE_RULE, EnergyGrid, channel_labels
 from data_prep.records import MaterialRecord, RecordError
@@ -49,6 +50,8 @@ class BuildConfig:
     split_seed: int = 88
     symprec: float = 0.01
     split_by: str = "family"  # "family" (data_prep.families) or "material" (for comparison)
+    bond_cutoff_ang: float = BOND_CUTOFF_ANG  # the bond table (data_prep.bonds): neighbours within this
+    bond_slots: int = BOND_SLOTS  # ... padded or truncated (nearest kept) to this many per sample
 
     def __post_init__(self):
         if self.split_by not in SPLIT_BY:
@@ -68,6 +71,8 @@ class BuildConfig:
         checks = {"n_neighbours": (_count(self.n_neighbours, 0), "a non-negative integer"),
                   "bv_cutoff_ang": (_positive(self.bv_cutoff_ang), "a positive number (Angstrom)"),
                   "symprec": (_positive(self.symprec), "a positive number (Angstrom)"),
+                  "bond_cutoff_ang": (_positive(self.bond_cutoff_ang), "a positive number (Angstrom)"),
+                  "bond_slots": (_count(self.bond_slots, 1), "a positive integer (neighbour slots per sample)"),
                   "split_seed": (_count(self.split_seed, 0) and self.split_seed < 2 ** 32, "an integer in [0, 2**32)")}
         bad = next((k for k, (ok, _) in checks.items() if not ok), None)
         if bad:
@@ -77,7 +82,8 @@ class BuildConfig:
         return {"grid": self.grid.as_dict(), "n_neighbours": self.n_neighbours,
                 "bv_cutoff_ang": self.bv_cutoff_ang, "structure_families": list(self.structure_families),
                 "split_fractions": list(self.split_fractions), "split_seed": self.split_seed,
-                "symprec": self.symprec, "split_by": self.split_by}
+                "symprec": self.symprec, "split_by": self.split_by, "bond_cutoff_ang": self.bond_cutoff_ang,
+                "bond_slots": self.bond_slots}
 
     @classmethod
     def from_params(cls, params: dict) -> "BuildConfig":
@@ -170,11 +176,13 @@ class MaterialSamples:
     family_id: str = ""        # set by build_h5 over all materials (data_prep.families)
     prototype_group: str = ""
     valences: list = field(default_factory=list)   # per site of the structure (migration targets)
+    bonds: BondTable | None = None  # (k, bond_slots) neighbour table of the samples (data_prep.bonds)
 
 
 def featurise_record(record: MaterialRecord, cfg: BuildConfig):
     """One record -> ``MaterialSamples``, or ``(material_id, reason)`` when it must be skipped."""
     from data_prep.bond_valence import BondValenceError, assign_valences, compute_targets
+    from data_prep.bonds import bond_table
     from data_prep.samples import SampleSelectionError, sample_dos, select_samples
     from data_prep.structure_features import StructureFeaturizer
 
@@ -203,6 +211,7 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
     dos, outside = sample_dos(record.spectrum, s, samples, cfg.grid, return_outside=True)
     sites = np.array([x.site_index for x in samples], dtype=np.int32)
     feats = StructureFeaturizer(cfg.structure_families, symprec=cfg.symprec).featurize(s, sites)
+    bonds = bond_table(s, sites, cfg.bond_cutoff_ang, cfg.bond_slots)
     if not (np.all(np.isfinite(dos)) and np.all(np.isfinite(feats))):
         return mid, "non-finite values in the gridded DOS or structure features"
     if not np.any(dos):
@@ -230,7 +239,7 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         multiplicity=np.array([x.multiplicity for x in samples], dtype=np.int32),
         elements=[x.element for x in samples], outside=outside.astype(np.float32), bv_params=t["params"],
         parent_id=str(record.provenance.get("parent_id") or mid),
-        valences=[int(v) for v in valences])
+        valences=[int(v) for v in valences], bonds=bonds)
 
 
 def _work(args):
@@ -348,6 +357,8 @@ def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progr
                     n, cfg.n_neighbours),
                 multiplicity=np.concatenate([r.multiplicity for r in results]),
                 outside_weight=np.concatenate([r.outside for r in results]))
+            bonds = BondTable.concatenate([r.bonds for r in results])
+            w.bonds(bonds, cfg.bond_cutoff_ang)
             w.migration(mig["per_sample"], mig["per_material"], mig["ion"], mig["info"])
             w.split(rep(lambda r: split_of[r.material_id]))
             w.materials(**{key: [getattr(r, key) for r in results] for key in h5schema.MATERIAL_STRINGS},
@@ -377,12 +388,24 @@ def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progr
         raise
     manifest = {"n_records": len(paths), "n_materials": len(results), "n_samples": n, "skipped": skipped,
                 "migration": {"counts": mig["info"]["counts"], "missing": mig["reasons"]},
+                "bonds": bond_summary(results, cfg),
                 **({"shard": f"{shard[0]}/{shard[1]}"} if shard is not None else {})}
     manifest_path = out_path.with_suffix(".manifest.json")
     from data_prep.records import atomic_write_bytes
 
     atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     return {**manifest, "out": str(out_path), "manifest": str(manifest_path)}
+
+
+def bond_summary(results: list[MaterialSamples], cfg: BuildConfig) -> dict:
+    """What the manifest records of the bond table: cutoff, slots, neighbour counts within the
+    cutoff (quantiles, max) and the samples truncated to the slots (nearest kept), per material."""
+    c = np.concatenate([r.bonds.n_within for r in results])
+    truncated = {r.material_id: int(r.bonds.truncated.sum()) for r in results if r.bonds.truncated.any()}
+    return {"cutoff_ang": cfg.bond_cutoff_ang, "slots": cfg.bond_slots,
+            "neighbours_within_cutoff": {"min": int(c.min()), **{f"p{p}": float(np.percentile(c, p))
+                                                                  for p in (50, 90, 95, 99)}, "max": int(c.max())},
+            "samples_truncated": int(sum(truncated.values())), "truncated_by_material": truncated}
 
 
 def assign_family_ids(results: list[MaterialSamples]) -> None:

@@ -22,6 +22,13 @@ structure features, ``M`` materials):
   ``meta/neighbour_indices`` (n, n_neighbours), ``meta/multiplicity`` (n,) int32;
   ``meta/neighbour_distances_ang`` (n, n_neighbours); ``meta/outside_weight`` (n, C) states
   beyond the grid window.
+- ``bonds/*`` (schema version 3; ``data_prep.bonds``): each sample's neighbours within a cutoff,
+  nearest first, padded to K slots: ``bonds/distance_ang`` (n, K) float32 (Å, 0 in empty slots),
+  ``bonds/neighbour_z`` (n, K) int16 (atomic number, 0 in empty slots), ``bonds/mask`` (n, K)
+  uint8 (1 = a neighbour), ``bonds/centre_z`` (n,) int16, ``bonds/n_within`` (n,) int32
+  (neighbours within the cutoff before truncation to K); root attr ``bonds`` (JSON: cutoff_ang,
+  slots). Optional for readers: files of version 2 and hand-made files have none (``Reader.bonds``
+  returns None).
 - ``meta/family_id`` (n,) strings: the substitution/prototype family of the sample's material
   (``data_prep.families``).
 - ``split`` (n,) strings ``train``/``val``/``test``, grouped by family (or by material, see the
@@ -34,8 +41,8 @@ structure features, ``M`` materials):
   ``citations``, ``skipped`` (materials with reasons), ``versions``, ``source``,
   ``data_prep_version``, ``shard`` (sharded builds only).
 
-A file without ``schema_version``, or with another version, is refused with a one-line
-``BuildError`` that says how to rebuild it.
+A file without ``schema_version``, older than ``MIN_READ_VERSION`` or newer than ``SCHEMA_VERSION``,
+is refused with a one-line ``BuildError`` that says how to rebuild it.
 """
 from __future__ import annotations
 
@@ -48,7 +55,9 @@ from pathlib import Path
 import numpy as np
 
 #: Version of this layout, stored as the root attribute ``schema_version`` of every file written.
-SCHEMA_VERSION = 2  # 2: meta/family_id, materials/family_id, materials/parent_id
+SCHEMA_VERSION = 3  # 2: meta/family_id, materials/family_id, materials/parent_id; 3: bonds/*
+#: The oldest version still read: version 2 lacks only the bond table, which only bond models need.
+MIN_READ_VERSION = 2
 VERSION_ATTR = "schema_version"
 
 TARGETS = ("bvs_vu", "valence", "bvs_deviation_vu", "gii_vu")
@@ -96,6 +105,12 @@ STRUCTURE = "structure"
 STRUCTURE_LABELS = "structure_labels"
 STRUCTURE_FAMILIES = "structure_families"
 SPLIT = "split"
+BOND_GROUP = "bonds/"
+#: The bond table's per-sample datasets (``data_prep.bonds.BondTable`` fields).
+BOND_FIELDS = ("distance_ang", "neighbour_z", "mask", "centre_z", "n_within")
+BOND_DTYPES = {"distance_ang": "float32", "neighbour_z": "int16", "mask": "uint8", "centre_z": "int16",
+               "n_within": "int32"}
+BONDS_ATTR = "bonds"
 CHANNEL_LABELS_ATTR = "channel_labels"
 UNITS_ATTR = "units"
 TARGET_GROUP = "targets/"
@@ -110,7 +125,7 @@ SKIPPED_ATTR = "skipped"
 SHARD_ATTR = "shard"
 REFERENCE_RULE_ATTR = "reference_rule"
 #: Datasets with one row per sample (merge reorders them), by group prefix or root name.
-PER_SAMPLE_GROUPS = (TARGET_GROUP, META_GROUP)
+PER_SAMPLE_GROUPS = (TARGET_GROUP, META_GROUP, BOND_GROUP)
 PER_SAMPLE_ROOT = (DOS, STRUCTURE, SPLIT)
 #: What every data_prep file holds (``open_h5`` checks).
 REQUIRED = (DOS, STRUCTURE, STRUCTURE_LABELS, SPLIT, META_GROUP + "material_id", META_GROUP + "family_id",
@@ -149,6 +164,10 @@ def meta(name: str) -> str:
 
 def material(name: str) -> str:
     return MATERIALS_GROUP + name
+
+
+def bond(name: str) -> str:
+    return BOND_GROUP + name
 
 
 def per_sample(name: str) -> bool:
@@ -204,6 +223,14 @@ class Writer:
         self.strings(material("migration_ion"), ion)
         self.h.attrs[MIGRATION_ATTR] = json.dumps(info, sort_keys=True)
 
+    def bonds(self, table, cutoff_ang: float) -> None:
+        """The bond table (``data_prep.bonds.BondTable``: one row per sample) and the ``bonds``
+        root attribute (cutoff and slots)."""
+        for name in BOND_FIELDS:
+            self.h[bond(name)] = np.asarray(getattr(table, name), dtype=BOND_DTYPES[name])
+        self.h.attrs[BONDS_ATTR] = json.dumps({"cutoff_ang": float(cutoff_ang), "slots": int(table.slots)},
+                                              sort_keys=True)
+
     def sample_meta(self, material_id, element, origin, site_index, family_id=None, **more) -> None:
         """Per-sample metadata: the string columns, ``site_index`` and any numeric ``more`` columns.
         ``family_id`` defaults to the material id (every material its own family)."""
@@ -235,12 +262,12 @@ class Writer:
 
 # ----------------------------------------------------------------------------- reading
 def check_version(attrs, path) -> None:
-    """``BuildError`` unless ``attrs`` carry this code's ``SCHEMA_VERSION``."""
+    """``BuildError`` unless ``attrs`` carry a version from ``MIN_READ_VERSION`` to ``SCHEMA_VERSION``."""
     version = attrs.get(VERSION_ATTR)
-    if version is None or int(version) < SCHEMA_VERSION:
+    if version is None or int(version) < MIN_READ_VERSION:
         found = "no schema version" if version is None else f"schema version {int(version)}"
-        raise BuildError(f"{path} was written by an older data_prep ({found}; this code reads version "
-                         f"{SCHEMA_VERSION}): {REBUILD_HINT}")
+        raise BuildError(f"{path} was written by an older data_prep ({found}; this code reads versions "
+                         f"{MIN_READ_VERSION}-{SCHEMA_VERSION}): {REBUILD_HINT}")
     if int(version) > SCHEMA_VERSION:
         raise BuildError(f"{path} has h5 schema version {int(version)}, newer than this code reads "
                          f"({SCHEMA_VERSION}): update the code or {REBUILD_HINT}")
@@ -311,6 +338,20 @@ class Reader:
 
     def target(self, name: str) -> np.ndarray:
         return self.h[target(name)][...]
+
+    def bonds(self):
+        """The bond table as a ``data_prep.bonds.BondTable``, or None when the file has none
+        (schema version 2, or written without one)."""
+        from data_prep.bonds import BondTable
+
+        if any(bond(name) not in self.h for name in BOND_FIELDS):
+            return None
+        return BondTable(**{name: np.asarray(self.h[bond(name)][...], dtype=BOND_DTYPES[name])
+                            for name in BOND_FIELDS})
+
+    def bond_settings(self) -> dict | None:
+        """The ``bonds`` attribute (cutoff_ang, slots), or None."""
+        return self.attr_json(BONDS_ATTR)
 
     def meta_strings(self, name: str) -> np.ndarray:
         return self.h[meta(name)].asstr()[...]

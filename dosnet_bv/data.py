@@ -25,6 +25,9 @@ class Dataset:
     targets: name -> (n,) float64 (bvs_vu and bvs_deviation_vu in valence units, valence in e).
     material_id, element, origin, split: (n,) str; site_index: (n,) int.
     family_id: (n,) str, the material's substitution/prototype family (``data_prep.families``).
+    bonds: the file's bond table (``data_prep.bonds.BondTable``: K neighbour slots per sample,
+    ``distance_ang`` (n, K) Å, ``neighbour_z`` (n, K), ``mask`` (n, K), ``centre_z`` (n,)), or None
+    when the file has none (schema version 2); only ``structure_input`` bonds/both reads it.
     energies_ev: (L,) energies of the grid points relative to the reference level (the file's
     ``grid`` attribute; None if absent), sigma_ev: its smearing width.
     """
@@ -45,6 +48,7 @@ class Dataset:
     energies_ev: np.ndarray | None = None  # (L,) eV from the file's grid; None when it has none
     sigma_ev: float | None = None  # the grid's smearing width
     reading: str = "in memory"  # how the DOS is read (``streaming.decide_in_memory``'s reason)
+    bonds: object | None = None  # data_prep.bonds.BondTable, or None when the file has no bond table
 
     @property
     def n(self) -> int:
@@ -99,6 +103,7 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
                 dos[i:i + step] = h.dos[i:i + step]
                 if not np.all(np.isfinite(dos[i:i + step])):
                     raise TrainError(f"{path}: DOS of samples {i}..{min(i + step, n) - 1} contains NaN or infinite values")
+            bond_settings = h.bond_settings() or {}
             energies, sigma = None, None
             grid = h.grid()
             if grid is not None and grid.n_points == length:
@@ -110,7 +115,8 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
                 material_id=h.meta_strings("material_id"), element=h.meta_strings("element"),
                 origin=h.meta_strings("origin"), site_index=h.meta("site_index"), split=h.split(),
                 family_id=h.meta_strings("family_id"),
-                channel_labels=h.channel_labels(), energies_ev=energies, sigma_ev=sigma, reading=reading)
+                channel_labels=h.channel_labels(), energies_ev=energies, sigma_ev=sigma, reading=reading,
+                bonds=h.bonds())
     except TrainError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
@@ -119,6 +125,8 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
                   "meta/origin": data.origin,
                   "meta/family_id": data.family_id, "meta/site_index": data.site_index, "split": data.split,
                   **{f"targets/{t}": y for t, y in data.targets.items()}}
+    if data.bonds is not None:
+        per_sample["bonds/distance_ang"] = data.bonds.distance_ang
     short = next((k for k, v in per_sample.items() if len(v) != n), None)
     if short:
         raise TrainError(f"{path}: {short} has {len(per_sample[short])} rows but the DOS has {n} samples")
@@ -131,6 +139,12 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
                          f"channels")
     if not np.all(np.isfinite(data.structure)):
         raise TrainError(f"{path}: the structure vector contains NaN or infinite values")
+    if uses_bonds(params):
+        check_bonds(data)
+        cutoff = bond_settings.get("cutoff_ang")
+        if cutoff is not None and params["bond_cutoff_ang"] > cutoff + 1e-9:
+            raise TrainError(f"params: 'bond_cutoff_ang' is {params['bond_cutoff_ang']:g} but {path} lists neighbours "
+                             f"within {cutoff:g} A only (build key bond_cutoff_ang)")
     absent = [t for t in params["targets"] if t not in data.targets]
     if absent:
         raise TrainError(f"{path} has no target {absent[0]!r} (built before the migration targets): "
@@ -183,7 +197,45 @@ def labelled_only(data: Dataset, targets) -> Dataset:
         if k != "energies_ev" and isinstance(v, np.ndarray) and v.ndim >= 1 and len(v) == data.n:
             fields[k] = v[keep]
     fields["targets"] = {t: y[keep] for t, y in data.targets.items()}
+    fields["bonds"] = data.bonds.take(keep) if data.bonds is not None else None
     return Dataset(**fields)
+
+
+def uses_bonds(params: dict) -> bool:
+    """True when the run's network reads the bond table (``structure_input`` bonds or both, with a
+    structure branch: every ``fusion`` but none)."""
+    return params["fusion"] != "none" and params.get("structure_input", "vector") in ("bonds", "both")
+
+
+def uses_vector(params: dict) -> bool:
+    """True when the run's network reads the structure vector (``structure_input`` vector or both,
+    with a structure branch)."""
+    return params["fusion"] != "none" and params.get("structure_input", "vector") in ("vector", "both")
+
+
+def bond_arrays(data: Dataset, rows) -> dict:
+    """The bond inputs of ``rows`` keyed by the network's input names (``net.bond_inputs``):
+    ``bond_distance_ang`` (len(rows), K) float32 Å, ``bond_neighbour_z`` (len(rows), K) int32,
+    ``bond_mask`` (len(rows), K) float32, ``centre_z`` (len(rows), 1) int32. Not standardised:
+    the network expands the distances itself and embeds the atomic numbers."""
+    b = data.bonds
+    return {"bond_distance_ang": np.asarray(b.distance_ang[rows], np.float32),
+            "bond_neighbour_z": np.asarray(b.neighbour_z[rows], np.int32),
+            "bond_mask": np.asarray(b.mask[rows], np.float32),
+            "centre_z": np.asarray(b.centre_z[rows], np.int32).reshape(-1, 1)}
+
+
+def check_bonds(data: Dataset) -> None:
+    """One-line ``TrainError`` unless ``data`` carries a usable bond table."""
+    b = data.bonds
+    if b is None:
+        raise TrainError(f"{data.path} has no bond table (written before h5 schema version 3), which params "
+                         f"'structure_input' bonds/both needs: rebuild it with python -m data_prep build, or use "
+                         f"structure_input 'vector'")
+    if not np.all(np.isfinite(b.distance_ang)) or np.any(b.distance_ang < 0):
+        raise TrainError(f"{data.path}: bonds/distance_ang holds negative, NaN or infinite distances")
+    if np.any(b.neighbour_z < 0) or np.any(b.neighbour_z > 118) or np.any(b.centre_z < 1) or np.any(b.centre_z > 118):
+        raise TrainError(f"{data.path}: the bond table holds atomic numbers outside 1..118")
 
 
 def structure_columns(data: Dataset, families) -> np.ndarray:

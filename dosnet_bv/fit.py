@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dosnet_bv.data import Dataset, target_matrix
+from dosnet_bv.data import Dataset, target_matrix, uses_bonds, uses_vector
 from dosnet_bv.outputs import Log
 from dosnet_bv.params import ROOT, TrainError
 from dosnet_bv.scalers import Scalers, fit_scalers, model_inputs
@@ -319,10 +319,11 @@ def stream_input(params: dict, data: Dataset, scalers: Scalers, rows, y_scaled, 
     from dosnet_bv import streaming as stream
 
     cols = scalers.structure_columns
-    structure = data.structure[:, cols] if params["fusion"] != "none" else None
+    structure = data.structure[:, cols] if uses_vector(params) else None
     bsz = params["batch_size"] if shuffle else stream.safe_batch_size(len(rows), params["batch_size"], replicas)
     return stream.input_dataset(params, data.dos, scalers, rows, structure, y_scaled, shuffle, params["seed"], bsz,
-                                drop_remainder=shuffle and replicas > 1)
+                                drop_remainder=shuffle and replicas > 1,
+                                bonds=data.bonds if uses_bonds(params) else None)
 
 
 @contextmanager

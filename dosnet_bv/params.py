@@ -25,6 +25,9 @@ BV_TARGETS = ("bvs_vu", "bvs_deviation_vu", "valence", "migration_e1d_ev", "migr
 #: of one material's sites (``metrics.material_metrics``). data_prep.h5schema.MIGRATION_TARGETS.
 MIGRATION_TARGETS = ("migration_e1d_ev", "migration_e2d_ev", "migration_e3d_ev")
 FUSIONS = ("none", "late", "early", "structure_only")
+#: What the structure branch reads (every fusion but none): the structure vector, the bond table
+#: (data_prep.bonds, the bond branch of net.py) or both. Equal to net.STRUCTURE_INPUTS.
+STRUCTURE_INPUTS = ("vector", "bonds", "both")
 LR_SCHEDULES = ("dosnet_step", "constant", "cosine")
 LOSSES = ("log_cosh", "mse", "mae")
 
@@ -78,7 +81,8 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 #: tunable: the objective compares validation losses across trials. net.py's DOS featurizer widths
 #: are fixed there (not params keys), so they cannot be searched.
 TUNABLE = {"learning_rate": "float", "dropout": "float", "batch_size": "int", "early_channels": "int",
-           "fusion": None, "structure_units": None, "structure_families": None, "lr_schedule": None}
+           "fusion": None, "structure_units": None, "structure_families": None, "lr_schedule": None,
+           "structure_input": None, "bond_rbf": "int", "bond_embedding": "int", "bond_units": None}
 TUNE_PRUNERS = ("median", "halving", "none")
 TUNE_SECTION_RULE = ('an object {"trials", "folds", "epochs", "patience", "pruner", "space"} '
                      '(docs/training.md#hyperparameter-search)')
@@ -162,6 +166,14 @@ PARAM_RULES: dict = {
     "structure_units": (lambda v: isinstance(v, list) and v and all(_int(u) and u > 0 for u in v),
                         "a non-empty list of positive integers"),
     "early_channels": (lambda v: _int(v) and v > 0, "a positive integer"),
+    "structure_input": (lambda v: v in STRUCTURE_INPUTS,
+                        "one of " + ", ".join(STRUCTURE_INPUTS) + " (what the structure branch reads)"),
+    "bond_rbf": (lambda v: _int(v) and v >= 2, "an integer >= 2 (Gaussian centres of the bond distances)"),
+    "bond_cutoff_ang": (lambda v: _num(v) and math.isfinite(v) and v > 0,
+                        "a positive number (Angstrom; at most the data file's bond cutoff)"),
+    "bond_embedding": (lambda v: _int(v) and v > 0, "a positive integer (width of the element embedding)"),
+    "bond_units": (lambda v: isinstance(v, list) and v and all(_int(u) and u > 0 for u in v),
+                   "a non-empty list of positive integers (the per-bond layers' widths)"),
     "dropout": (lambda v: _num(v) and 0 <= v < 1, "a number in [0, 1)"),
     "epochs": (lambda v: _int(v) and v > 0, "a positive integer"),
     "batch_size": (lambda v: _int(v) and v > 0, "a positive integer"),
@@ -206,7 +218,7 @@ def load_params(path) -> dict:
         raise TrainError(f"params file {path} is not valid JSON: {exc}") from None
     if not isinstance(params, dict):
         raise TrainError(f"params file {path} must hold a JSON object")
-    return validate_params(params)
+    return validate_params({**ADDED_KEYS, **params})
 
 
 def validate_params(params: dict) -> dict:
@@ -225,9 +237,17 @@ def validate_params(params: dict) -> dict:
         bad = [t for t in params[key] if t not in BV_TARGETS]
         if bad:
             raise TrainError(f"params: {key!r} has unknown target {bad[0]!r}; expected some of {', '.join(BV_TARGETS)}")
-    if params["fusion"] != "none" and not params["structure_families"]:
-        raise TrainError(f"params: 'structure_families' is empty but fusion {params['fusion']!r} needs the structure vector")
+    if params["fusion"] != "none" and params["structure_input"] != "bonds" and not params["structure_families"]:
+        raise TrainError(f"params: 'structure_families' is empty but fusion {params['fusion']!r} with structure_input "
+                         f"{params['structure_input']!r} needs the structure vector")
     return params
+
+
+#: Keys added after run folders were first written, with the value that gives the behaviour of
+#: the runs made before them: ``load_params`` fills them into a params file that lacks them, so
+#: an older run folder still predicts (``--predict``, ``python -m dosnet_bv predict``).
+ADDED_KEYS = {"structure_input": "vector", "bond_rbf": 32, "bond_cutoff_ang": 6.0, "bond_embedding": 16,
+              "bond_units": [64, 64]}
 
 
 #: How the split and every cross-validation group samples: by family (data_prep.families) or material.

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from dosnet_bv import report
-from dosnet_bv.data import Dataset, load_data, target_matrix
+from dosnet_bv.data import Dataset, load_data, target_matrix, uses_bonds
 from dosnet_bv.fit import fit_predict, predict_outputs, strategy_for, stream_errors, stream_input
 from dosnet_bv.metrics import data_counts, metrics_for, summary_table
 from dosnet_bv.outputs import Log, atomic_path, plot_learning_curve, plot_parity, write_history, write_json, write_predictions
-from dosnet_bv.params import (PARAM_RULES, SPLITS, TARGET_UNITS, TrainError, load_params, resolve_data_file,
+from dosnet_bv.params import (ADDED_KEYS, PARAM_RULES, SPLITS, TARGET_UNITS, TrainError, load_params, resolve_data_file,
                               validate_params)
 from dosnet_bv.resume import ResultStore, check_resume
 from dosnet_bv.scalers import model_inputs, scalers_from_json
@@ -62,9 +62,13 @@ def check_run_folder(run_dir: Path, what: str) -> None:
 
 
 def load_saved_model(run_dir: Path, what: str):
-    """``run_dir/model.keras``; a file Keras cannot read -> one-line ``TrainError``."""
+    """``run_dir/model.keras``; a file Keras cannot read -> one-line ``TrainError``. The root
+    ``net.py`` is imported first: it registers the bond branch's layers with Keras."""
     import keras
 
+    from dosnet_bv.fit import net_module
+
+    net_module()
     path = run_dir / "model.keras"
     try:
         return keras.models.load_model(path, compile=False)
@@ -329,11 +333,15 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
     t_start = time.time()
     run_dir = Path(run_dir)
     check_run_folder(run_dir, "--importance")
-    raw = read_json(run_dir / "params.json", "--importance")
+    raw = {**ADDED_KEYS, **read_json(run_dir / "params.json", "--importance")}  # older runs: their behaviour
     js = read_json(run_dir / "scalers.json", "--importance")
     keys = [k for k in PARAM_RULES if k.startswith("importance_")]  # --params' settings
     missing = {k: v for k, v in params.items() if k not in raw}  # keys added after the run was made
     run_params = validate_params({**missing, **raw, **{k: params[k] for k in keys}})
+    if uses_bonds(run_params):
+        raise TrainError(f"--importance: {run_dir} reads the bond table (structure_input "
+                         f"{run_params['structure_input']!r}), which the importance methods do not analyse yet; "
+                         "train a structure_input 'vector' run to explain it")
     path = resolve_data_file(data_path or run_params["data_file"], "--importance: the run's data_file, or --data FILE")
     data = load_data(path, run_params)
     scalers = scalers_from_json(js, data)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dosnet_bv.data import Dataset, structure_columns, target_matrix
+from dosnet_bv.data import Dataset, bond_arrays, structure_columns, target_matrix, uses_bonds, uses_vector
 from dosnet_bv.params import TrainError
 
 
@@ -85,12 +85,13 @@ class Scalers:
 
 
 def fit_scalers(params: dict, data: Dataset, train_rows) -> Scalers:
-    """DOS (per channel), structure (per selected column) and target scalers from ``train_rows``."""
+    """DOS (per channel), structure (per selected column) and target scalers from ``train_rows``.
+    The bond table needs none (the network expands the distances and embeds the elements)."""
     fusion, targets = params["fusion"], params["targets"]
-    cols = structure_columns(data, params["structure_families"]) if fusion != "none" else np.zeros(0, int)
+    vector = uses_vector(params)
+    cols = structure_columns(data, params["structure_families"]) if vector else np.zeros(0, int)
     dos = Scaler.fit(data.dos, train_rows) if fusion != "structure_only" else None
-    struct = (Scaler.fit(data.structure[:, cols], train_rows, clip=STRUCTURE_CLIP)
-              if fusion != "none" else None)
+    struct = Scaler.fit(data.structure[:, cols], train_rows, clip=STRUCTURE_CLIP) if vector else None
     y = target_matrix(data, targets)
     ys = Scaler.fit(y, train_rows) if params["target_scaling"] == "standard" else Scaler.identity(len(targets))
     js = {"dos": dos.as_dict(data.channel_labels) if dos else None,
@@ -117,7 +118,8 @@ def scalers_from_json(js: dict, data: Dataset) -> Scalers:
 
 def model_inputs(params: dict, data: Dataset, scalers: Scalers, rows) -> dict:
     """Standardised inputs of ``rows`` keyed by the network's input names: ``atom{i}_dos``
-    (len(rows), L, C) float32 for each atom, ``structure`` (len(rows), F) float32."""
+    (len(rows), L, C) float32 for each atom, ``structure`` (len(rows), F) float32, and the bond
+    table's inputs (``data.bond_arrays``) for ``structure_input`` bonds or both."""
     out = {}
     if params["fusion"] != "structure_only":
         x = scalers.dos.transform(data.dos, rows)
@@ -125,6 +127,8 @@ def model_inputs(params: dict, data: Dataset, scalers: Scalers, rows) -> dict:
         for i in range(1 + params["n_neighbours"]):
             out[f"atom{i + 1}_dos"] = np.ascontiguousarray(x[:, :, i * c:(i + 1) * c])
         del x
-    if params["fusion"] != "none":
+    if uses_vector(params):
         out["structure"] = scalers.structure.transform(data.structure[:, scalers.structure_columns], rows)
+    if uses_bonds(params):
+        out.update(bond_arrays(data, np.asarray(rows)))
     return out

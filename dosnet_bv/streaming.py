@@ -179,18 +179,21 @@ def safe_batch_size(n: int, batch_size: int, replicas: int = 1) -> int:
 
 
 def input_dataset(params: dict, dos, scalers: dict, rows, structure=None, y_scaled=None, shuffle: bool = False,
-                  seed: int = 0, batch_size: int | None = None, drop_remainder: bool = False):
+                  seed: int = 0, batch_size: int | None = None, drop_remainder: bool = False, bonds=None):
     """A ``tf.data.Dataset`` of batches for ``rows``.
 
     dos: an ``H5DOS`` (streaming) or an (n, L, W) float32 array (in memory; what a run on
     several replicas uses). params: the run's params (``batch_size``, ``channels``,
     ``n_neighbours``, ``fusion``, ``targets``, ``data.block_samples``, ``data.shuffle_buffer``).
     scalers: ``dosnet_bv.scalers.fit_scalers`` output (``dos`` Scaler with (W,) mean and scale). structure:
-    (n, F) raw structure columns already selected (all file rows; None for ``fusion`` none).
+    (n, F) raw structure columns already selected (all file rows; None when the network reads no
+    structure vector). bonds: the file's ``data_prep.bonds.BondTable`` (all rows; in memory: a few
+    hundred bytes per sample) when the network reads the bond table, else None.
     y_scaled: (n, T) standardised targets (all file rows) or None for prediction. batch_size:
     default params' ``batch_size`` (the global batch under a strategy).
 
-    Elements: ``{"atom1_dos": (N, L, C), ..., "structure": (N, F)}`` float32 standardised, plus
+    Elements: ``{"atom1_dos": (N, L, C), ..., "structure": (N, F)}`` float32 standardised, the
+    bond inputs (``dosnet_bv.data.bond_arrays``: distances, neighbour Z, mask, centre Z) as given, plus
     ``{target: (N, 1)}`` when ``y_scaled`` is given. Without ``shuffle`` the order is ``sorted(rows)``.
     Under ``MultiWorkerMirroredStrategy`` every worker builds the same (identically seeded)
     pipeline and TensorFlow's ``DATA`` auto-sharding hands each worker its part of every batch.
@@ -206,7 +209,8 @@ def input_dataset(params: dict, dos, scalers: dict, rows, structure=None, y_scal
         raise ValueError("input_dataset: no rows")
     n_rows = sum(len(b) for b in blocks)
     read_rows = dos.read if hasattr(dos, "read") else (lambda r: np.asarray(dos[r], np.float32))
-    with_struct = params["fusion"] != "none"
+    with_struct = structure is not None
+    with_bonds = bonds is not None
     with_y = y_scaled is not None
     z_struct = None
     if with_struct:  # small: standardised once, by the same code as in memory (clipping included)
@@ -214,20 +218,28 @@ def input_dataset(params: dict, dos, scalers: dict, rows, structure=None, y_scal
     y_all = np.asarray(y_scaled, np.float32) if with_y else None
     _, length, width = dos.shape
     n_struct = z_struct.shape[1] if with_struct else 0
-    parts = ["dos"] + (["structure"] if with_struct else []) + (["y"] if with_y else [])
-    shapes = {"dos": (None, length, width), "structure": (None, n_struct), "y": (None, len(targets))}
+    bond_names = ("bond_distance_ang", "bond_neighbour_z", "bond_mask", "centre_z")
+    parts = ["dos"] + (["structure"] if with_struct else []) + (list(bond_names) if with_bonds else []) \
+        + (["y"] if with_y else [])
+    k = bonds.slots if with_bonds else 0
+    shapes = {"dos": (None, length, width), "structure": (None, n_struct), "y": (None, len(targets)),
+              "bond_distance_ang": (None, k), "bond_neighbour_z": (None, k), "bond_mask": (None, k), "centre_z": (None, 1)}
+    dtypes = {name: tf.int32 if name in ("bond_neighbour_z", "centre_z") else tf.float32 for name in parts}
 
     def read_block(i):  # numpy: one block of consecutive rows (no zero-width arrays: they crash unbatch)
         r = blocks[int(i)]
         out = [read_rows(r)]
         if with_struct:
             out.append(z_struct[r])
+        if with_bonds:
+            out.extend([bonds.distance_ang[r].astype(np.float32), bonds.neighbour_z[r].astype(np.int32),
+                        bonds.mask[r].astype(np.float32), bonds.centre_z[r].astype(np.int32).reshape(-1, 1)])
         if with_y:
             out.append(y_all[r])
         return tuple(out)
 
     def read(i):
-        tensors = tf.numpy_function(read_block, [i], [tf.float32] * len(parts), stateful=False)
+        tensors = tf.numpy_function(read_block, [i], [dtypes[p] for p in parts], stateful=False)
         for t, name in zip(tensors, parts):
             t.set_shape(shapes[name])
         return dict(zip(parts, tensors))
@@ -243,6 +255,8 @@ def input_dataset(params: dict, dos, scalers: dict, rows, structure=None, y_scal
         inputs = {f"atom{a + 1}_dos": z[:, :, a * c:(a + 1) * c] for a in range(atoms)}
         if with_struct:
             inputs["structure"] = batch["structure"]
+        for name in bond_names if with_bonds else ():
+            inputs[name] = batch[name]
         if not with_y:
             return inputs
         return inputs, {t: batch["y"][:, j:j + 1] for j, t in enumerate(targets)}

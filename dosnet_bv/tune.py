@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dosnet_bv.data import Dataset, structure_columns
+from dosnet_bv.data import Dataset, check_bonds, structure_columns, uses_bonds, uses_vector
 from dosnet_bv.outputs import Log, pyplot
 from dosnet_bv.params import TrainError, validate_params
 from dosnet_bv.runs import cv_splits
@@ -113,8 +113,10 @@ def check_space(params: dict, data: Dataset) -> None:
     for name, spec in params["tune"]["space"].items():
         for v in spec.get("choices", [spec.get("low"), spec.get("high")]):
             p = validate_params(trial_params(params, {name: v}))
-            if p["fusion"] != "none":
+            if uses_vector(p):
                 structure_columns(data, p["structure_families"])
+            if uses_bonds(p):
+                check_bonds(data)
 
 
 def search_config(params: dict) -> dict:

@@ -9,11 +9,12 @@ from data_prep.layout import channel_labels
 
 
 def write_minimal_h5(path, *, dos, structure, labels, families, bvs, valence, mids, elements, split, sites,
-                     grid=None):
+                     grid=None, bonds=None, bond_cutoff_ang=6.0):
     """Only the datasets train.py reads: dos, structure (+labels, families), targets, meta, split.
 
     Shapes: dos (n, P, 27), structure (n, F), labels/families (F,), bvs/valence/mids/elements/split (n,);
-    ``sites`` samples per material (site_index 0..sites-1); ``grid`` an EnergyGrid stored as attribute.
+    ``sites`` samples per material (site_index 0..sites-1); ``grid`` an EnergyGrid stored as attribute;
+    ``bonds`` a ``data_prep.bonds.BondTable`` of the n samples (none when omitted).
     Written through ``data_prep.h5schema.Writer`` (so with the current schema version).
     """
     n = len(mids)
@@ -28,5 +29,7 @@ def write_minimal_h5(path, *, dos, structure, labels, families, bvs, valence, mi
                    "gii_vu": np.zeros(n)})
         w.sample_meta(mids, elements, ["synthetic"] * n, np.tile(np.arange(sites), n // sites).astype(np.int32))
         w.split(split)
+        if bonds is not None:
+            w.bonds(bonds, bond_cutoff_ang)
         w.materials(material_id=np.unique(mids))
     return path

@@ -120,7 +120,7 @@ def test_old_schema_files_get_a_one_line_rebuild_hint(tmp_path):
                             split=["train"] * 2 + ["val"] * 2 + ["test"] * 2, sites=2, grid=EnergyGrid(n_points=L))
     with open_h5(path) as h:
         assert h.attr(h5schema.VERSION_ATTR) == h5schema.SCHEMA_VERSION and h.n == n
-    for version in (None, h5schema.SCHEMA_VERSION - 1):
+    for version in (None, h5schema.MIN_READ_VERSION - 1):
         with h5py.File(path, "r+") as h:
             if version is None:
                 del h.attrs[h5schema.VERSION_ATTR]

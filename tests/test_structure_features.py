@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from pymatgen.core import Lattice, Structure
 
+from data_prep import bonds as bond_module
 from data_prep import structure_features as sf
+from data_prep.bonds import bond_table
 from data_prep.structure_features import FAMILIES, StructureFeaturizer
 
 
@@ -143,8 +145,11 @@ def _imported_names(module) -> set[str]:
     return names
 
 
-def test_features_module_uses_nothing_from_the_bond_valence_pipeline():
-    names = _imported_names(sf)
+@pytest.mark.parametrize("module", [sf, bond_module], ids=["structure_vector", "bond_table"])
+def test_features_module_uses_nothing_from_the_bond_valence_pipeline(module):
+    """Neither structure input of the network (the vector, the bond table) reads the bond-valence
+    pipeline: no oxidation states, bond valence parameters or BVAnalyzer."""
+    names = _imported_names(module)
     for forbidden in ("bond_valence", "BVAnalyzer", "BVParams", "calculate_bv_sum",
                       "oxi_state", "oxi_states", "add_oxidation_state_by_element",
                       "get_oxi_state_decorated_structure", "ionic_radius", "average_ionic_radius"):
@@ -154,6 +159,7 @@ def test_features_module_uses_nothing_from_the_bond_valence_pipeline():
 def test_features_unchanged_when_the_bond_valence_pipeline_is_broken(monkeypatch):
     st = perovskite()
     before = FULL.featurize(st)
+    bonds_before = bond_table(st, range(len(st)))
     from pymatgen.analysis.bond_valence import BVAnalyzer
 
     from data_prep import bond_valence as bv
@@ -169,6 +175,9 @@ def test_features_unchanged_when_the_bond_valence_pipeline_is_broken(monkeypatch
     monkeypatch.setattr(BVAnalyzer, "get_valences", boom)
     after = StructureFeaturizer().featurize(st)
     assert np.array_equal(before, after)
+    bonds_after = bond_table(st, range(len(st)))
+    for name, a in vars(bonds_before).items():
+        assert np.array_equal(a, getattr(bonds_after, name)), name
 
 
 def test_features_unchanged_by_oxidation_states_and_site_properties():
@@ -184,6 +193,9 @@ def test_features_unchanged_by_oxidation_states_and_site_properties():
         dec.add_oxidation_state_by_site([i % 3 - 1 for i in range(len(st))])
         dec.add_site_property("magmom", [float(i) for i in range(len(st))])
         assert np.array_equal(FULL.featurize(dec), bare)
+        bare_bonds, dec_bonds = bond_table(st, range(len(st))), bond_table(dec, range(len(st)))
+        for name, a in vars(bare_bonds).items():  # the bond table too
+            assert np.array_equal(a, getattr(dec_bonds, name)), name
 
 
 def test_features_do_not_correlate_with_a_scrambled_target_source():
