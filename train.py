@@ -6,6 +6,7 @@
     python train.py --predict RUN_DIR --data FILE [--out DIR] # predictions with a saved model
     python train.py --resume RUN_DIR                         # continue an interrupted single run or --cv
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
+    python train.py --params params.json --ablation --cv 5 [--models dos_bonds,gbt_structure]  # on unseen families
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
     python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
     python train.py --params params.json --tune [--trials N] [--study NAME] [--storage URL]  # hyperparameter search
@@ -64,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--ablation", action="store_true",
                    help="baselines, DOSnet fusions and structure families off one at a time, over --seeds seeds "
                         "(default run folder <out_dir>/ablation-<time>; an existing one resumes)")
+    p.add_argument("--models", metavar="A,B",
+                   help="with --ablation --cv K: run only these of the family-grouped ablation's models "
+                        "(element_mean, gbt_dos, gbt_structure, gbt_dos_structure, dos, vector, bonds, dos_vector, "
+                        "dos_bonds; default all); more can be added later in the same --out")
     p.add_argument("--learning-curve", action="store_true",
                    help="best DOSnet model and best baseline on 5-100 %% of the training materials")
     p.add_argument("--from-ablation", metavar="ABLATION_JSON",
@@ -100,8 +105,10 @@ def check_flags(args) -> str | None:
     if args.ablation and args.learning_curve:
         raise TrainError("--ablation and --learning-curve: run one at a time (--learning-curve --from-ablation "
                          "RUN/ablation.json uses the ablation's choices)")
-    if study and args.cv is not None:
-        raise TrainError(f"--{study} cannot be combined with --cv")
+    if args.learning_curve and args.cv is not None:
+        raise TrainError("--learning-curve cannot be combined with --cv")
+    if args.models and not (args.ablation and args.cv is not None):
+        raise TrainError("--models goes with --ablation --cv K (the family-grouped ablation)")
     if args.from_ablation and not args.learning_curve:
         raise TrainError("--from-ablation needs --learning-curve")
     if (args.full or args.seeds != 3) and not study:
@@ -168,11 +175,15 @@ def dispatch(args) -> None:
         run_tune(params, data, args.out, args.trials, args.study, args.storage)
         return
     cv = params["cv_folds"] if args.cv is not None else None
-    name = study or f"{params['fusion']}-{'+'.join(params['targets'])}" + (f"-cv{cv}" if cv else "")
+    name = (study or f"{params['fusion']}-{'+'.join(params['targets'])}") + (f"-cv{cv}" if cv else "")
     out = Path(args.out) if args.out else Path(params["out_dir"]) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not study and not (cv and cv_resumable(out) and not args.overwrite):  # an interrupted --cv resumes
         prepare_run_folder(out, args.overwrite)
-    if args.ablation:
+    if args.ablation and cv:
+        from dosnet_bv.cv_ablation import parse_models, run_cv_ablation
+
+        run_cv_ablation(params, data, out, cv, args.seeds, parse_models(args.models), args.full)
+    elif args.ablation:
         run_ablation(params, data, out, args.seeds, args.full)
     elif args.learning_curve:
         run_learning_curve(params, data, out, args.seeds, args.full, args.from_ablation)

@@ -210,34 +210,37 @@ class Study:
 @dataclass
 class ModelSpec:
     """One model of a study: ``model`` (its name: a key of ``BASELINES`` or ``dosnet_key``), ``kind``
-    (baseline, dosnet or families), and for DOSnet its ``fusion`` and ``structure_families``."""
+    (baseline, dosnet or families), and for DOSnet its ``fusion``, ``structure_families`` and
+    ``structure_input`` (None: the params' own)."""
 
     model: str
     kind: str
     fusion: str | None = None
     structure_families: list = field(default_factory=list)
+    structure_input: str | None = None
 
 
 def run_model(spec: ModelSpec, seed: int, params: dict, data: Dataset, train_rows, rows: dict, features: Features,
               epoch_log: Log) -> dict:
     """One model and seed: fit on ``train_rows``, choose (epochs or iterations) on ``rows["val"]``,
-    score val and test. Returns ``{"scores", "info", "seconds"}``."""
+    score every other key of ``rows`` (val, test, subsets of test). Returns ``{"scores", "info", "seconds"}``."""
     t0 = time.time()
     targets = params["targets"]
-    predict_rows = {"val": rows["val"], "test": rows["test"]}
+    predict_rows = {s: r for s, r in rows.items() if s != "train"}
     if spec.kind == "baseline":
         preds = baseline_predictions(spec.model, data, targets, train_rows, rows["val"], predict_rows, seed,
                                      features)
         info = {}
     else:
         p = {**params, "fusion": spec.fusion, "structure_families": spec.structure_families, "seed": seed}
+        if spec.structure_input:
+            p["structure_input"] = spec.structure_input
         epoch_log(f"--- {spec.model} seed {seed}")
         res = fit_predict(p, data, train_rows, rows["val"], predict_rows, epoch_log)
         preds = res.predictions
         info = {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "train_seconds": round(res.seconds, 1)}
         del res
-    eval_rows = {"val": rows["val"], "test": rows["test"]}
-    return {"scores": score_splits(data, targets, eval_rows, preds), "info": info,
+    return {"scores": score_splits(data, targets, predict_rows, preds), "info": info,
             "seconds": round(time.time() - t0, 1)}
 
 

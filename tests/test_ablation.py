@@ -371,7 +371,9 @@ def test_study_flags_give_one_line_errors(tiny, capsys):
     for argv, expect in ((["--from-ablation", "x.json"], "--learning-curve"),
                          (["--ablation", "--seeds", "0"], "--seeds"),
                          (["--ablation", "--learning-curve"], "one at a time"),
-                         (["--ablation", "--cv", "3"], "--cv"),
+                         (["--learning-curve", "--cv", "3"], "--cv"),
+                         (["--models", "dos"], "--models"),
+                         (["--ablation", "--cv", "3", "--models", "dos,nonsense"], "nonsense"),
                          (["--learning-curve", "--from-ablation", "nowhere.json"], "not found")):
         assert train.main(["--params", str(params), *argv]) == 1
         err = capsys.readouterr().err.strip()

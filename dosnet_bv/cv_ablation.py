@@ -1,0 +1,204 @@
+"""``--ablation --cv K``: the comparison on unseen families (issue 18).
+
+Every model of ``CV_MODELS`` is trained and scored on each fold of the family-grouped K-fold
+split (``runs.cv_splits``: no family on both sides) and, for the networks, over several seeds;
+the table gives mean ± std over all (fold, seed) runs, on every test site and on cation and
+anion sites separately (the sign of the stored bond-valence oxidation state says which; it
+selects rows for scoring only). Baselines are deterministic: one run per fold, their spread is
+the spread over folds. Each (model, fold, seed) result is kept in ``results/`` so that an
+interrupted study resumes; ``--models`` runs a subset (add the rest later in the same folder).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dosnet_bv import report
+from dosnet_bv.ablation import BASELINES, Features, ModelSpec, ablation_budget, model_result, run_model
+from dosnet_bv.data import Dataset
+from dosnet_bv.outputs import Log, write_json, write_text
+from dosnet_bv.params import TARGET_UNITS, TrainError
+from dosnet_bv.resume import ResultStore, check_resume
+from dosnet_bv.runs import cv_splits
+
+
+@dataclass(frozen=True)
+class CVModel:
+    """One row of the table: ``kind`` baseline (a key of ``ablation.BASELINES``) or dosnet with its
+    ``fusion`` and ``structure_input`` (the structure vector's families come from params)."""
+
+    name: str
+    label: str
+    kind: str
+    fusion: str | None = None
+    structure_input: str = "vector"
+
+    def spec(self, families: list) -> ModelSpec:
+        if self.kind == "baseline":
+            return ModelSpec(self.name, "baseline")
+        fams = list(families) if self.structure_input != "bonds" and self.fusion != "none" else []
+        return ModelSpec(self.name, "dosnet", self.fusion, fams, self.structure_input)
+
+
+CV_MODELS = {m.name: m for m in (
+    CVModel("element_mean", BASELINES["element_mean"], "baseline"),
+    CVModel("gbt_dos", BASELINES["gbt_dos"], "baseline"),
+    CVModel("gbt_structure", BASELINES["gbt_structure"], "baseline"),
+    CVModel("gbt_dos_structure", BASELINES["gbt_dos_structure"], "baseline"),
+    CVModel("dos", "DOSnet, DOS only", "dosnet", "none"),
+    CVModel("vector", "structure vector only", "dosnet", "structure_only", "vector"),
+    CVModel("bonds", "bonds only", "dosnet", "structure_only", "bonds"),
+    CVModel("dos_vector", "DOS + structure vector (late)", "dosnet", "late", "vector"),
+    CVModel("dos_bonds", "DOS + bonds (late)", "dosnet", "late", "bonds"),
+)}
+#: the subsets every test fold is also scored on
+SUBSETS = ("test", "test_cation", "test_anion")
+
+
+def parse_models(text: str | None) -> list[str]:
+    """``--models a,b``: the names, checked; None means every model."""
+    if not text:
+        return list(CV_MODELS)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in CV_MODELS]
+    if bad or not names:
+        raise TrainError(f"--models: unknown {', '.join(bad) or '(empty)'}; choose from {', '.join(CV_MODELS)}")
+    return names
+
+
+def site_subsets(data: Dataset, test_rows: np.ndarray) -> dict:
+    """``{subset: rows}`` of one test fold: all, cation and anion sites (by the stored valence sign)."""
+    out = {"test": test_rows}
+    v = data.targets.get("valence")
+    if v is not None:
+        out["test_cation"] = test_rows[v[test_rows] > 0]
+        out["test_anion"] = test_rows[v[test_rows] < 0]
+    return out
+
+
+def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int = 3, models: list | None = None,
+                    full: bool = False, log: Log | None = None) -> dict:
+    """Every model of ``models`` (default ``CV_MODELS``) on every fold of a family-grouped K-fold CV.
+
+    Writes ``cv_ablation.json``, ``cv_ablation.md``, ``cv_ablation.log`` and ``results/``; returns
+    the JSON content. Params' ``split_by`` groups the folds (``family`` by default), ``split_seed``
+    deals them, ``seed``, ``seed + 1``, ... seed the networks.
+    """
+    from tqdm import tqdm
+
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = log or Log(out / "cv_ablation.log", printer=tqdm.write)
+    epoch_log = Log(log.path, quiet=True)
+    models = models or list(CV_MODELS)
+    run_params, budget = ablation_budget(params, full)
+    seeds = [params["seed"] + i for i in range(n_seeds)]
+    folds = cv_splits(data.groups(params["split_by"]), k, params["cv_val_fraction"], params["split_seed"])
+    if any(CV_MODELS[m].structure_input in ("bonds", "both") for m in models) and data.bonds is None:
+        raise TrainError(f"{data.path} has no bond table (schema < 3): rebuild it (make data) or leave out the bond "
+                         f"models (--models)")
+    check_resume(out / "cv_ablation_config.json",
+                 {"data_file": data.path, "n_samples": data.n, "k": k, "split_by": params["split_by"],
+                  "split_seed": params["split_seed"], "params": run_params}, log)
+    write_json(out / "params.json", params)
+    log(f"family-grouped ablation on {data.path}: {data.n} samples, {k} folds grouped by {params['split_by']} "
+        f"({len(np.unique(data.groups(params['split_by'])))} groups); models {', '.join(models)}; network seeds "
+        f"{', '.join(map(str, seeds))}; {budget}")
+    log(f"run folder {out}; if interrupted, the same command with --out {out} resumes after the finished runs")
+    store = ResultStore(out / "results", log)
+    features = Features(data, run_params, log)
+    families = list(params["structure_families"])
+    jobs = [(m, f, s) for m in models for f in range(k)
+            for s in (seeds[:1] if CV_MODELS[m].kind == "baseline" else seeds)]
+    results: dict = {m: [] for m in models}
+    bar = tqdm(total=len(jobs), unit="run", desc="runs", disable=None, leave=False)
+    try:
+        for i, (m, f, s) in enumerate(jobs, 1):
+            train, val, test = folds[f]
+            rows = {"train": train, "val": val, **site_subsets(data, test)}
+            spec = CV_MODELS[m].spec(families)
+            job = store.get(f"{m}__fold{f}__seed{s}",
+                            lambda: run_model(spec, s, run_params, data, train, rows, features, epoch_log), model_result)
+            res = job.value
+            results[m].append({"fold": f, "seed": s, **res})
+            bar.update()
+            sc = res["scores"]["test"]
+            log(f"[{i}/{len(jobs)}] {CV_MODELS[m].label}, fold {f + 1}, seed {s}: test MAE "
+                + ", ".join(f"{t} {sc[t]['mae']:.4f}" for t in sc)
+                + (" (resumed)" if job.resumed else f" ({res['seconds']:.0f} s)") + f"; elapsed {report.duration(time.time() - t0)}")
+    finally:
+        bar.close()
+    summaries = {m: report.summarise([r["scores"] for r in rs]) for m, rs in results.items()}
+    targets = params["targets"]
+    versus = compare(summaries, models, targets)
+    result = {"data_file": data.path, "k": k, "split_by": params["split_by"], "seeds": seeds, "budget": budget,
+              "models": {m: {"label": CV_MODELS[m].label, "kind": CV_MODELS[m].kind, "summary": summaries[m],
+                             "runs": results[m]} for m in models},
+              "comparisons": versus, "seconds": round(time.time() - t0, 1)}
+    write_json(out / "cv_ablation.json", result)
+    table = markdown(summaries, models, targets)
+    write_text(out / "cv_ablation.md", f"# Ablation on unseen families ({k}-fold CV by {params['split_by']})\n\n"
+                                       f"{budget}\n\n{table}\n\n" + "\n".join(f"- {c['text']}" for c in versus) + "\n")
+    log(table)
+    for c in versus:
+        log(c["text"])
+    return result
+
+
+def _stat(summary: dict, subset: str, target: str, metric: str):
+    e = summary.get(subset, {}).get(target, {}).get(metric)
+    return (e["mean"], e["std"]) if e else None
+
+
+def compare(summaries: dict, models: list, targets: list) -> list[dict]:
+    """For each network and target: does its test MAE (mean ± std over folds and seeds) lie below
+    every baseline's with intervals that do not overlap?"""
+    baselines = [m for m in models if CV_MODELS[m].kind == "baseline"]
+    out = []
+    if not baselines:
+        return out
+    for m in (m for m in models if CV_MODELS[m].kind == "dosnet"):
+        for t in targets:
+            for subset in ("test", "test_cation"):
+                mine = _stat(summaries[m], subset, t, "mae")
+                if mine is None:
+                    continue
+                lo_mine = mine[0] + mine[1]
+                theirs = {b: _stat(summaries[b], subset, t, "mae") for b in baselines}
+                beaten = [b for b, v in theirs.items() if v and lo_mine < v[0] - v[1]]
+                best_b = min((b for b in theirs if theirs[b]), key=lambda b: theirs[b][0])
+                where = "cation sites" if subset == "test_cation" else "all sites"
+                text = (f"{CV_MODELS[m].label}, {t} on {where}: {mine[0]:.3f} ± {mine[1]:.3f} "
+                        f"{TARGET_UNITS.get(t, '')} vs best baseline {CV_MODELS[best_b].label} "
+                        f"{theirs[best_b][0]:.3f} ± {theirs[best_b][1]:.3f}; "
+                        + ("beats every baseline with intervals apart" if len(beaten) == len(baselines) else
+                           f"intervals apart from {len(beaten)} of {len(baselines)} baselines"))
+                out.append({"model": m, "target": t, "subset": subset, "mae": mine, "best_baseline": best_b,
+                            "beats_every_baseline": len(beaten) == len(baselines), "text": text})
+    return out
+
+
+def markdown(summaries: dict, models: list, targets: list) -> str:
+    """One row per model: MAE (and valence accuracy) on all, cation and anion test sites, mean ± std."""
+    head = ["model", "runs"]
+    for t in targets:
+        for subset in SUBSETS:
+            head.append(f"{t} MAE {subset.replace('test_', '').replace('test', 'all')}")
+        if t == "valence":
+            head += ["valence right, all", "valence right, cation"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for m in models:
+        s = summaries[m]
+        row = [CV_MODELS[m].label, str(s["test"][targets[0]]["n_seeds"])]
+        for t in targets:
+            for subset in SUBSETS:
+                row.append(report.pm(s.get(subset, {}).get(t, {}).get("mae"), 3))
+            if t == "valence":
+                row += [report.pm(s["test"][t].get("accuracy"), 3),
+                        report.pm(s.get("test_cation", {}).get(t, {}).get("accuracy"), 3)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""The family-grouped ablation (``--ablation --cv K``): every model on every fold, baselines once per
+fold, networks per seed; cation and anion sites scored apart; resumable; the comparison rule."""
+import json
+
+import numpy as np
+import pytest
+from test_ablation import _params, tiny  # noqa: F401 - the module's tiny h5 fixture
+
+import train
+from dosnet_bv import cv_ablation
+from dosnet_bv.data import load_data
+from dosnet_bv.outputs import Log
+from dosnet_bv.report import summarise
+
+
+def _fake(seen):
+    def run_model(spec, seed, params, data, train_rows, rows, features, epoch_log):
+        seen.append((spec.model, seed, tuple(sorted(rows)), len(rows["test"])))
+        # the tests' folds must never share a material with the training rows
+        assert not set(data.material_id[rows["test"]]) & set(data.material_id[train_rows])
+        assert set(rows["test_cation"]) | set(rows["test_anion"]) == set(rows["test"])
+        base = {"element_mean": 0.5, "gbt_structure": 0.4}.get(spec.model, 0.1)
+        sc = lambda x: {"n": 5, "mae": x + 0.01 * seed, "nmae": x, "rmse": x, "r2": 0.5, "mad": 1.0}  # noqa: E731
+        return {"scores": {s: {t: sc(base) for t in params["targets"]} for s in rows if s != "train"},
+                "info": {}, "seconds": 0.0}
+    return run_model
+
+
+def test_every_model_on_every_fold_baselines_once_and_resume(tiny, tmp_path, monkeypatch):  # noqa: F811
+    h5, _, _ = tiny
+    p = _params(h5, tmp_path)
+    data = load_data(h5, p)
+    seen = []
+    monkeypatch.setattr(cv_ablation, "run_model", _fake(seen))
+    models = ["element_mean", "gbt_structure", "vector"]
+    res = cv_ablation.run_cv_ablation(p, data, tmp_path / "cv", k=3, n_seeds=2, models=models, log=Log(quiet=True))
+    assert sorted((m, s) for m, s, *_ in seen if m != "vector") == sorted(
+        [("element_mean", p["seed"])] * 3 + [("gbt_structure", p["seed"])] * 3)
+    assert len([x for x in seen if x[0] == "vector"]) == 3 * 2
+    assert all(x[2] == ("test", "test_anion", "test_cation", "train", "val") for x in seen)
+    assert sum(x[3] for x in seen if x[0] == "element_mean") == data.n  # each sample in exactly one test fold
+    net = res["models"]["vector"]["summary"]["test"]["bvs_vu"]
+    assert net["n_seeds"] == 6 and net["mae"]["mean"] == pytest.approx(0.1 + 0.01 * (p["seed"] + 0.5))
+    beats = {(c["model"], c["target"], c["subset"]): c["beats_every_baseline"] for c in res["comparisons"]}
+    assert beats[("vector", "bvs_vu", "test")] and beats[("vector", "valence", "test_cation")]
+    md = (tmp_path / "cv" / "cv_ablation.md").read_text()
+    assert "bonds only" not in md and "structure vector only" in md and "valence right, cation" in md
+    # resume: nothing is recomputed, a damaged result is
+    seen.clear()
+    victim = tmp_path / "cv" / "results" / f"vector__fold1__seed{p['seed'] + 1}.json"
+    victim.write_text(victim.read_text()[:20])
+    cv_ablation.run_cv_ablation(p, data, tmp_path / "cv", k=3, n_seeds=2, models=models, log=Log(quiet=True))
+    assert [(m, s) for m, s, *_ in seen] == [("vector", p["seed"] + 1)]
+
+
+def test_intervals_must_lie_apart_to_count_as_beating_a_baseline():
+    def summ(maes):
+        return summarise([{"test": {"bvs_vu": {"mae": x}}} for x in maes])
+
+    s = {"gbt_structure": summ([0.40, 0.50]), "element_mean": summ([0.9, 1.0]), "bonds": summ([0.30, 0.42])}
+    c = cv_ablation.compare(s, ["gbt_structure", "element_mean", "bonds"], ["bvs_vu"])
+    assert len(c) == 1 and not c[0]["beats_every_baseline"] and "1 of 2" in c[0]["text"]
+    s["bonds"] = summ([0.30, 0.31])
+    assert cv_ablation.compare(s, ["gbt_structure", "element_mean", "bonds"], ["bvs_vu"])[0]["beats_every_baseline"]
+
+
+def test_end_to_end_from_the_command_line(tiny, tmp_path):  # noqa: F811
+    _, params, _ = tiny
+    out = tmp_path / "cvabl"
+    assert train.main(["--params", str(params), "--ablation", "--cv", "2", "--seeds", "1",
+                       "--models", "element_mean,vector", "--out", str(out)]) == 0
+    res = json.loads((out / "cv_ablation.json").read_text())
+    assert set(res["models"]) == {"element_mean", "vector"} and res["k"] == 2
+    runs = res["models"]["vector"]["runs"]
+    assert sorted(r["fold"] for r in runs) == [0, 1]
+    assert np.isfinite(res["models"]["vector"]["summary"]["test_cation"]["bvs_vu"]["mae"]["mean"])
