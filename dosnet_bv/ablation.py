@@ -218,10 +218,11 @@ class ModelSpec:
     fusion: str | None = None
     structure_families: list = field(default_factory=list)
     structure_input: str | None = None
+    overrides: dict = field(default_factory=dict)  # further params of this model (e.g. augment_shift_ev)
 
 
 def run_model(spec: ModelSpec, seed: int, params: dict, data: Dataset, train_rows, rows: dict, features: Features,
-              epoch_log: Log) -> dict:
+              epoch_log: Log, keep: str | None = None) -> dict:
     """One model and seed: fit on ``train_rows``, choose (epochs or iterations) on ``rows["val"]``,
     score every other key of ``rows`` (val, test, subsets of test). Returns ``{"scores", "info", "seconds"}``."""
     t0 = time.time()
@@ -235,13 +236,17 @@ def run_model(spec: ModelSpec, seed: int, params: dict, data: Dataset, train_row
         p = {**params, "fusion": spec.fusion, "structure_families": spec.structure_families, "seed": seed}
         if spec.structure_input:
             p["structure_input"] = spec.structure_input
+        p.update(spec.overrides)
         epoch_log(f"--- {spec.model} seed {seed}")
         res = fit_predict(p, data, train_rows, rows["val"], predict_rows, epoch_log)
         preds = res.predictions
         info = {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "train_seconds": round(res.seconds, 1)}
         del res
-    return {"scores": score_splits(data, targets, predict_rows, preds), "info": info,
-            "seconds": round(time.time() - t0, 1)}
+    out = {"scores": score_splits(data, targets, predict_rows, preds), "info": info,
+           "seconds": round(time.time() - t0, 1)}
+    if keep:  # the predictions of one split, e.g. for an ensemble over seeds
+        out["predictions"] = np.round(np.asarray(preds[keep], dtype=float), 6).tolist()
+    return out
 
 
 def model_result(raw) -> dict:

@@ -25,6 +25,10 @@ from dosnet_bv.resume import ResultStore, check_resume
 from dosnet_bv.runs import cv_splits
 
 
+#: the energy-shift augmentation tried on the DOS-only model (eV; the grid's smearing is 0.1)
+AUGMENT_EV = 0.1
+
+
 @dataclass(frozen=True)
 class CVModel:
     """One row of the table: ``kind`` baseline (a key of ``ablation.BASELINES``) or dosnet with its
@@ -35,12 +39,13 @@ class CVModel:
     kind: str
     fusion: str | None = None
     structure_input: str = "vector"
+    overrides: tuple = ()  # (params key, value) pairs of this model
 
     def spec(self, families: list) -> ModelSpec:
         if self.kind == "baseline":
             return ModelSpec(self.name, "baseline")
         fams = list(families) if self.structure_input != "bonds" and self.fusion != "none" else []
-        return ModelSpec(self.name, "dosnet", self.fusion, fams, self.structure_input)
+        return ModelSpec(self.name, "dosnet", self.fusion, fams, self.structure_input, dict(self.overrides))
 
 
 CV_MODELS = {m.name: m for m in (
@@ -49,6 +54,8 @@ CV_MODELS = {m.name: m for m in (
     CVModel("gbt_structure", BASELINES["gbt_structure"], "baseline"),
     CVModel("gbt_dos_structure", BASELINES["gbt_dos_structure"], "baseline"),
     CVModel("dos", "DOSnet, DOS only", "dosnet", "none"),
+    CVModel("dos_shift", f"DOS only, shifted ±{AUGMENT_EV:g} eV in training", "dosnet", "none",
+            overrides=(("augment_shift_ev", AUGMENT_EV),)),
     CVModel("vector", "structure vector only", "dosnet", "structure_only", "vector"),
     CVModel("bonds", "bonds only", "dosnet", "structure_only", "bonds"),
     CVModel("dos_vector", "DOS + structure vector (late)", "dosnet", "late", "vector"),
@@ -122,7 +129,8 @@ def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int =
             rows = {"train": train, "val": val, **site_subsets(data, test)}
             spec = CV_MODELS[m].spec(families)
             job = store.get(f"{m}__fold{f}__seed{s}",
-                            lambda: run_model(spec, s, run_params, data, train, rows, features, epoch_log), model_result)
+                            lambda: run_model(spec, s, run_params, data, train, rows, features, epoch_log,
+                                              keep="test"), model_result)
             res = job.value
             results[m].append({"fold": f, "seed": s, **res})
             bar.update()
@@ -134,19 +142,49 @@ def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int =
         bar.close()
     summaries = {m: report.summarise([r["scores"] for r in rs]) for m, rs in results.items()}
     targets = params["targets"]
-    versus = compare(summaries, models, targets)
+    for m in models:  # the mean prediction of a network's seeds, scored per fold
+        if CV_MODELS[m].kind == "dosnet" and n_seeds > 1 and all("predictions" in r for r in results[m]):
+            summaries[f"{m}_ensemble"] = ensemble_summary(data, targets, folds, results[m])
+    models_out = [x for m in models for x in (m, f"{m}_ensemble") if x in summaries]
+    versus = compare(summaries, models_out, targets)
     result = {"data_file": data.path, "k": k, "split_by": params["split_by"], "seeds": seeds, "budget": budget,
-              "models": {m: {"label": CV_MODELS[m].label, "kind": CV_MODELS[m].kind, "summary": summaries[m],
-                             "runs": results[m]} for m in models},
+              "models": {m: {"label": label(m), "kind": kind(m), "summary": summaries[m],
+                             "runs": [{k: v for k, v in r.items() if k != "predictions"} for r in results.get(m, [])]}
+                         for m in models_out},
               "comparisons": versus, "seconds": round(time.time() - t0, 1)}
     write_json(out / "cv_ablation.json", result)
-    table = markdown(summaries, models, targets)
+    table = markdown(summaries, models_out, targets)
     write_text(out / "cv_ablation.md", f"# Ablation on unseen families ({k}-fold CV by {params['split_by']})\n\n"
                                        f"{budget}\n\n{table}\n\n" + "\n".join(f"- {c['text']}" for c in versus) + "\n")
     log(table)
     for c in versus:
         log(c["text"])
     return result
+
+
+def label(name: str) -> str:
+    base = name.removesuffix("_ensemble")
+    return CV_MODELS[base].label + (", mean of the seeds" if name != base else "")
+
+
+def kind(name: str) -> str:
+    return CV_MODELS[name.removesuffix("_ensemble")].kind
+
+
+def ensemble_summary(data: Dataset, targets: list, folds: list, runs: list) -> dict:
+    """Scores of the mean prediction over a network's seeds, one per fold (its spread: over folds)."""
+    from dosnet_bv.ablation import score_splits
+
+    per_fold = []
+    for f, (_, _, test) in enumerate(folds):
+        preds = [np.asarray(r["predictions"]) for r in runs if r["fold"] == f]
+        if not preds:
+            continue
+        mean = np.mean(preds, axis=0)
+        subsets = site_subsets(data, test)
+        pos = {s: np.searchsorted(test, r) for s, r in subsets.items()}  # test rows are sorted
+        per_fold.append(score_splits(data, targets, subsets, {s: mean[p] for s, p in pos.items()}))
+    return report.summarise(per_fold)
 
 
 def _stat(summary: dict, subset: str, target: str, metric: str):
@@ -157,11 +195,11 @@ def _stat(summary: dict, subset: str, target: str, metric: str):
 def compare(summaries: dict, models: list, targets: list) -> list[dict]:
     """For each network and target: does its test MAE (mean ± std over folds and seeds) lie below
     every baseline's with intervals that do not overlap?"""
-    baselines = [m for m in models if CV_MODELS[m].kind == "baseline"]
+    baselines = [m for m in models if kind(m) == "baseline"]
     out = []
     if not baselines:
         return out
-    for m in (m for m in models if CV_MODELS[m].kind == "dosnet"):
+    for m in (m for m in models if kind(m) == "dosnet"):
         for t in targets:
             for subset in ("test", "test_cation"):
                 mine = _stat(summaries[m], subset, t, "mae")
@@ -172,8 +210,8 @@ def compare(summaries: dict, models: list, targets: list) -> list[dict]:
                 beaten = [b for b, v in theirs.items() if v and lo_mine < v[0] - v[1]]
                 best_b = min((b for b in theirs if theirs[b]), key=lambda b: theirs[b][0])
                 where = "cation sites" if subset == "test_cation" else "all sites"
-                text = (f"{CV_MODELS[m].label}, {t} on {where}: {mine[0]:.3f} ± {mine[1]:.3f} "
-                        f"{TARGET_UNITS.get(t, '')} vs best baseline {CV_MODELS[best_b].label} "
+                text = (f"{label(m)}, {t} on {where}: {mine[0]:.3f} ± {mine[1]:.3f} "
+                        f"{TARGET_UNITS.get(t, '')} vs best baseline {label(best_b)} "
                         f"{theirs[best_b][0]:.3f} ± {theirs[best_b][1]:.3f}; "
                         + ("beats every baseline with intervals apart" if len(beaten) == len(baselines) else
                            f"intervals apart from {len(beaten)} of {len(baselines)} baselines"))
@@ -193,7 +231,7 @@ def markdown(summaries: dict, models: list, targets: list) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for m in models:
         s = summaries[m]
-        row = [CV_MODELS[m].label, str(s["test"][targets[0]]["n_seeds"])]
+        row = [label(m), str(s["test"][targets[0]]["n_seeds"])]
         for t in targets:
             for subset in SUBSETS:
                 row.append(report.pm(s.get(subset, {}).get(t, {}).get("mae"), 3))

@@ -51,6 +51,33 @@ def tf_setup(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+def augment_points(params: dict, data: Dataset, streaming: bool) -> int:
+    """Grid points of params' ``augment_shift_ev`` (0: off); one line when it cannot apply."""
+    shift = float(params.get("augment_shift_ev", 0.0))
+    if shift <= 0 or params["fusion"] == "structure_only":
+        return 0
+    if streaming:
+        raise TrainError("params: 'augment_shift_ev' needs the DOS in memory (data.in_memory true or auto with enough "
+                         "memory, distribute none)")
+    if data.energies_ev is None or len(data.energies_ev) < 2:
+        raise TrainError(f"params: 'augment_shift_ev' needs the energy grid, which {data.path} does not store")
+    return int(round(shift / float(data.energies_ev[1] - data.energies_ev[0])))
+
+
+def shift_dos(x: dict, rng, points: int) -> None:
+    """Shift every sample's DOS inputs (``atom*_dos``: (n, L, C)) along energy by one random
+    whole number of grid points in [-points, points], the same for a sample's atoms (the reference
+    level moves; the edge value fills in). In place."""
+    keys = [k for k in x if k.endswith("_dos")]
+    if not keys:
+        return
+    n, length = x[keys[0]].shape[:2]
+    sh = rng.integers(-points, points + 1, size=n)
+    idx = np.clip(np.arange(length)[None, :] - sh[:, None], 0, length - 1)[:, :, None]
+    for k in keys:
+        x[k] = np.take_along_axis(x[k], idx, axis=1)
+
+
 def predict_outputs(model, inputs: dict, targets, batch_size: int) -> np.ndarray:
     """(n, T) network outputs (standardised units), columns in ``targets`` order."""
     out = model.predict(inputs, batch_size=batch_size, verbose=0)
@@ -125,6 +152,7 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
     def y_of(rows):
         return {t: y_scaled[rows, j:j + 1].astype(np.float32) for j, t in enumerate(targets)}
 
+    shift_points = augment_points(params, data, streaming)
     if not streaming:
         x_tr, x_va = model_inputs(params, data, scalers, train_rows), model_inputs(params, data, scalers, val_rows)
         y_tr = y_of(train_rows)
@@ -168,6 +196,8 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
             if not streaming:  # batch order of this epoch: from (seed, epoch) only
                 order = np.random.default_rng([params["seed"], epoch]).permutation(len(train_rows))
                 fit_data["x"] = {k: v[order] for k, v in x_tr.items()}
+                if shift_points:
+                    shift_dos(fit_data["x"], np.random.default_rng([params["seed"], epoch, 1]), shift_points)
                 fit_data["y"] = {k: v[order] for k, v in y_tr.items()}
             hist = model.fit(**fit_data, epochs=epoch + 1, initial_epoch=epoch, verbose=0, callbacks=callbacks)
             for k, vals in hist.history.items():

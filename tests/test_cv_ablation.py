@@ -14,15 +14,16 @@ from dosnet_bv.report import summarise
 
 
 def _fake(seen):
-    def run_model(spec, seed, params, data, train_rows, rows, features, epoch_log):
+    def run_model(spec, seed, params, data, train_rows, rows, features, epoch_log, keep=None):
         seen.append((spec.model, seed, tuple(sorted(rows)), len(rows["test"])))
         # the tests' folds must never share a material with the training rows
         assert not set(data.material_id[rows["test"]]) & set(data.material_id[train_rows])
         assert set(rows["test_cation"]) | set(rows["test_anion"]) == set(rows["test"])
         base = {"element_mean": 0.5, "gbt_structure": 0.4}.get(spec.model, 0.1)
         sc = lambda x: {"n": 5, "mae": x + 0.01 * seed, "nmae": x, "rmse": x, "r2": 0.5, "mad": 1.0}  # noqa: E731
+        y = np.column_stack([data.targets[t][rows["test"]] for t in params["targets"]])
         return {"scores": {s: {t: sc(base) for t in params["targets"]} for s in rows if s != "train"},
-                "info": {}, "seconds": 0.0}
+                "info": {}, "seconds": 0.0, "predictions": (y + (-1) ** seed * 0.2).tolist()}
     return run_model
 
 
@@ -43,6 +44,10 @@ def test_every_model_on_every_fold_baselines_once_and_resume(tiny, tmp_path, mon
     assert net["n_seeds"] == 6 and net["mae"]["mean"] == pytest.approx(0.1 + 0.01 * (p["seed"] + 0.5))
     beats = {(c["model"], c["target"], c["subset"]): c["beats_every_baseline"] for c in res["comparisons"]}
     assert beats[("vector", "bvs_vu", "test")] and beats[("vector", "valence", "test_cation")]
+    # the seeds' errors (+0.2, -0.2) cancel in their mean prediction: the ensemble is exact
+    ens = res["models"]["vector_ensemble"]["summary"]["test"]["bvs_vu"]
+    assert ens["n_seeds"] == 3 and ens["mae"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert "element_mean_ensemble" not in res["models"]
     md = (tmp_path / "cv" / "cv_ablation.md").read_text()
     assert "bonds only" not in md and "structure vector only" in md and "valence right, cation" in md
     # resume: nothing is recomputed, a damaged result is
@@ -68,9 +73,37 @@ def test_end_to_end_from_the_command_line(tiny, tmp_path):  # noqa: F811
     _, params, _ = tiny
     out = tmp_path / "cvabl"
     assert train.main(["--params", str(params), "--ablation", "--cv", "2", "--seeds", "1",
-                       "--models", "element_mean,vector", "--out", str(out)]) == 0
+                       "--models", "element_mean,dos_shift", "--out", str(out)]) == 0
     res = json.loads((out / "cv_ablation.json").read_text())
-    assert set(res["models"]) == {"element_mean", "vector"} and res["k"] == 2
-    runs = res["models"]["vector"]["runs"]
+    assert set(res["models"]) == {"element_mean", "dos_shift"} and res["k"] == 2
+    runs = res["models"]["dos_shift"]["runs"]
     assert sorted(r["fold"] for r in runs) == [0, 1]
-    assert np.isfinite(res["models"]["vector"]["summary"]["test_cation"]["bvs_vu"]["mae"]["mean"])
+    assert np.isfinite(res["models"]["dos_shift"]["summary"]["test_cation"]["bvs_vu"]["mae"]["mean"])
+
+
+def test_energy_shift_moves_a_samples_atoms_together_and_fills_from_the_edge():
+    from dosnet_bv.fit import shift_dos
+
+    base = np.arange(10, dtype=np.float32)[None, :, None].repeat(3, axis=0)
+    x = {"atom1_dos": base.copy(), "atom2_dos": base.copy() * 10, "structure": np.zeros((3, 2))}
+    shift_dos(x, np.random.default_rng(0), 2)
+    for i in range(3):
+        d = x["atom1_dos"][i, :, 0]
+        s = int(d[5] - 5) * -1  # value at point 5 came from point 5 - s
+        assert abs(s) <= 2 and np.array_equal(d, np.clip(np.arange(10) - s, 0, 9))
+        assert np.array_equal(x["atom2_dos"][i, :, 0], d * 10)  # the neighbour moved with the site
+    assert x["structure"].shape == (3, 2)
+
+
+def test_augmentation_needs_the_grid_and_in_memory_input(tiny):  # noqa: F811
+    from dosnet_bv.fit import augment_points
+    from dosnet_bv.params import TrainError
+
+    h5, _, _ = tiny
+    p = _params(h5, "runs", augment_shift_ev=0.1)
+    data = load_data(h5, p)
+    step = float(data.energies_ev[1] - data.energies_ev[0])
+    assert augment_points(p, data, streaming=False) == round(0.1 / step)
+    assert augment_points({**p, "fusion": "structure_only"}, data, streaming=False) == 0
+    with pytest.raises(TrainError, match="in memory"):
+        augment_points(p, data, streaming=True)
