@@ -80,11 +80,12 @@ def fingerprint(structure, valences) -> str:
     return hashlib.sha1(b"".join(parts)).hexdigest()[:16]
 
 
-def compute_barriers(structure, valences, ion: tuple[str, int] | None = None, settings: dict | None = None) -> dict:
-    """E_1D/E_2D/E_3D (eV, ``TARGETS`` order) of the mobile ion of ``structure``.
+def bvse_landscape(structure, valences, ion: tuple[str, int] | None = None, settings: dict | None = None):
+    """bvlain's ``Lain`` holding the BVSE landscape of the mobile ion of ``structure``.
 
-    Returns ``{"ion": "Li1+", "e1d_ev": .., "e2d_ev": .., "e3d_ev": .., "seconds": ..}`` with NaN and
-    a ``note`` for a dimension that does not percolate below ``encut_ev``; raises ``MigrationError``.
+    ``calc.data``: (n_a, n_b, n_c) float, eV, the site energy on a grid along the lattice vectors
+    a, b, c (``resolution_ang`` spacing); ``calc.ion``: the ``MOBILE_IONS`` entry used. Raises
+    ``MigrationError`` (no mobile ion, no BVSE parameters, no framework).
     """
     import contextlib
     import io
@@ -98,7 +99,6 @@ def compute_barriers(structure, valences, ion: tuple[str, int] | None = None, se
     s = structure.copy()
     s.remove_oxidation_states()
     s.add_oxidation_state_by_site([int(v) for v in valences])
-    t0 = time.process_time()
     calc = Lain(verbose=False)
     with contextlib.redirect_stdout(io.StringIO()), np.errstate(all="ignore"):  # bvlain prints and divides by 0
         calc.read_structure(s, oxi_check=False)
@@ -108,10 +108,27 @@ def compute_barriers(structure, valences, ion: tuple[str, int] | None = None, se
         except KeyError as exc:
             raise MigrationError(f"bvlain has no BVSE parameters for {ion_label(ion)} with a framework ion "
                                  f"(key {exc})") from None
-        if len(calc.framework) == 0:
-            raise MigrationError("no framework atoms besides the mobile ion")
+    if len(calc.framework) == 0:
+        raise MigrationError("no framework atoms besides the mobile ion")
+    calc.ion = ion
+    return calc
+
+
+def compute_barriers(structure, valences, ion: tuple[str, int] | None = None, settings: dict | None = None) -> dict:
+    """E_1D/E_2D/E_3D (eV, ``TARGETS`` order) of the mobile ion of ``structure``.
+
+    Returns ``{"ion": "Li1+", "e1d_ev": .., "e2d_ev": .., "e3d_ev": .., "seconds": ..}`` with NaN and
+    a ``note`` for a dimension that does not percolate below ``encut_ev``; raises ``MigrationError``.
+    """
+    import contextlib
+    import io
+
+    st = {**DEFAULT_SETTINGS, **(settings or {})}
+    t0 = time.process_time()
+    calc = bvse_landscape(structure, valences, ion, st)
+    with contextlib.redirect_stdout(io.StringIO()), np.errstate(all="ignore"):
         e = calc.percolation_barriers(encut=st["encut_ev"])
-    out = {"ion": ion_label(ion)}
+    out = {"ion": ion_label(calc.ion)}
     notes = []
     for key, name in zip(_BVLAIN_KEYS, ("e1d_ev", "e2d_ev", "e3d_ev")):
         v = float(e[key])
@@ -123,6 +140,31 @@ def compute_barriers(structure, valences, ion: tuple[str, int] | None = None, se
         out["note"] = "; ".join(notes)
     out["seconds"] = round(time.process_time() - t0, 2)
     return out
+
+
+def percolating_axes(calc, energy_ev: float) -> set[str]:
+    """Lattice directions ("a", "b", "c") along which the region of the landscape of ``calc``
+    (``bvse_landscape``) less than ``energy_ev`` above its minimum connects a site to its image one
+    cell further: the direction of the channels that open at that energy.
+
+    The same test as bvlain's percolation search (2x2x2 grid supercell, 26-neighbour connectivity,
+    periodic faces), asked per lattice vector instead of counting the connected images.
+    """
+    with np.errstate(all="ignore"):
+        data = calc.data - calc.data.min()
+        labels, features = calc._connected_components(data, energy_ev)
+    shape = np.array(data.shape)
+    axes = set()
+    for f in features:
+        if f == 0:
+            continue
+        probe = np.argwhere(labels == f)[0]
+        for k, name in enumerate("abc"):
+            image = probe.copy()
+            image[k] = (image[k] + shape[k]) % (2 * shape[k])
+            if labels[tuple(image)] == f:
+                axes.add(name)
+    return axes
 
 
 # ----------------------------------------------------------------------------- cache
