@@ -10,6 +10,13 @@ structure vector has 4 standard-normal columns per family (all six build familie
 real build: ``dos`` chunked one sample per chunk with lzf compression, grouped split by
 ``data_prep.split.grouped_split`` (0.8/0.1/0.1, seed 88), grid and config attributes.
 Size: ``n_samples * n_points * W * 4`` bytes of DOS (216 kB per sample at 2000 x 27).
+
+``bond_slots=K`` (default None: no bond table, the file as before) also writes a bond table
+(``bonds/*``, ``data_prep.bonds.BondTable``, cutoff ``bond_cutoff_ang``) so that bond models
+(``structure_input`` bonds/both) train on it: per sample 4..K neighbours (uniform), distances
+ascending in 1.6..``bond_cutoff_ang`` Å, neighbour and centre elements drawn from O, Ti, Sr
+(Z 8, 22, 38), the rest of the K slots empty (mask 0). Random and plausible in shape only; the
+target does not depend on it.
 """
 from __future__ import annotations
 
@@ -46,11 +53,15 @@ def _base_spectra(rng, k: int, n_points: int, width: int) -> np.ndarray:
 
 def write_synthetic_h5(path, n_samples: int, n_points: int = 2000, n_neighbours: int = 2,
                        sites_per_material: int = 4, seed: int = 0, block: int = 256, progress=None,
-                       compression: str | None = "lzf") -> dict:
-    """Write the file (replacing one that exists); returns ``{"n_samples", "dos_bytes", "path"}``.
+                       compression: str | None = "lzf", bond_slots: int | None = None,
+                       bond_cutoff_ang: float = 6.0) -> dict:
+    """Write the file (replacing one that exists); returns ``{"n_samples", "dos_bytes", "path"}``
+    (plus ``"bond_slots"`` when a bond table is written).
 
     ``progress``: optional callable(samples written) for long files. ``compression`` of the DOS:
     "lzf" as ``build`` writes by default, or None (``build --dos-compression none``).
+    ``bond_slots``: K, write a random bond table of K slots per sample (module docstring); None
+    (default): none.
     """
     import h5py
 
@@ -85,5 +96,29 @@ def write_synthetic_h5(path, n_samples: int, n_points: int = 2000, n_neighbours:
                       np.tile(np.arange(sites_per_material), n_mat)[:n].astype(np.int32))
         w.split(split)
         w.materials(material_id=mids, split=[of[m] for m in mids])
+        if bond_slots:
+            w.bonds(synthetic_bond_table(n, int(bond_slots), bond_cutoff_ang, seed), bond_cutoff_ang)
         w.attrs(grid=json.dumps(grid.as_dict()), source="synthetic")
-    return {"path": str(path), "n_samples": n, "dos_bytes": n * n_points * width * 4}
+    out = {"path": str(path), "n_samples": n, "dos_bytes": n * n_points * width * 4}
+    if bond_slots:
+        out["bond_slots"] = int(bond_slots)
+    return out
+
+
+#: Elements of the synthetic bond table (O, Ti, Sr: the site elements of the synthetic metadata).
+BOND_ELEMENTS_Z = (8, 22, 38)
+
+
+def synthetic_bond_table(n: int, slots: int, cutoff_ang: float = 6.0, seed: int = 0):
+    """A random ``data_prep.bonds.BondTable`` of ``n`` samples and K = ``slots`` slots: per sample
+    min(K, uniform 4..K) neighbours at ascending distances (Å) in 1.6..``cutoff_ang``, elements of
+    ``BOND_ELEMENTS_Z``; empty slots 0 with mask 0 (the layout of ``data_prep.bonds.bond_table``)."""
+    from data_prep.bonds import BondTable
+
+    rng = np.random.default_rng(seed + 1)
+    k = np.minimum(rng.integers(4, max(4, slots) + 1, n), slots)
+    mask = (np.arange(slots)[None, :] < k[:, None]).astype(np.uint8)
+    dist = np.sort(rng.uniform(1.6, cutoff_ang, (n, slots)), axis=1).astype(np.float32) * mask
+    z = np.asarray(BOND_ELEMENTS_Z, np.int16)
+    return BondTable(distance_ang=dist, neighbour_z=(z[rng.integers(0, len(z), (n, slots))] * mask).astype(np.int16),
+                     mask=mask, centre_z=z[rng.integers(0, len(z), n)], n_within=k.astype(np.int32))
