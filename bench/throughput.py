@@ -1,10 +1,11 @@
 """Benchmark: training samples/s of the upstream DOSnet architecture against the root model
-(fusions none, late, early; in memory and streaming), and what helps on a CPU.
+(fusions none, late, early; the bond-aware structure branch; in memory and streaming), and what
+helps on a CPU.
 
 Usage::
 
     python bench/throughput.py [--samples 1500] [--rounds 2] [--epochs 4] [--only NAME ...] [--json PATH]
-                               [--add-to PATH]
+                               [--add-to PATH] [--bond-slots 128]
 
 One synthetic file in data_prep's layout (``data_prep/synthetic_h5.py``; 2000 x 27 per sample,
 ``--samples`` samples, 80 % of them trained on) in a temporary folder, removed afterwards. Every
@@ -21,6 +22,10 @@ Configurations (batch 32 unless named; learning rate as params.json):
 - ``dosnet``: ``DOSnet/net.py`` (upstream architecture: 3 atoms, one target), in memory;
 - ``none|late|early, memory|stream``: the root model (params.json's targets bvs_vu and valence)
   through train.py's code path, ``data.in_memory`` true or false;
+- ``late, bonds|both, memory|stream``: the root model with the bond-aware structure branch
+  (``structure_input`` bonds: the bond table instead of the structure vector; both: the two),
+  late fusion, params.json's bond keys, on the file's synthetic bond table (``--bond-slots`` K
+  neighbour slots per sample, default 128 as ``data_prep build``; 4..K filled);
 - CPU variants of ``none, stream``: ``jit_compile`` (XLA), ``threads 2/1`` (intra/inter-op
   pools; TensorFlow's default is one per core for both), ``batch 128`` with the learning rate
   scaled by 4 (linear scaling rule; only throughput is measured here, not its effect on
@@ -46,12 +51,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import run_child  # noqa: E402
 
 
+#: The rows of the issue's goal (root model >= 1.0x upstream's samples/s), summed up after the table.
+GOAL_ROWS = ("late, memory", "late, bonds, memory", "late, both, memory", "late, stream", "late, bonds, stream")
+
+
 def configurations() -> dict:
     mem, stream = {"in_memory": True}, {"in_memory": False}
     out = {"dosnet (upstream), memory": {"model": "dosnet", "params": {"data": mem}}}
     for fusion in ("none", "late", "early"):
         for label, d in (("memory", mem), ("stream", stream)):
             out[f"{fusion}, {label}"] = {"params": {"fusion": fusion, "data": d}}
+    for struct in ("bonds", "both"):
+        for label, d in (("memory", mem), ("stream", stream)):
+            out[f"late, {struct}, {label}"] = {"params": {"fusion": "late", "structure_input": struct, "data": d}}
     base = {"fusion": "none", "data": stream}
     out["none, stream, jit_compile"] = {"params": base, "jit_compile": True}
     out["none, stream, threads 2/1"] = {"params": base, "threads": [2, 1]}
@@ -69,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tmp-dir")
     ap.add_argument("--json")
     ap.add_argument("--add-to", metavar="PATH", help="add to the rounds of an earlier --json file, write it back")
+    ap.add_argument("--bond-slots", type=int, default=128,
+                    help="neighbour slots per sample of the synthetic bond table (default 128, as data_prep build)")
     args = ap.parse_args(argv)
     configs = configurations()
     if args.only:
@@ -77,8 +91,9 @@ def main(argv=None) -> int:
     results: dict = {k: [] for k in configs}
     if args.add_to and Path(args.add_to).exists():
         old = json.loads(Path(args.add_to).read_text())
-        if (old["file"]["n_samples"], old["epochs"]) != (args.samples, args.epochs):
-            print("bench/throughput.py: error: --add-to file has other --samples/--epochs", file=sys.stderr)
+        if (old["file"]["n_samples"], old["epochs"], old.get("bond_slots", args.bond_slots)) != \
+                (args.samples, args.epochs, args.bond_slots):
+            print("bench/throughput.py: error: --add-to file has other --samples/--epochs/--bond-slots", file=sys.stderr)
             return 1
         for k, v in old["summary"].items():
             results.setdefault(k, []).extend(v["runs"])
@@ -86,7 +101,7 @@ def main(argv=None) -> int:
     try:
         from data_prep.synthetic_h5 import write_synthetic_h5
 
-        info = write_synthetic_h5(work / "bench.h5", args.samples)
+        info = write_synthetic_h5(work / "bench.h5", args.samples, bond_slots=args.bond_slots)
         for r in range(args.rounds):
             for name, cfg in configs.items():
                 print(f"round {r + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
@@ -103,6 +118,9 @@ def main(argv=None) -> int:
                          "peak_rss_gb": max(x["peak_rss_gb"] for x in runs), "runs": runs}
     ref = summary.get(ref_name, {}).get("best")
     none_stream = summary.get("none, stream", {}).get("best")
+    for s in summary.values():  # the ratios of the table, best against best
+        s["x_upstream"] = round(s["best"] / ref, 3) if ref else None
+        s["x_none_stream"] = round(s["best"] / none_stream, 3) if none_stream else None
     n_rounds = max(len(s["runs"]) for s in summary.values())
     print(f"\n{args.samples} samples x 2000 x 27 ({info['dos_bytes'] / 1e9:.2f} GB DOS), "
           f"{summary[next(iter(summary))]['runs'][0]['train_rows']} trained per epoch, {args.epochs} epochs; "
@@ -115,12 +133,18 @@ def main(argv=None) -> int:
         rel2 = f"{s['best'] / none_stream:.2f}" if none_stream else "-"
         print(f"| {name} | {s['best']:.0f} | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) | {rel} | {rel2} | "
               f"{s['peak_rss_gb']:.2f} |")
+    goal = {name: summary[name]["x_upstream"] for name in GOAL_ROWS if name in summary}
+    if ref and goal:
+        print("\nagainst upstream (goal >= 1.0x, best epochs): "
+              + "; ".join(f"{name} {summary[name]['best']:.0f} samples/s = {x:.2f}x" for name, x in goal.items()))
     if args.add_to and not args.json:
         args.json = args.add_to
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
                                                           f"{platform.platform()}", "file": info,
                                                "epochs": args.epochs, "rounds": args.rounds,
+                                               "bond_slots": args.bond_slots, "reference": ref_name,
+                                               "goal_x_upstream": {"goal": 1.0, **goal},
                                                "summary": summary}, indent=1) + "\n")
     return 0
 
