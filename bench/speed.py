@@ -16,7 +16,13 @@ the machine's own speed; with one epoch, that epoch), ``median_samples_per_s`` o
 ``first_epoch_samples_per_s``, ``scaler_seconds`` (the
 statistics pass over the training rows: one streaming pass when streaming), ``load_seconds``,
 ``peak_rss_gb`` (``resource.getrusage``: the process's maximum resident set, everything included:
-Python, TensorFlow, data, model), the input path and the training rows. Only the training split
+Python, TensorFlow, data, model), the input path and the training rows. To tell a run that did
+more work from one that waited (the slow second lzf streaming run of docs/scaling.md), also:
+``epoch_cpu_seconds`` (the process's user + system CPU per epoch, all threads),
+``cpu_ms_per_sample`` (of the best epoch), ``fit_read_mb`` (bytes the process fetched from storage
+during ``fit``, ``/proc/self/io`` read_bytes: page-cache hits do not count, so > 0 means the
+file was read from the disk) and ``fit_involuntary_switches`` (times the kernel preempted a
+thread of the process: grows when other processes, or more threads than cores, compete). Only the training split
 is trained on; no validation pass, no prediction.
 """
 from __future__ import annotations
@@ -37,16 +43,38 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-def epoch_timer(times: list):
-    """A Keras callback that appends each epoch's wall-clock seconds to ``times``."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process has fetched from storage (``/proc/self/io`` read_bytes; page-cache hits
+    excluded), or -1 where the kernel does not report it."""
+    try:
+        with open("/proc/self/io") as fh:
+            for line in fh:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def epoch_timer(times: list, cpu: list | None = None):
+    """A Keras callback that appends each epoch's wall-clock seconds to ``times`` (and, when
+    given, its process CPU seconds to ``cpu``)."""
     import keras
 
     class EpochTimer(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), cpu_seconds()
 
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.t)
+            if cpu is not None:
+                cpu.append(cpu_seconds() - self.c)
 
     return EpochTimer()
 
@@ -111,16 +139,23 @@ def measure(h5, config: dict) -> dict:
                    "batch_size": params["batch_size"], "shuffle": True}
     if config.get("jit_compile"):
         model.jit_compile = True
-    times = []
-    hist = model.fit(**fit, epochs=epochs, verbose=0, callbacks=[epoch_timer(times)])
+    times, cpu = [], []
+    io0, sw0 = storage_read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+    hist = model.fit(**fit, epochs=epochs, verbose=0, callbacks=[epoch_timer(times, cpu)])
+    io1, sw1 = storage_read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
     n = len(rows)
-    return {"model": kind, "fusion": params["fusion"], "batch_size": params["batch_size"],
+    best = min(range(1, len(times)) or range(len(times)), key=lambda i: times[i])
+    return {"model": kind, "fusion": params["fusion"], "structure_input": params.get("structure_input", "vector"),
+            "batch_size": params["batch_size"],
             "input": "streaming" if streaming else "in memory", "precision": params["precision"],
             "jit_compile": bool(config.get("jit_compile")), "threads": config.get("threads"),
             "train_rows": int(n), "epochs": epochs, "epoch_seconds": [round(t, 2) for t in times],
             "samples_per_s": round(n / min(times[1:] or times), 1),
             "median_samples_per_s": round(n / sorted(times[1:] or times)[(len(times[1:] or times) - 1) // 2], 1),
             "first_epoch_samples_per_s": round(n / times[0], 1),
+            "epoch_cpu_seconds": [round(c, 2) for c in cpu], "cpu_ms_per_sample": round(cpu[best] / n * 1e3, 3),
+            "fit_read_mb": round((io1 - io0) / 1e6, 1) if io0 >= 0 and io1 >= 0 else None,
+            "fit_involuntary_switches": int(sw1 - sw0),
             "loss": [round(float(v), 4) for v in hist.history["loss"]],
             "scaler_seconds": round(scaler_s, 2), "load_seconds": round(load_s, 2),
             "peak_rss_gb": round(peak_rss_gb(), 3), "dos_gb": round(data.dos.shape[0] * data.dos.shape[1]
