@@ -59,6 +59,13 @@ def test_mulliken_weights_sum_to_one_per_band_and_split_a_shared_orbital():
     np.testing.assert_allclose(pbe.mulliken_weights(u, np.eye(n)), np.abs(u) ** 2, atol=1e-12)
 
 
+def test_start_moments_are_mp_values_capped_at_the_high_spin_ion():
+    assert pbe.initial_magmoms(rocksalt(4.3, "Fe", "O"), [2, -2]) == [4.0, 0.6]  # Fe2+ d6: MP's 5 -> 4
+    assert pbe.initial_magmoms(rocksalt(4.4, "Mn", "O"), [2, -2]) == [5.0, 0.6]  # Mn2+ d5: MP's 5
+    assert pbe.initial_magmoms(rocksalt(4.2, "Ni", "O"), [2, -2]) == [2.0, 0.6]  # Ni2+ d8: 2 unpaired
+    assert pbe.initial_magmoms(rocksalt(4.3, "Fe", "O")) == [5.0, 0.6]  # no valences: MP's table
+
+
 def test_per_site_l1_is_zero_for_equal_and_two_for_disjoint():
     a = np.zeros((10, 2, 9))
     b = np.zeros((10, 2, 9))
@@ -67,6 +74,70 @@ def test_per_site_l1_is_zero_for_equal_and_two_for_disjoint():
     b[7, 1, 0] = 1.0
     l1 = pbe.per_site_l1(a, b)
     assert l1[0] == pytest.approx(0.0) and l1[1] == pytest.approx(2.0)
+
+
+def _tight_binding(n: int, t: float = 1.0):
+    """Full Γ-centred n³ mesh of a simple-cubic s band E = -2t Σ cos(2π k_i) and its fractional k-points."""
+    k = np.stack(np.meshgrid(*(np.arange(n) / n - 0.5,) * 3, indexing="ij"), axis=-1).reshape(-1, 3)
+    return k, (-2 * t * np.cos(2 * np.pi * k).sum(axis=1))[:, None]
+
+
+def test_tetrahedron_dos_integrates_to_the_weights_and_converges_where_sampling_does_not():
+    pytest.importorskip("ase")
+    cell = np.eye(3) * 3.0
+    energies = np.arange(-6.5, 6.5, 0.01)
+    k, eig = _tight_binding(8)
+    w = np.stack([np.ones_like(eig), 0.25 * np.ones_like(eig)], axis=-1)  # two channels: 1 and 1/4 of the band
+    dos = pbe.tetrahedron_states(cell, [8, 8, 8], k, eig, w, energies)
+    assert dos.shape == (energies.size, 2)
+    assert dos[:, 0].sum() * 0.01 == pytest.approx(1.0, abs=2e-3)
+    np.testing.assert_allclose(dos[:, 1], 0.25 * dos[:, 0], atol=1e-12)
+    # against the same DOS on a mesh twice as dense, both Gaussian-broadened at 0.1 eV: tetrahedra on
+    # the 8³ mesh are close (measured 0.043), sampling its eigenvalues is far (0.75; SrTiO3's problem)
+    kf, eigf = _tight_binding(16)
+    fine = pbe.tetrahedron_states(cell, [16, 16, 16], kf, eigf, np.ones_like(eigf)[..., None], energies)[:, 0]
+    g = np.exp(-0.5 * (np.arange(-50, 51) * 0.01 / 0.1) ** 2)
+    g /= g.sum()
+    smooth = lambda x: np.convolve(x, g, mode="same")  # noqa: E731
+    sampled = np.histogram(eig.ravel(), bins=energies.size, range=(energies[0] - 0.005, energies[-1] + 0.005))[0]
+    sampled = sampled / (eig.size * 0.01)
+    l1_tetra = np.abs(smooth(dos[:, 0]) - smooth(fine)).sum() * 0.01
+    l1_sampled = np.abs(smooth(sampled) - smooth(fine)).sum() * 0.01
+    assert l1_tetra < 0.1 < 0.5 < l1_sampled
+
+
+def test_tetrahedron_keeps_flat_and_narrow_bands_and_agrees_with_ase_on_a_wide_one():
+    """A semicore level (flat) and a 5 meV-wide band lie inside one 0.01 eV bin: interpolating the
+    DOS at grid points loses them (ASE's linear_tetrahedron_integration gives 0 for the flat one);
+    counting states per bin keeps every one. On a wide band both agree."""
+    ase_dos = pytest.importorskip("ase.dft.dos")
+    k, wide = _tight_binding(6)
+    narrow = -8.0 + 0.0025 * (wide - wide.mean()) / wide.std()
+    flat = np.full_like(wide, -10.0031)
+    eig = np.concatenate([wide, narrow, flat], axis=1)
+    w = np.stack([np.eye(3)[b] * np.ones_like(wide) for b in range(3)], axis=1)  # channel b = band b
+    energies = np.arange(-12.0, 7.0, 0.01)
+    dos = pbe.tetrahedron_states(np.eye(3) * 3.0, [6, 6, 6], k, eig, w, energies)
+    np.testing.assert_allclose(dos.sum(axis=0) * 0.01, [1.0, 1.0, 1.0], atol=1e-9)
+    assert dos[np.argmin(np.abs(energies + 10.0031)), 2] * 0.01 == pytest.approx(1.0)
+    ref = ase_dos.linear_tetrahedron_integration(np.eye(3) * 3.0, wide.reshape(6, 6, 6, 1), energies)
+    assert np.abs(ref - dos[:, 0]).sum() * 0.01 < 0.02
+
+
+def test_fermi_level_places_the_electron_count():
+    eigs = [np.array([-5.0, -1.0, 0.0, 2.0]), np.array([-4.0, -0.5, 0.5, 3.0])]
+    mu = pbe.fermi_level(eigs, [1.0, 1.0], 5.0, 0.05)
+    n = sum(pbe.fermi_dirac(e, mu, 0.05).sum() for e in eigs)
+    assert n == pytest.approx(5.0, abs=1e-6) and -0.5 < mu < 0.5
+    assert pbe.fermi_level(eigs, [2.0, 2.0], 8.0, 0.05) == pytest.approx(-0.25, abs=1e-6)  # mid-gap of -0.5 and 0
+    with pytest.raises(pbe.PBEError, match="cannot place"):
+        pbe.fermi_level(eigs, [1.0, 1.0], 9.0, 0.05)
+
+
+def test_tetrahedron_refuses_a_reduced_mesh():
+    k, eig = _tight_binding(4)
+    with pytest.raises(pbe.PBEError, match="full"):
+        pbe.tetrahedron_states(np.eye(3), [4, 4, 4], k[:40], eig[:40], eig[:40, :, None], np.arange(-6, 6, 0.1))
 
 
 def test_anions_outside_bond_valence_theory_are_dropped_with_a_reason():
@@ -102,10 +173,11 @@ def _checks() -> dict:
 
 @pytest.mark.parametrize("formula", [
     "MgO", "TiO2",
-    # Known open (issue 13): at the recipe's density 5 the Sr (0.245) and Ti (0.131) sites of
-    # SrTiO3 still move against density 10 (dispersive Sr 4d / Ti 3d conduction bands at
-    # sigma 0.1 eV); strict, so this test fails as soon as the recipe converges it.
-    pytest.param("SrTiO3", marks=pytest.mark.xfail(strict=True, reason="SrTiO3 not converged in k at density 5")),
+    # Known open (issue 13): with tetrahedron integration SrTiO3's Ti and O sites converge (0.040,
+    # 0.046; 0.131 and 0.100 with sampled k-points), its Sr site does not quite: 0.116 at density 5
+    # against 10 (was 0.245), from the ~1 state of Sr weight inside the O 2p band, which the
+    # per-site normalisation magnifies. Strict: this fails as soon as the recipe converges it.
+    pytest.param("SrTiO3", marks=pytest.mark.xfail(strict=True, reason="SrTiO3's Sr site at L1 0.116 > 0.1")),
 ])
 def test_committed_kpoint_convergence(formula):
     conv = {row["formula"]: row for row in _checks()["convergence"]}
@@ -133,10 +205,10 @@ def test_committed_pbe_records_are_valid_and_relaxed_where_hypothetical():
         rec.validate()
         assert rec.method == pbe.METHOD
         calc = rec.provenance["calculation"]
-        assert calc["xc"] == "PBE" and calc.get("max_band_weight_error", 0.0) < 0.01  # absent in the first records
-        # insulators: exact; (semi)metals within 2 %: the DOS step keeps the SCF's Fermi level, and on
-        # the denser mesh the smeared occupations of bands crossing it need not add up to N exactly
-        tol = 1e-3 if rec.spectrum.band_gap_ev > 0.1 else 0.02 * rec.spectrum.n_electrons
+        assert calc["xc"] == "PBE" and calc["max_band_weight_error"] < 0.01
+        assert calc["dos_method"] == pbe.DOS_METHOD, f"{rec.material_id}: computed with another DOS method"
+        # the DOS mesh's own Fermi level holds every electron, metals included
+        tol = 1e-3
         assert calc["occupied_weight"] == pytest.approx(rec.spectrum.n_electrons, abs=tol), rec.material_id
         if rec.origin == "substituted":
             relax = rec.provenance["relaxation"]
@@ -148,14 +220,14 @@ def test_committed_pbe_records_are_valid_and_relaxed_where_hypothetical():
 @pytest.mark.skipif(not HAVE_GPAW, reason="GPAW (the 'compute' extra) is not installed")
 def test_mgo_pbe_channels_electrons_and_cubic_symmetry():
     settings = pbe.PBESettings(scf_kdensity=1.5, dos_kdensity=2.0)
-    r = pbe.run_pbe(rocksalt(4.25), [2, -2], settings, window_ev=(-200.0, 200.0))
+    r = pbe.run_pbe(rocksalt(4.25), [2, -2], settings, window_ev=(-80.0, 20.0))  # Mg 2p lies near -45 eV
     sp = r.spectrum
     assert r.info["max_band_weight_error"] < 1e-8  # the channels of every band sum to the total DOS
     assert r.info["occupied_weight"] == pytest.approx(sp.n_electrons, abs=1e-6)
     occ = sp.energies_ev <= sp.reference_ev + 1e-6
     assert sp.weights[occ].sum() == pytest.approx(sp.n_electrons, rel=1e-3)  # all states inside the window
     o_p = sp.weights[:, 1, 1:4].sum(axis=0)
-    np.testing.assert_allclose(o_p, o_p.mean(), rtol=1e-6)  # py = pz = px in rock salt
+    np.testing.assert_allclose(o_p, o_p.mean(), rtol=1e-5)  # py = pz = px in rock salt (tetrahedra: 3e-6)
     assert 3.5 < sp.band_gap_ev < 6.0  # PBE gap of MgO ~4.5 eV (the xTB Γ supercell gave 0.09)
 
 

@@ -269,6 +269,21 @@ def family_balanced_order(entries: list[StructureEntry], costs: dict) -> list[St
     return ordered
 
 
+def _stop_on_sigterm():
+    """SIGTERM (``kill PID``) stops a run like Ctrl-C: the workers are killed with it (left alone,
+    a spawned worker outlives its parent and computes on). Returns the previous handler, or None
+    off the main thread (signals cannot be set there)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 # --------------------------------------------------------------------------------------------
 def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, time_limit_s: float = 600,
                      progress: bool = True, retry_failed: bool = False, min_length_ang: float = MIN_LENGTH_ANG,
@@ -361,6 +376,7 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
     workers: list[_Worker] = []
     queue = list(todo)
     startup_failures = 0
+    previous_term = _stop_on_sigterm()
     try:
         if queue:
             workers = [_Worker(ctx, settings) for _ in range(max(1, min(int(n_procs), len(queue))))]
@@ -409,7 +425,7 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
                     if not w.ready:
                         startup_failures += 1
                         if startup_failures > 2 * max(1, int(n_procs)):
-                            raise RuntimeError(f"GFN1-xTB workers die while starting (exit code {w.proc.exitcode});"
+                            raise RuntimeError(f"{method} workers die while starting (exit code {w.proc.exitcode});"
                                                " run one entry with data_prep.embedded.compute.make_record to see why")
                     w.stop(kill=True)
                     if queue:
@@ -423,6 +439,8 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
     finally:
         for w in workers:
             w.stop(kill=bool(summary.get("interrupted")) or w.task is not None)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         if bar is not None:
             bar.close()
         summary["seconds"] = round(time.perf_counter() - t_start, 2)

@@ -17,13 +17,18 @@ matters for comparing with MP's DOS:
 - **k-points**: self-consistent run on a Γ-centred mesh of density :data:`SCF_KDENSITY` (points per
   Å⁻¹, ASE's definition), then a non-self-consistent step at :data:`DOS_KDENSITY` with all
   symmetry off (with point-group symmetry on, the three p channels of O in rock salt come out
-  unequal because GPAW does not rotate the projections) and every LCAO band (``nbands='nao'``),
-  on an *even* Γ-centred mesh, which holds both Γ and the zone-boundary points where band edges
-  usually sit: with odd meshes the VBM (the reference level) of SrTiO3 (at R) moved by 28 meV
-  between densities d and 2d and shifted every site's DOS by as much (per-site L1 0.32).
-  so the spectrum reaches well past +6 eV. :data:`DOS_KDENSITY` = 5 is the converged choice
-  (bench/pbe_convergence.py, per-site L1 of the unit-area site DOS against twice the density, at
-  σ = 0.1 eV: MgO 0.084 at 5 where 3.5 gave 0.18 on the Mg site; rutile 0.107 at 3.5).
+  unequal because GPAW does not rotate the projections) and every LCAO band (``nbands='nao'``,
+  so the spectrum reaches well past +6 eV), on an *even* Γ-centred mesh, which holds both Γ and
+  the zone-boundary points where band edges usually sit: with odd meshes the VBM (the reference
+  level) of SrTiO3 (at R) moved by 28 meV between densities d and 2d and shifted every site's DOS
+  by as much (per-site L1 0.32).
+- **DOS integration** (:data:`DOS_METHOD`): linear tetrahedra on the full mesh
+  (:func:`tetrahedron_states`), as MP's ISMEAR = -5, counted per 0.01 eV bin so that flat
+  semicore levels and narrow d bands keep all their states; the Mulliken weights are the
+  tetrahedron's corner mean. Sampling the k-points instead (``"states"``, the first 13 records)
+  left SrTiO3 unconverged at density 5 against 10 (per-site L1 0.245 on Sr, 0.131 on Ti, at
+  σ = 0.1 eV); ``bench/pbe_convergence.py`` writes the check for the current recipe to
+  ``pbe_checks.json`` (numbers in data_prep/README.md).
 - **Projection**: Mulliken on the LCAO coefficients. For band n at k the weight of basis function
   μ is Re[C*_nμ (C Sᵀ)_nμ] (S the overlap matrix with the PAW corrections), which sums to 1 over μ;
   zetas and polarisation functions of the same (l, m) are summed. GPAW's PAW-projector PDOS is
@@ -57,6 +62,11 @@ SCF_KDENSITY = 2.0
 DOS_KDENSITY = 5.0
 SMEARING_EV = 0.05
 BASIS = "dzp"
+#: how the NSCF eigenvalues become a DOS: "tetrahedron" (linear tetrahedron interpolation of the
+#: Mulliken weights on the full mesh, sampled every TETRA_STEP_EV; what MP's ISMEAR = -5 does) or
+#: "states" (the discrete k-point states, broadened later by the grid's Gaussian)
+DOS_METHOD = "tetrahedron"
+TETRA_STEP_EV = 0.01
 
 #: MP's U values (eV, Dudarev) for oxides and fluorides (pymatgen MPRelaxSet / MPScanRelaxSet GGA+U).
 MP_U_EV = {"Co": 3.32, "Cr": 3.7, "Fe": 5.3, "Mn": 3.9, "Mo": 4.38, "Ni": 6.2, "V": 3.25, "W": 6.2}
@@ -87,6 +97,7 @@ class PBESettings:
     smearing_ev: float = SMEARING_EV
     basis: str = BASIS
     max_scf_iter: int = 300
+    dos_method: str = DOS_METHOD
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -147,8 +158,19 @@ def spin_polarised(structure: Structure, valences: list[int] | None) -> bool:
     return False
 
 
-def initial_magmoms(structure: Structure) -> list[float]:
-    return [MP_MAGMOM.get(s.specie.symbol, MP_MAGMOM_DEFAULT) for s in structure]
+def initial_magmoms(structure: Structure, valences: list[int] | None = None) -> list[float]:
+    """MP's start moments, capped at the high-spin moment of each d ion in its bond-valence state:
+    MP's 5 μB on Fe2+ (d6, at most 4 unpaired) leaves GPAW no way to place the atom's electrons in
+    its basis ('Bad basis for Fe' in FeO); closed d shells keep MP's default."""
+    out = []
+    for i, site in enumerate(structure):
+        el = site.specie.symbol
+        m = MP_MAGMOM.get(el, MP_MAGMOM_DEFAULT)
+        nd = n_d_electrons(el, valences[i]) if valences is not None else None
+        if nd is not None and 0 <= nd <= 10:
+            m = min(m, max(float(min(nd, 10 - nd)), MP_MAGMOM_DEFAULT))
+        out.append(m)
+    return out
 
 
 def hubbard_u(structure: Structure) -> dict[str, float]:
@@ -197,24 +219,13 @@ def _mesh(atoms, density: float, even: bool = False) -> list[int]:
     return [int(x) for x in kptdensity2monkhorstpack(atoms, density, even=even)]
 
 
-def _window_bands(eig_ev, ref_ev, lo_ev, hi_ev):
-    rel = eig_ev - ref_ev
-    return np.nonzero((rel >= lo_ev) & (rel <= hi_ev))[0]
-
-
-def run_pbe(structure: Structure, valences: list[int] | None = None, settings: PBESettings | None = None,
-            window_ev: tuple[float, float] = (-16.0, 8.0), txt: str | None = None) -> PBEResult:
-    """PBE(+U) projected DOS of ``structure`` as discrete states (see the module docstring).
-
-    ``window_ev``: only states within this window relative to the reference level are projected
-    (the weight of the rest is still counted per atom in ``info['weight_outside']``).
-    """
+def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings, txt: str | None):
+    """Self-consistent PBE(+U) run: (calculator, atoms, info) or PBEError."""
     try:
         from gpaw import GPAW
         from pymatgen.io.ase import AseAtomsAdaptor
     except ImportError as exc:
         raise PBEError(f"GPAW is not installed ({exc}); install the 'compute' extra (see data_prep/README.md)")
-    settings = settings or PBESettings()
     missing = sorted({e.symbol for e in structure.composition.elements} - available_elements())
     if missing:
         raise PBEError(f"no GPAW PAW setup or {settings.basis} basis for {', '.join(missing)}")
@@ -222,7 +233,7 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
     atoms = AseAtomsAdaptor.get_atoms(structure)
     spin = spin_polarised(structure, valences)
     if spin:
-        atoms.set_initial_magnetic_moments(initial_magmoms(structure))
+        atoms.set_initial_magnetic_moments(initial_magmoms(structure, valences))
     u = hubbard_u(structure)
     setups = {el: f":d,{val}" for el, val in u.items()} or "paw"
     occupations = {"name": "fermi-dirac", "width": settings.smearing_ev}
@@ -234,15 +245,173 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
         energy = atoms.get_potential_energy()
     except Exception as exc:  # SCF not converged and friends
         raise PBEError(f"SCF failed: {type(exc).__name__}: {exc}") from exc
-    t_scf = time.perf_counter() - t0
-    magmom = float(calc.get_magnetic_moment()) if spin else 0.0
-    nscf = calc.fixed_density(kpts={"density": settings.dos_kdensity, "gamma": True, "even": True}, symmetry="off",
+    info = {"spin_polarised": spin, "hubbard_u_ev": u, "energy_ev": float(energy),
+            "magmom_total": float(calc.get_magnetic_moment()) if spin else 0.0,
+            "kpts_scf": _mesh(atoms, settings.scf_kdensity), "seconds_scf": round(time.perf_counter() - t0, 2)}
+    return calc, atoms, info
+
+
+def fermi_dirac(e_ev: np.ndarray, mu_ev: float, width_ev: float) -> np.ndarray:
+    """Occupation (0-1) of levels ``e_ev`` at chemical potential ``mu_ev`` and Fermi-Dirac width."""
+    return 0.5 * (1.0 - np.tanh(0.5 * (np.asarray(e_ev, float) - mu_ev) / width_ev))
+
+
+def fermi_level(eigs: list, weights: list, n_electrons: float, width_ev: float) -> float:
+    """Chemical potential (eV) at which levels ``eigs[i]`` (one array per k-point and spin, each
+    level holding ``weights[i]`` electrons when full) hold ``n_electrons`` with Fermi-Dirac
+    smearing ``width_ev``; bisection to 1e-9 eV."""
+    e = np.concatenate([np.asarray(x, float) for x in eigs])
+    w = np.concatenate([np.full(len(x), float(wt)) for x, wt in zip(eigs, weights)])
+    if not 0 < n_electrons < w.sum():
+        raise PBEError(f"cannot place {n_electrons:g} electrons in {w.sum():g} states")
+    lo, hi = e.min() - 50 * width_ev, e.max() + 50 * width_ev
+    while hi - lo > 1e-9:
+        mid = 0.5 * (lo + hi)
+        if (w * fermi_dirac(e, mid, width_ev)).sum() < n_electrons:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _mesh_index(kpt_kc: np.ndarray, size: list[int]) -> np.ndarray:
+    """(K, 3) integer position of each full-mesh k-point in the (n1, n2, n3) Monkhorst-Pack array."""
+    n = np.asarray(size)
+    idx = np.rint(np.asarray(kpt_kc) * n).astype(int) % n
+    flat = np.ravel_multi_index(idx.T, n)
+    if np.unique(flat).size != flat.size or flat.size != int(np.prod(n)):
+        raise PBEError(f"k-points do not form the full {size} mesh (symmetry reduction?)")
+    return idx
+
+
+#: the corners (cube offsets) of the 6 tetrahedra around the cube diagonal from (0,0,0) to (1,1,1):
+#: one per order in which the three axes are stepped
+_TETRA_PATHS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+
+
+def _tetrahedra(cell: np.ndarray, size) -> np.ndarray:
+    """(6, 4, 3) integer corner offsets of the 6 tetrahedra of a mesh cube, split along its
+    shortest main diagonal in reciprocal space (Blöchl et al., PRB 49, 16223 (1994))."""
+    recip = np.linalg.inv(np.asarray(cell, float)).T / np.asarray(size)[:, None]  # rows: mesh steps
+    starts = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    lengths = [np.linalg.norm((1 - 2 * p) @ recip) for p in starts]
+    p = starts[int(np.argmin(lengths))]
+    out = []
+    for path in _TETRA_PATHS:
+        corner = p.copy()
+        corners = [corner.copy()]
+        for axis in path:
+            corner[axis] = 1 - corner[axis]
+            corners.append(corner.copy())
+        out.append(corners)
+    return np.array(out)
+
+
+def _cumulative_states(e: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Fraction (0-1) of a tetrahedron's states below ``x``; ``e`` (..., 4) sorted, strictly rising."""
+    e0, e1, e2, e3 = (e[..., i] for i in range(4))
+    out = np.where(x >= e3, 1.0, 0.0)
+    r1 = (x > e0) & (x <= e1)
+    r2 = (x > e1) & (x <= e2)
+    r3 = (x > e2) & (x < e3)
+    with np.errstate(all="ignore"):
+        n1 = (x - e0) ** 3 / ((e1 - e0) * (e2 - e0) * (e3 - e0))
+        d = x - e1
+        n2 = ((e1 - e0) ** 2 + 3 * (e1 - e0) * d + 3 * d ** 2
+              - ((e2 - e0) + (e3 - e1)) * d ** 3 / ((e2 - e1) * (e3 - e1))) / ((e2 - e0) * (e3 - e0))
+        n3 = 1.0 - (e3 - x) ** 3 / ((e3 - e0) * (e3 - e1) * (e3 - e2))
+    out = np.where(r1, n1, out)
+    out = np.where(r2, n2, out)
+    out = np.where(r3, n3, out)
+    return np.clip(out, 0.0, 1.0)
+
+
+def tetrahedron_states(cell: np.ndarray, size: list[int], kpt_kc: np.ndarray, eig_kn: np.ndarray,
+                       w_knc: np.ndarray, energies_ev: np.ndarray, max_items: int = 4_000_000) -> np.ndarray:
+    """(len(energies), C) projected DOS per eV by the linear tetrahedron method on the full mesh.
+
+    ``eig_kn`` (K, bands) in eV and ``w_knc`` (K, bands, C) channel weights per band (spin degeneracy
+    included, no k-point weight); ``energies_ev`` a uniform grid whose points are the centres of bins
+    of one step. Each tetrahedron's states are counted per bin from the analytic integrated DOS of
+    its linear band (differences at the bin edges), so every state is kept however flat its band
+    (a semicore level, a narrow d band) and the DOS integrates exactly to the mean weight over k of
+    the bands inside the grid; a channel's weight is the tetrahedron's corner mean (constant inside
+    it). The integration MP's ISMEAR = -5 does (there with Blöchl's corrections).
+    """
+    from scipy.sparse import coo_matrix
+
+    energies_ev = np.asarray(energies_ev, float)
+    step = float(energies_ev[1] - energies_ev[0])
+    n_bins = energies_ev.size
+    edge0 = energies_ev[0] - 0.5 * step
+    n = np.asarray(size)
+    idx = _mesh_index(kpt_kc, size)
+    eigs = np.zeros(tuple(size) + eig_kn.shape[1:])
+    w = np.zeros(tuple(size) + w_knc.shape[1:])
+    eigs[idx[:, 0], idx[:, 1], idx[:, 2]] = eig_kn
+    w[idx[:, 0], idx[:, 1], idx[:, 2]] = w_knc
+    origins = np.indices(size).reshape(3, -1).T  # (K, 3) every cube of the periodic mesh
+    n_k, n_bands, n_ch = origins.shape[0], eig_kn.shape[1], w_knc.shape[2]
+    tets = _tetrahedra(cell, size)
+    dos = np.zeros((n_bins, n_ch))
+    v = 1.0 / (6 * n_k)  # volume fraction of one tetrahedron
+    chunk = max(1, max_items // (6 * n_k * max(1, n_ch)))  # bands per pass (bounded memory)
+    bump = np.arange(4) * 1e-9  # breaks exact degeneracies (eV); far below any bin
+    for b0 in range(0, n_bands, chunk):
+        bands = slice(b0, min(n_bands, b0 + chunk))
+        e_list, w_list = [], []
+        for t in tets:
+            c = (origins[:, None, :] + t[None, :, :]) % n  # (K, 4, 3)
+            e_list.append(eigs[c[..., 0], c[..., 1], c[..., 2], bands])  # (K, 4, nb)
+            w_list.append(w[c[..., 0], c[..., 1], c[..., 2], bands].mean(axis=1))  # (K, nb, C)
+        e = np.concatenate(e_list).transpose(0, 2, 1).reshape(-1, 4)  # (items, 4)
+        wm = np.concatenate(w_list).reshape(-1, n_ch)  # (items, C)
+        e = np.sort(e, axis=1) + bump
+        lo = np.floor((e[:, 0] - edge0) / step).astype(np.int64)
+        hi = np.floor((e[:, 3] - edge0) / step).astype(np.int64)
+        keep = (hi >= 0) & (lo < n_bins)
+        e, wm, lo, hi = e[keep], wm[keep], lo[keep], hi[keep]
+        items = np.arange(len(e))
+        rows, cols, vals = [], [], []
+        prev = _cumulative_states(e, edge0 + lo * step)
+        for j in range(int((hi - lo).max(initial=-1)) + 1):
+            live = lo + j <= hi
+            if not live.any():
+                break
+            x = edge0 + (lo + j + 1) * step
+            cur = _cumulative_states(e, x)
+            b = lo + j
+            ok = live & (b >= 0) & (b < n_bins)
+            rows.append(b[ok])
+            cols.append(items[ok])
+            vals.append((cur - prev)[ok])
+            prev = cur
+        if rows:
+            a = coo_matrix((np.concatenate(vals) * v, (np.concatenate(rows), np.concatenate(cols))),
+                           shape=(n_bins, len(e))).tocsr()
+            dos += a @ wm
+    return dos / step
+
+
+def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method: str,
+                   window_ev: tuple[float, float], txt: str | None, smearing_ev: float = SMEARING_EV):
+    """Non-self-consistent DOS on an even Γ-centred mesh: (Spectrum, info)."""
+    t0 = time.perf_counter()
+    size = _mesh(atoms, density, even=True)
+    nscf = calc.fixed_density(kpts={"density": density, "gamma": True, "even": True}, symmetry="off",
                               nbands="nao", txt=txt or os.devnull)
     ibz = nscf.dft.ibzwfs
     n_electrons = float(nscf.get_number_of_electrons())
-    efermi_ev = float(ibz.fermi_level) * HARTREE_EV
+    efermi_scf_ev = float(ibz.fermi_level) * HARTREE_EV
     homo, lumo = (float(x) * HARTREE_EV for x in ibz.get_homo_lumo())
     gap_ev = max(0.0, lumo - homo)
+    if not math.isfinite(gap_ev):
+        raise PBEError("band gap is not finite")
+    # the Fermi level of the DOS mesh itself: the SCF's, kept by GPAW's fixed-density step, puts
+    # the wrong number of electrons below it on another mesh (a metal, CuTe: 33.1 of 34)
+    efermi_ev = fermi_level([np.asarray(w.eig_n) * HARTREE_EV for w in ibz._wfs_u],  # noqa: SLF001
+                            [float(w.weight) * float(w.spin_degeneracy) for w in ibz._wfs_u],  # noqa: SLF001
+                            n_electrons, smearing_ev)
     ref_ev = Spectrum.reference_from(homo, efermi_ev, gap_ev)
 
     atom_M, chan_M, f_M = _basis_channels(nscf.dft.setups)
@@ -252,53 +421,82 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
     to_chan = np.zeros((atom_M.size, n_atoms * N_ORBITALS))  # basis function -> (atom, orbital) channel
     nf = ~f_M
     to_chan[np.nonzero(nf)[0], atom_M[nf] * N_ORBITALS + chan_M[nf]] = 1.0
-    energies, weights = [], []
+    lo, hi = ref_ev + window_ev[0], ref_ev + window_ev[1]
+    per_spin: dict[int, dict[str, list]] = {}
     f_weight = np.zeros(n_atoms)
     outside = np.zeros(n_atoms)
     occupied = 0.0
-    n_k = 0
     worst_sum = 0.0  # largest |sum of a band's Mulliken weights - 1| (channels + f vs the total DOS)
     for wfs in ibz._wfs_u:  # noqa: SLF001 - GPAW's per-(k, spin) LCAO wave functions
         eig_ev = np.asarray(wfs.eig_n) * HARTREE_EV
         kw = float(wfs.weight) * float(wfs.spin_degeneracy)
-        occupied += kw * float(np.sum(wfs.occ_n))
-        n_k += 1
+        occupied += kw * float(np.sum(fermi_dirac(eig_ev, efermi_ev, smearing_ev)))
         q = mulliken_weights(np.asarray(wfs.C_nM.data), np.asarray(wfs.S_MM.data))  # (n, M), rows sum to 1
         worst_sum = max(worst_sum, float(np.abs(q.sum(axis=1) - 1.0).max()))
-        q *= kw
         if q.shape[1] != atom_M.size:
             raise PBEError(f"basis layout mismatch: {q.shape[1]} coefficients, {atom_M.size} basis functions")
-        per_atom = q @ to_atom
-        keep = _window_bands(eig_ev, ref_ev, *window_ev)
-        out_mask = np.ones(q.shape[0], bool)
-        out_mask[keep] = False
-        outside += per_atom[out_mask].sum(axis=0)
-        if keep.size:
-            qk = q[keep]
-            w = (qk @ to_chan).reshape(keep.size, n_atoms, N_ORBITALS)
-            if f_M.any():
-                f_weight += np.bincount(atom_M[f_M], weights=qk[:, f_M].sum(axis=0), minlength=n_atoms)
-            energies.append(eig_ev[keep])
-            weights.append(w)
-    if not energies:
+        inside = (eig_ev >= lo) & (eig_ev <= hi)
+        outside += kw * (q[~inside] @ to_atom).sum(axis=0)
+        if f_M.any():
+            f_weight += kw * np.bincount(atom_M[f_M], weights=q[inside][:, f_M].sum(axis=0), minlength=n_atoms)
+        d = per_spin.setdefault(int(wfs.spin), {"k": [], "eig": [], "w": [], "kw": []})
+        d["k"].append(np.asarray(wfs.k))
+        d["eig"].append(eig_ev)
+        d["w"].append((q * float(wfs.spin_degeneracy)) @ to_chan)
+        d["kw"].append(float(wfs.weight))
+    kpt_kc = np.asarray(ibz.ibz.kpt_kc)
+    if dos_method == "tetrahedron":
+        energies = np.arange(lo, hi + 0.5 * TETRA_STEP_EV, TETRA_STEP_EV)
+        dos = np.zeros((energies.size, n_atoms * N_ORBITALS))
+        for d in per_spin.values():
+            eig_kn = np.array(d["eig"])
+            bands = np.nonzero((eig_kn.max(axis=0) >= lo) & (eig_kn.min(axis=0) <= hi))[0]
+            if bands.size:
+                dos += tetrahedron_states(atoms.cell[:], size, kpt_kc[np.array(d["k"])], eig_kn[:, bands],
+                                          np.array(d["w"])[:, bands], energies)
+        w = (dos * TETRA_STEP_EV).reshape(energies.size, n_atoms, N_ORBITALS)
+        keep = np.abs(w).sum(axis=(1, 2)) > 0
+        e, w = energies[keep], w[keep]
+    elif dos_method == "states":
+        e_list, w_list = [], []
+        for d in per_spin.values():
+            for eig_ev, wk, kw in zip(d["eig"], d["w"], d["kw"]):
+                sel = (eig_ev >= lo) & (eig_ev <= hi)
+                e_list.append(eig_ev[sel])
+                w_list.append(kw * wk[sel])
+        e = np.concatenate(e_list)
+        w = np.concatenate(w_list).reshape(e.size, n_atoms, N_ORBITALS)
+    else:
+        raise PBEError(f"unknown dos_method {dos_method!r} (tetrahedron or states)")
+    if e.size == 0:
         raise PBEError("no states inside the energy window")
-    e = np.concatenate(energies)
-    w = np.concatenate(weights)
     spectrum = Spectrum(energies_ev=e, weights=w, reference_ev=ref_ev, efermi_ev=efermi_ev, band_gap_ev=gap_ev,
                         f_weight=f_weight, n_electrons=n_electrons)
+    info = {"dos_kdensity": density, "dos_method": dos_method, "efermi_scf_ev": efermi_scf_ev, "kpts_dos": size, "n_kpoints_dos": int(kpt_kc.shape[0]),
+            "homo_ev": homo, "lumo_ev": lumo, "occupied_weight": occupied,
+            "weight_outside_window": [round(float(x), 6) for x in outside], "max_band_weight_error": worst_sum,
+            "seconds_dos": round(time.perf_counter() - t0, 2)}
+    return spectrum, info
+
+
+def run_pbe(structure: Structure, valences: list[int] | None = None, settings: PBESettings | None = None,
+            window_ev: tuple[float, float] = (-16.0, 8.0), txt: str | None = None) -> PBEResult:
+    """PBE(+U) projected DOS of ``structure`` (see the module docstring).
+
+    ``window_ev``: only states within this window relative to the reference level are projected
+    (the weight of the rest is still counted per atom in ``info['weight_outside_window']``).
+    """
+    settings = settings or PBESettings()
+    t0 = time.perf_counter()
+    calc, atoms, scf_info = _scf(structure, valences, settings, txt)
+    spectrum, dos_info = _nscf_spectrum(calc, atoms, structure, settings.dos_kdensity, settings.dos_method,
+                                        window_ev, txt, settings.smearing_ev)
     info = {
         "code": "GPAW", "gpaw_version": gpaw_version(), "mode": "lcao", "xc": "PBE", "basis": settings.basis,
-        "h_ang": settings.h_ang, "scf_kdensity": settings.scf_kdensity, "dos_kdensity": settings.dos_kdensity,
-        "smearing": f"fermi-dirac {settings.smearing_ev} eV", "spin_polarised": spin, "magmom_total": magmom,
-        "hubbard_u_ev": u, "n_kpoints_dos": n_k // (2 if spin else 1),
-        "kpts_scf": _mesh(atoms, settings.scf_kdensity), "kpts_dos": _mesh(atoms, settings.dos_kdensity, even=True),
-        "energy_ev": float(energy), "homo_ev": homo, "lumo_ev": lumo, "occupied_weight": occupied,
-        "weight_outside_window": [round(float(x), 6) for x in outside], "seconds_scf": round(t_scf, 2),
+        "h_ang": settings.h_ang, "scf_kdensity": settings.scf_kdensity,
+        "smearing": f"fermi-dirac {settings.smearing_ev} eV", **scf_info, **dos_info,
         "seconds": round(time.perf_counter() - t0, 2), "projection": "Mulliken on LCAO coefficients",
-        "max_band_weight_error": worst_sum,
     }
-    if not math.isfinite(gap_ev):
-        raise PBEError("band gap is not finite")
     return PBEResult(spectrum, info)
 
 
@@ -333,13 +531,18 @@ def per_site_l1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def kpoint_convergence(structure: Structure, valences: list[int] | None = None, density: float = DOS_KDENSITY,
-                       sigma_ev: float = 0.1) -> dict:
-    """DOS at k-density ``density`` vs ``2 * density`` (same SCF): per-site L1 and gaps."""
-    base = run_pbe(structure, valences, PBESettings(dos_kdensity=density))
-    fine = run_pbe(structure, valences, PBESettings(dos_kdensity=2 * density))
-    l1 = per_site_l1(site_dos(base.spectrum, sigma_ev), site_dos(fine.spectrum, sigma_ev))
+                       sigma_ev: float = 0.1, settings: PBESettings | None = None) -> dict:
+    """DOS at k-density ``density`` vs ``2 * density`` (one SCF, two NSCF steps): per-site L1 and gaps."""
+    settings = settings or PBESettings()
+    calc, atoms, _ = _scf(structure, valences, settings, None)
+    window = (-16.0, 8.0)
+    base, base_info = _nscf_spectrum(calc, atoms, structure, density, settings.dos_method, window, None,
+                                     settings.smearing_ev)
+    fine, fine_info = _nscf_spectrum(calc, atoms, structure, 2 * density, settings.dos_method, window, None,
+                                     settings.smearing_ev)
+    l1 = per_site_l1(site_dos(base, sigma_ev), site_dos(fine, sigma_ev))
     return {"formula": structure.composition.reduced_formula, "n_sites": len(structure),
-            "dos_kdensity": [density, 2 * density], "kpts_dos": [base.info["kpts_dos"], fine.info["kpts_dos"]],
+            "dos_kdensity": [density, 2 * density], "kpts_dos": [base_info["kpts_dos"], fine_info["kpts_dos"]],
             "sigma_ev": sigma_ev, "per_site_l1": [round(float(x), 4) for x in l1], "max_l1": round(float(l1.max()), 4),
-            "band_gap_ev": [round(base.spectrum.band_gap_ev, 4), round(fine.spectrum.band_gap_ev, 4)],
-            "seconds": [base.info["seconds"], fine.info["seconds"]]}
+            "band_gap_ev": [round(base.band_gap_ev, 4), round(fine.band_gap_ev, 4)],
+            "seconds": [base_info["seconds_dos"], fine_info["seconds_dos"]]}
