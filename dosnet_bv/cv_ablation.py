@@ -213,8 +213,8 @@ def compare(summaries: dict, models: list, targets: list) -> list[dict]:
                 text = (f"{label(m)}, {t} on {where}: {mine[0]:.3f} ± {mine[1]:.3f} "
                         f"{TARGET_UNITS.get(t, '')} vs best baseline {label(best_b)} "
                         f"{theirs[best_b][0]:.3f} ± {theirs[best_b][1]:.3f}; "
-                        + ("beats every baseline with intervals apart" if len(beaten) == len(baselines) else
-                           f"intervals apart from {len(beaten)} of {len(baselines)} baselines"))
+                        + ("below every baseline with intervals apart" if len(beaten) == len(baselines) else
+                           f"below {len(beaten)} of {len(baselines)} baselines with intervals apart"))
                 out.append({"model": m, "target": t, "subset": subset, "mae": mine, "best_baseline": best_b,
                             "beats_every_baseline": len(beaten) == len(baselines), "text": text})
     return out

@@ -51,6 +51,47 @@ def tf_setup(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
+@contextmanager
+def ctrl_c_guard():
+    """Ctrl-C (SIGINT) stops training at once and for certain: the handler raises
+    ``KeyboardInterrupt`` as Python's does, and also records it, because a KeyboardInterrupt that
+    lands inside a finaliser (a weakref callback, ``__del__``) is printed and dropped; the
+    ``StopOnCtrlC`` callback then raises it again at the end of the running batch. Off the main
+    thread (no signals there) and where SIGINT is ignored (a background job) nothing changes."""
+    import signal
+    import threading
+
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_on_ctrl_c(flag) -> "keras.callbacks.Callback":  # noqa: F821
+    """Raises ``KeyboardInterrupt`` after the batch in which Ctrl-C was pressed (see ``ctrl_c_guard``)."""
+    import keras
+
+    class StopOnCtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if flag.is_set():
+                raise KeyboardInterrupt
+
+        on_test_batch_end = on_train_batch_end
+
+    return StopOnCtrlC()
+
+
 def augment_points(params: dict, data: Dataset, streaming: bool) -> int:
     """Grid points of params' ``augment_shift_ev`` (0: off); one line when it cannot apply."""
     shift = float(params.get("augment_shift_ev", 0.0))
@@ -189,7 +230,8 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
                "uninterrupted run's" if streaming else ""))
     history = state["history"]
     t0 = time.time() - state["seconds"]
-    with stream_errors(data, streaming):
+    with stream_errors(data, streaming), ctrl_c_guard() as ctrl_c:
+        callbacks.append(stop_on_ctrl_c(ctrl_c))
         for epoch in range(state["epoch"], epochs):
             if state["stopped"]:
                 break
@@ -216,6 +258,8 @@ def fit_predict(params: dict, data: Dataset, train_rows, val_rows, predict_rows:
             state["seconds"] = time.time() - t0
             if ckpt is not None:
                 ckpt.save(model, state, best_weights)
+            if ctrl_c.is_set():  # pressed as the epoch ended: it is complete and saved, stop now
+                raise KeyboardInterrupt
             if state["stopped"]:
                 break
     if patience > 0 and best_weights is not None:

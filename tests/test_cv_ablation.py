@@ -64,7 +64,7 @@ def test_intervals_must_lie_apart_to_count_as_beating_a_baseline():
 
     s = {"gbt_structure": summ([0.40, 0.50]), "element_mean": summ([0.9, 1.0]), "bonds": summ([0.30, 0.42])}
     c = cv_ablation.compare(s, ["gbt_structure", "element_mean", "bonds"], ["bvs_vu"])
-    assert len(c) == 1 and not c[0]["beats_every_baseline"] and "1 of 2" in c[0]["text"]
+    assert len(c) == 1 and not c[0]["beats_every_baseline"] and "below 1 of 2" in c[0]["text"]
     s["bonds"] = summ([0.30, 0.31])
     assert cv_ablation.compare(s, ["gbt_structure", "element_mean", "bonds"], ["bvs_vu"])[0]["beats_every_baseline"]
 

@@ -55,6 +55,12 @@ def by_id(entries):
     return {e.material_id: e for e in entries}
 
 
+def test_sorted(entries):
+    ids = [e.material_id for e in entries]
+    assert ids == sorted(ids)
+
+
+@pytest.mark.slow  # a second collection in a fresh interpreter: ~50 s (make test-all runs it)
 def test_deterministic_and_sorted(entries, tmp_path):
     """A second run in a fresh interpreter with another hash seed writes the same bytes."""
     ids = [e.material_id for e in entries]

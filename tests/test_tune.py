@@ -205,6 +205,7 @@ def _finished(url, name="dosnet-bv"):
     return [t for t in study.trials if t.state.is_finished()]
 
 
+@pytest.mark.slow  # two worker processes: ~30-55 s (make test-all runs it)
 def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
     d, h5, params = tiny
     url = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -222,6 +223,7 @@ def test_two_workers_share_one_sqlite_study(tiny, tmp_path):
     assert sum(ran) == len(finished) and min(ran) >= 1, ran
 
 
+@pytest.mark.slow  # a killed and a resumed study: ~25-50 s (make test-all runs it)
 def test_resume_after_kill_keeps_trials_and_continues(tiny, tmp_path):
     d, h5, params = tiny
     out = tmp_path / "resume"
