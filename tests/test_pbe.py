@@ -63,7 +63,34 @@ def test_start_moments_are_mp_values_capped_at_the_high_spin_ion():
     assert pbe.initial_magmoms(rocksalt(4.3, "Fe", "O"), [2, -2]) == [4.0, 0.6]  # Fe2+ d6: MP's 5 -> 4
     assert pbe.initial_magmoms(rocksalt(4.4, "Mn", "O"), [2, -2]) == [5.0, 0.6]  # Mn2+ d5: MP's 5
     assert pbe.initial_magmoms(rocksalt(4.2, "Ni", "O"), [2, -2]) == [2.0, 0.6]  # Ni2+ d8: 2 unpaired
-    assert pbe.initial_magmoms(rocksalt(4.3, "Fe", "O")) == [5.0, 0.6]  # no valences: MP's table
+    assert pbe.initial_magmoms(rocksalt(4.3, "Fe", "O"), [3, -3]) == [4.0, 0.6]  # Fe3+ d5: the atom holds 4
+    assert pbe.initial_magmoms(rocksalt(4.3, "Fe", "O")) == [4.0, 0.6]  # no valences: MP's 5, capped by the atom
+    assert pbe.initial_magmoms(rocksalt(4.3, "Cr", "O")) == [5.0, 0.6]  # Cr holds MP's 5
+    assert pbe.initial_magmoms(rocksalt(4.3, "Co", "O"), [3, -3]) == [0.6, 0.6]  # MP's Co 0.6 stays
+
+
+def test_start_moment_caps_are_what_gpaw_can_place():
+    """ATOM_START_MAX_MAGMOM is measured: every capped start moment of an MP magnetic element can be
+    placed by GPAW's neutral-atom guess, and one more cannot (runs where the compute extra is)."""
+    pytest.importorskip("gpaw")
+    from gpaw.basis_data import Basis
+    from gpaw.setup import create_setup
+    from gpaw.xc import XC
+
+    def placeable(el, m):
+        setup = create_setup(el, XC("PBE"), basis=Basis.find(el, pbe.BASIS))
+        try:
+            setup.calculate_initial_occupation_numbers(m, False, 0, 2)
+        except (ValueError, RuntimeError):
+            return False
+        return True
+
+    for el, mp in pbe.MP_MAGMOM.items():
+        start = pbe.initial_magmoms(rocksalt(4.3, el, "O"))[0]
+        assert placeable(el, start), el
+        cap = pbe.ATOM_START_MAX_MAGMOM.get(el)
+        if cap is not None:
+            assert start == min(cap, mp) and placeable(el, cap) and not placeable(el, cap + 1.0), el
 
 
 def test_per_site_l1_is_zero_for_equal_and_two_for_disjoint():
@@ -122,6 +149,34 @@ def test_tetrahedron_keeps_flat_and_narrow_bands_and_agrees_with_ase_on_a_wide_o
     assert dos[np.argmin(np.abs(energies + 10.0031)), 2] * 0.01 == pytest.approx(1.0)
     ref = ase_dos.linear_tetrahedron_integration(np.eye(3) * 3.0, wide.reshape(6, 6, 6, 1), energies)
     assert np.abs(ref - dos[:, 0]).sum() * 0.01 < 0.02
+
+
+def test_tetrahedron_weights_vary_linearly_inside_each_tetrahedron():
+    """A channel whose weight is a linear function of the band energy, w = a + b E, must come out as
+    (a + b E) times the total DOS: exact for linear weights (w and E are then the same linear
+    function inside every tetrahedron) up to the energy spread of one bin, not for the corner mean.
+    The corner shares agree with their own sum (the state count) and with a Monte Carlo integral."""
+    k, eig = _tight_binding(6)
+    w = np.stack([np.ones_like(eig), 0.5 + 0.2 * eig], axis=-1)
+    energies = np.arange(-6.5, 6.5, 0.01)
+    ratios = {}
+    for how in ("linear", "mean"):
+        dos = pbe.tetrahedron_states(np.eye(3) * 3.0, [6, 6, 6], k, eig, w, energies, weights=how)
+        np.testing.assert_allclose(dos.sum(axis=0) * 0.01, [1.0, w[..., 1].mean()], atol=1e-9)
+        on = dos[:, 0] > 1e-3
+        ratios[how] = np.abs(dos[on, 1] / dos[on, 0] - (0.5 + 0.2 * energies[on])).max()
+    assert ratios["linear"] < 0.2 * 0.01 < 0.05 < ratios["mean"]
+    rng = np.random.default_rng(3)
+    e = np.sort(rng.uniform(-1, 1, (4000, 4)), axis=1)
+    x = rng.uniform(-1.2, 1.2, 4000)
+    np.testing.assert_allclose(pbe._corner_states(e, x).sum(axis=1), pbe._cumulative_states(e, x), atol=1e-12)
+    e1, wc = np.array([-0.3, 0.1, 0.2, 0.9]), np.array([1.0, -2.0, 0.5, 3.0])
+    lam = rng.dirichlet(np.ones(4), 400_000)  # uniform points in the tetrahedron (barycentric)
+    for x1 in (-0.1, 0.15, 0.5):  # one energy in each of the three regions
+        mc = np.mean((lam @ e1 < x1) * (lam @ wc))
+        assert pbe._corner_states(e1[None], np.array([x1]))[0] @ wc == pytest.approx(mc, abs=3e-3)
+    with pytest.raises(pbe.PBEError, match="linear"):
+        pbe.tetrahedron_states(np.eye(3) * 3.0, [6, 6, 6], k, eig, w, energies, weights="cubic")
 
 
 def test_fermi_level_places_the_electron_count():
