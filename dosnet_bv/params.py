@@ -83,8 +83,12 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 TUNABLE = {"learning_rate": "float", "dropout": "float", "batch_size": "int", "early_channels": "int",
            "fusion": None, "structure_units": None, "structure_families": None, "lr_schedule": None,
            "structure_input": None, "bond_rbf": "int", "bond_embedding": "int", "bond_units": None,
-           "augment_shift_ev": "float"}
+           "augment_shift_ev": "float", "dos_scaling": None}
 TUNE_PRUNERS = ("median", "halving", "none")
+#: How the DOS input is standardised (``dosnet_bv.scalers``; training rows only): ``channel`` one
+#: mean and scale per channel over all energies (upstream's StandardScaler on the channel axis),
+#: ``point`` one per energy point and channel, ``none`` raw states/eV.
+DOS_SCALINGS = ("channel", "point", "none")
 #: the largest energy-shift augmentation (eV): beyond it a shifted band edge is another material
 MAX_AUGMENT_SHIFT_EV = 2.0
 TUNE_SECTION_RULE = ('an object {"trials", "folds", "epochs", "patience", "pruner", "space"} '
@@ -177,6 +181,8 @@ PARAM_RULES: dict = {
     "bond_embedding": (lambda v: _int(v) and v > 0, "a positive integer (width of the element embedding)"),
     "bond_units": (lambda v: isinstance(v, list) and v and all(_int(u) and u > 0 for u in v),
                    "a non-empty list of positive integers (the per-bond layers' widths)"),
+    "dos_scaling": (lambda v: v in DOS_SCALINGS, "one of " + ", ".join(DOS_SCALINGS) + " (standardise the DOS per "
+                    "channel, per energy point and channel, or not at all)"),
     "augment_shift_ev": (lambda v: _num(v) and math.isfinite(v) and 0 <= v <= MAX_AUGMENT_SHIFT_EV,
                          f"a number of eV in [0, {MAX_AUGMENT_SHIFT_EV:g}] (each training sample's DOS shifted "
                          f"by a random amount within +-this every epoch; 0: off)"),
@@ -253,7 +259,7 @@ def validate_params(params: dict) -> dict:
 #: the runs made before them: ``load_params`` fills them into a params file that lacks them, so
 #: an older run folder still predicts (``--predict``, ``python -m dosnet_bv predict``).
 ADDED_KEYS = {"structure_input": "vector", "bond_rbf": 32, "bond_cutoff_ang": 6.0, "bond_embedding": 16,
-              "bond_units": [64, 64], "augment_shift_ev": 0.0}
+              "bond_units": [64, 64], "augment_shift_ev": 0.0, "dos_scaling": "channel"}
 
 
 #: How the split and every cross-validation group samples: by family (data_prep.families) or material.

@@ -20,16 +20,20 @@ class Scaler:
     clip: float | None = None  # standardised values are clipped to [-clip, clip] when set
 
     @classmethod
-    def fit(cls, x: np.ndarray, rows, chunk: int = 256, clip: float | None = None) -> "Scaler":
-        """Statistics of ``x[rows]`` over every axis but the last (float64, chunked: no big copy)."""
+    def fit(cls, x: np.ndarray, rows, chunk: int = 256, clip: float | None = None,
+            per_point: bool = False) -> "Scaler":
+        """Statistics of ``x[rows]`` over every axis but the last (float64, chunked: no big copy);
+        with ``per_point`` over the sample axis only (mean and scale of shape ``x.shape[1:]``)."""
         rows = np.asarray(rows)
         if rows.size == 0:
             raise TrainError("cannot fit a scaler: no training rows")
-        s = np.zeros(x.shape[-1])
-        s2 = np.zeros(x.shape[-1])
+        shape = x.shape[1:] if per_point else x.shape[-1:]
+        s = np.zeros(shape)
+        s2 = np.zeros(shape)
         count = 0
         for i in range(0, len(rows), chunk):
-            part = x[rows[i:i + chunk]].reshape(-1, x.shape[-1]).astype(np.float64)
+            part = x[rows[i:i + chunk]].astype(np.float64)
+            part = part if per_point else part.reshape(-1, x.shape[-1])
             s += part.sum(axis=0)
             s2 += (part ** 2).sum(axis=0)
             count += part.shape[0]
@@ -85,12 +89,17 @@ class Scalers:
 
 
 def fit_scalers(params: dict, data: Dataset, train_rows) -> Scalers:
-    """DOS (per channel), structure (per selected column) and target scalers from ``train_rows``.
+    """DOS (params' ``dos_scaling``: per channel, per energy point and channel, or none), structure
+    (per selected column) and target scalers from ``train_rows``.
     The bond table needs none (the network expands the distances and embeds the elements)."""
     fusion, targets = params["fusion"], params["targets"]
     vector = uses_vector(params)
     cols = structure_columns(data, params["structure_families"]) if vector else np.zeros(0, int)
-    dos = Scaler.fit(data.dos, train_rows) if fusion != "structure_only" else None
+    dos = None
+    if fusion != "structure_only":
+        how = params.get("dos_scaling", "channel")
+        dos = Scaler.identity(data.dos.shape[-1]) if how == "none" else \
+            Scaler.fit(data.dos, train_rows, per_point=(how == "point"))
     struct = Scaler.fit(data.structure[:, cols], train_rows, clip=STRUCTURE_CLIP) if vector else None
     y = target_matrix(data, targets)
     ys = Scaler.fit(y, train_rows) if params["target_scaling"] == "standard" else Scaler.identity(len(targets))

@@ -435,6 +435,31 @@ def test_structure_scaler_clips_far_outliers():
     assert Scaler.from_dict(sc.as_dict(["a", "b", "c"])).clip == STRUCTURE_CLIP
 
 
+def test_dos_scaling_variants(small_h5):
+    """dos_scaling: per channel (default), per energy point and channel, none; fitted on training
+    rows only, saved and read back with the run, and checked like every params key."""
+    from dosnet_bv.params import TrainError, validate_params
+    from dosnet_bv.scalers import fit_scalers, scalers_from_json
+
+    data = load_data(small_h5, _params())
+    tr = np.flatnonzero(data.split == "train")
+    x = data.dos[tr].astype(np.float64)
+    by = {how: fit_scalers(_params(fusion="none", dos_scaling=how), data, tr) for how in ("channel", "point", "none")}
+    assert by["channel"].dos.mean.shape == (x.shape[2],)
+    np.testing.assert_allclose(by["channel"].dos.mean, x.mean(axis=(0, 1)), rtol=1e-9, atol=1e-12)
+    point = by["point"].dos
+    assert point.mean.shape == x.shape[1:]
+    z = point.transform(data.dos, tr)
+    varies = x.std(axis=0) > 1e-6
+    np.testing.assert_allclose(z.mean(axis=0)[varies], 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=0)[varies], 1.0, atol=1e-3)
+    np.testing.assert_array_equal(by["none"].dos.transform(data.dos, tr), data.dos[tr])
+    back = scalers_from_json(json.loads(json.dumps(by["point"].json)), data).dos
+    np.testing.assert_allclose(back.mean, point.mean)
+    with pytest.raises(TrainError, match="dos_scaling"):
+        validate_params(_params(dos_scaling="per-sample"))
+
+
 def test_cv_folds_keep_families_together():
     """Issue 13: with split_by 'family' the CV groups are families: no family is on both sides."""
     mids = np.array([f"m{i}" for i in range(60) for _ in range(2)])
