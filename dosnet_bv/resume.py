@@ -29,12 +29,18 @@ def read_leftover(path: Path, log: Log):
 
 def check_resume(path: Path, config: dict, log: Log) -> None:
     """Write the run's config, or check that an existing run folder was made with the same one
-    (a damaged config file is reported and written anew)."""
+    (a damaged config file is reported and written anew). A params key added since that run
+    (``params.ADDED_KEYS``) counts as its default there, so an upgrade does not strand a study."""
     old = read_leftover(path, log) if path.is_file() else None
     if old is not None and not isinstance(old, dict):
         log(f"{path} is damaged (not a JSON object); writing it anew")
         old = None
     new = json.loads(json.dumps(config))
+    if old is not None and isinstance(old.get("params"), dict) and isinstance(new.get("params"), dict):
+        from dosnet_bv.params import ADDED_KEYS  # a key added since: the old runs had its default
+
+        added = {k: v for k, v in json.loads(json.dumps(ADDED_KEYS)).items() if k in new["params"]}
+        old["params"] = {**added, **old["params"]}
     if old is None:
         write_json(path, config)
     elif old != new:

@@ -263,3 +263,21 @@ def test_ablation_resume_recomputes_a_truncated_result_file(tmp_path):
     cfg.write_text('{"seeds": [1, ')
     check_resume(cfg, {"seeds": [1, 2]}, log)
     assert json.loads(cfg.read_text()) == {"seeds": [1, 2]}
+
+
+def test_resume_accepts_a_study_made_before_a_params_key_was_added(tmp_path):
+    """A study folder written before a params key existed resumes when the key has its default
+    (the behaviour of the old runs), and is refused, naming the setting, when it does not."""
+    from dosnet_bv.outputs import Log
+    from dosnet_bv.params import ADDED_KEYS, TrainError
+    from dosnet_bv.resume import check_resume
+
+    key, default = "dos_scaling", ADDED_KEYS["dos_scaling"]
+    params = {"seed": 88, "fusion": "late", key: default}
+    cfg = tmp_path / "cv_ablation_config.json"
+    old = {k: v for k, v in params.items() if k != key}
+    cfg.write_text(json.dumps({"k": 5, "params": old}))
+    check_resume(cfg, {"k": 5, "params": params}, Log(quiet=True))
+    assert json.loads(cfg.read_text()) == {"k": 5, "params": old}  # the old file is kept as it was
+    with pytest.raises(TrainError, match="other settings \\(params\\)"):
+        check_resume(cfg, {"k": 5, "params": {**params, key: "point"}}, Log(quiet=True))
