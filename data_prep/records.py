@@ -21,7 +21,7 @@ from pymatgen.core import Structure
 from data_prep.layout import GAP_THRESHOLD_EV, N_ORBITALS, ORBITALS
 
 ORIGINS = ("mineral", "prototype", "pymatgen-example", "substituted", "mp", "user",
-           "ase-cod", "dans-diffraction", "crystals", "xrayutilities", "pyxtal", "cif2cell")
+           "ase-cod", "dans-diffraction", "crystals", "xrayutilities", "pyxtal", "cif2cell", "ncrystal")
 RECORD_FORMAT_VERSION = 1
 
 

@@ -12,21 +12,33 @@ read and they kept 70 + 23 + 10 = 103):
 6. ``crystals``: the built-in CIF database of ``crystals`` (plus its test CIFs): 90 -> 3;
 7. ``xrayutilities``: xrayutilities' predefined materials (built from their space-group lattices): 80 -> 19;
 8. ``pyxtal``: the CIFs of pyxtal's database (inorganic, JARVIS-DFT and molecular crystals): 77 -> 26;
-9. ``cif2cell``: cif2cell's sample CIFs: 101 -> 1;
+9. ``cif2cell``: cif2cell's sample CIFs: 101 -> 1 (sources 1-9 keep 149);
+10. ``ncrystal``: the crystals of NCrystal's standard data library (``ncrystal-core``, Apache-2.0;
+    110 of its 134 materials have a unit cell, the rest are amorphous, liquid or gas): 110 -> 35
+    (18 duplicates of earlier sources, e.g. NaCl, MgO, corundum; 10 of the 35 are rock salts such
+    as LiF, KBr and PbS). Each NCMAT file cites what its structure was converted from (the first
+    address is kept as ``structure_reference``): a published structure (COD or AMCSD entry, or the
+    paper's DOI), except KOH and Y2SiO5, converted from Materials Project entries (DFT cells) of
+    compounds with COD entries;
 
-in all 149 real structures; then
+in all 184 real structures; then
 
-10. ``substituted``: hypothetical, unrelaxed analogues of the kept real structures, made with
+11. ``substituted``: hypothetical, unrelaxed analogues of the kept real structures, made with
     pymatgen's data-mined ionic substitution probabilities (Hautier et al., Inorg. Chem. 50, 656
     (2011)), restricted to substitutions that keep every ion's oxidation state (so the result is
     charge neutral), and rescaled with pymatgen's ``DLSVolumePredictor``; at most
     ``MAX_SUBSTITUTIONS_PER_PARENT`` per real parent.
 
-Sources 4-9 come from their installed packages (the ``structures`` extra, pinned;
+Sources 4-10 come from their installed packages (the ``structures`` extra, pinned;
 ``PACKAGE_SOURCES``): CIF files are read from the package's files without importing it,
-xrayutilities' materials by importing its ``predefined_materials``; nothing is downloaded. Sources are appended in order: adding one never changes the
-ids of the earlier ones (records already computed are keyed by id; the ids of sources 1-3 are
-checked against main's list in the tests).
+xrayutilities' materials by importing its ``predefined_materials``, NCrystal's NCMAT texts through
+its API (its data library is compiled into ``libNCrystal``; ``ncmat_structure`` parses them);
+nothing is downloaded. Sources are appended in order: adding one never changes the ids of the
+earlier ones (records already computed are keyed by id; the ids of sources 1-3 are checked against
+main's list in the tests). It does change the substituted set: the 1000 are shared among more
+parents (adding NCrystal's 35 replaced 186 of the 1000 by analogues of the new parents, 164, or
+of old parents, 22; 11 of the replaced ones had become duplicates of new real structures, e.g.
+NaI from NaCl) and it can merge families (CsCl joined TlBr's, LiNbO3 calcite's).
 
 Every kept structure
 
@@ -57,14 +69,15 @@ probability; the parents (order shuffled once with ``seed``) take turns, each co
 acceptable candidate, until ``n_substituted`` are kept or every parent has given its maximum. Ids:
 ``min-<formula>-<mineral>``, ``proto-<formula>-<aflow label>``, ``ex-<file stem>``,
 ``<package prefix>-<formula>-<file stem or name>`` (``PackageSource.prefix``: ase, dans, crystals,
-xu, pyxtal, cif2cell), ``sub-<parent id>-<formula>`` (a numeric suffix resolves the rare clash).
+xu, pyxtal, cif2cell, ncrystal), ``sub-<parent id>-<formula>`` (a numeric suffix resolves the rare clash).
 
 Every entry's provenance has ``parent_id`` (a real structure is its own parent),
 ``prototype_group`` and ``family_id`` (``data_prep.families``: real parents that match by
 prototype, ``StructureMatcher.fit_anonymous``, share a family with all their substituted analogues).
-With the defaults (149 real + 1000 substituted): 111 families; 54 real parents fall into 16
-prototype groups of more than one parent; the largest family is the rock-salt group (12 real
-parents, 71 materials), then perovskite (46) and zinc blende (38).
+With the defaults (184 real + 1000 substituted): 123 families; 84 real parents fall into 23
+prototype groups of more than one parent; the largest family is the rock-salt group (22 real
+parents, 82 materials), then rutile (7 real parents, 48 materials) and perovskite (40). (With
+sources 1-9 only: 111 families, 54 parents in 16 groups, rock salt 12 parents and 71 materials.)
 
 Stored structures carry plain elements (no oxidation states); the ``BVAnalyzer`` valences of the
 sites are kept in ``provenance["bv_valences"]``.
@@ -116,8 +129,10 @@ ANION_ELEMENTS = frozenset({"O", "F", "Cl", "Br", "I", "S", "Se", "Te", "N"})
 #: Probability threshold of the substitution model (pymatgen's default for its predictors).
 SUBSTITUTION_THRESHOLD = 1e-3
 #: At most this many substituted analogues per real parent (families stay small; see
-#: ``_collect_substituted``): the smallest cap that still reaches the default 1000 (146 parents
-#: have candidates; a cap of 8 leaves 961, since 100 parents reach it and the rest run out).
+#: ``_collect_substituted``): the smallest cap that still reached the default 1000 from sources
+#: 1-9 (146 parents had candidates; a cap of 8 left 961). With NCrystal's parents (181 with
+#: candidates) the 1000 are reached in the eighth round (a cap of 7 would leave 995); kept at 9 so
+#: that the substituted set does not change for that alone.
 MAX_SUBSTITUTIONS_PER_PARENT = 9
 #: pymatgen's guard range for a DLS volume change (its ``DLSVolumePredictor`` defaults).
 DLS_MIN_SCALE, DLS_MAX_SCALE = 0.5, 1.5
@@ -343,7 +358,9 @@ class PackageSource:
     ``distribution`` the package (its version goes into the provenance). For ``kind="cif"`` the
     ``*.cif``/``*.mcif`` files under the package-relative ``folders`` are read from the installed
     files (the package is not imported); ``kind="xrayutilities"`` reads the crystals that
-    ``xrayutilities.materials.predefined_materials`` defines.
+    ``xrayutilities.materials.predefined_materials`` defines; ``kind="ncrystal"`` reads the NCMAT
+    files of NCrystal's standard library (compiled into its core library, so read through
+    ``NCrystal``'s API, the module named in ``folders``).
     """
 
     origin: str
@@ -371,6 +388,9 @@ PACKAGE_SOURCES: tuple[PackageSource, ...] = (
                   "CIF examples of pyxtal's database (inorganic, JARVIS-DFT and molecular crystals)"),
     PackageSource("cif2cell", "cif2cell", "cif2cell", "cif", ("../../cif2cell/sample_cifs",),
                   "sample CIFs of cif2cell (installed beside site-packages)"),
+    PackageSource("ncrystal", "ncrystal-core", "ncrystal", "ncrystal", ("NCrystal",),
+                  "NCrystal's standard data library (NCMAT files; structures converted from COD, AMCSD "
+                  "or Materials Project entries, cited in each file)"),
 )
 #: Order of preference of the real sources when deduplicating.
 REAL_ORIGINS = ("mineral", "prototype", "pymatgen-example") + tuple(src.origin for src in PACKAGE_SOURCES)
@@ -478,11 +498,105 @@ def _raw_xrayutilities(source: PackageSource):
     return out
 
 
+def _ncmat_number(text: str) -> float:
+    """A number of an NCMAT file: a decimal (``.25``) or a fraction (``1/3``, ``-1/4``)."""
+    if "/" in text:
+        num, den = text.split("/")
+        return float(num) / float(den)
+    return float(text)
+
+
+def _ncmat_sections(text: str) -> dict[str, list[list[str]]]:
+    """The ``@SECTION`` blocks of an NCMAT file: rows of words, comments (``#``) removed."""
+    out: dict[str, list[list[str]]] = {}
+    current = None
+    for line in text.splitlines()[1:]:  # the first line is the format line, "NCMAT v<n>"
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.startswith("@"):
+            current = line.split()[0][1:]
+            out.setdefault(current, [])
+        elif current is not None:
+            out[current].append(line.split())
+    return out
+
+
+def ncmat_structure(text: str) -> Structure | None:
+    """The crystal of an NCMAT file (``@CELL`` and ``@ATOMPOSITIONS``: every atom of the cell, in
+    fractional coordinates), or None for a material without a unit cell (amorphous, liquid, gas).
+
+    ``@CELL`` holds ``lengths a b c`` and ``angles alpha beta gamma`` (``!!`` repeats the value
+    before it) or ``cubic a``.
+    """
+    from pymatgen.core import Lattice
+
+    sec = _ncmat_sections(text)
+    if "CELL" not in sec:
+        return None
+    cell: dict[str, list[float]] = {}
+    for row in sec["CELL"]:
+        values: list[float] = []
+        for word in row[1:]:
+            values.append(values[-1] if word == "!!" else _ncmat_number(word))
+        cell[row[0]] = values
+    if "cubic" in cell:
+        lattice = Lattice.cubic(cell["cubic"][0])
+    else:
+        lattice = Lattice.from_parameters(*cell["lengths"], *cell["angles"])
+    rows = sec.get("ATOMPOSITIONS") or []
+    if not rows:
+        raise ValueError("@CELL without @ATOMPOSITIONS")
+    return Structure(lattice, [row[0] for row in rows], [[_ncmat_number(w) for w in row[1:4]] for row in rows])
+
+
+def _ncmat_reference(text: str) -> str:
+    """The first address cited in an NCMAT file's header comments (usually the paper or COD entry
+    its structure was converted from; a Materials Project entry for KOH and Y2SiO5), or ``""``."""
+    for line in text.splitlines():
+        if line.startswith("@"):
+            break
+        m = re.search(r"https?://\S+", line)
+        if m:
+            return m.group(0).rstrip(".,;)")
+    return ""
+
+
+def _raw_ncrystal(source: PackageSource):
+    """(file stem, structure, provenance) of every crystalline material of NCrystal's standard
+    library, sorted by file name (amorphous, liquid and gas materials, which have no unit cell, are
+    not listed); None when NCrystal is not installed."""
+    from importlib.util import find_spec
+
+    if find_spec(source.folders[0]) is None:
+        return None
+    import NCrystal
+
+    version = _package_version(source.distribution)
+    out = []
+    for name in sorted(f.name for f in NCrystal.browseFiles(factory="stdlib")):
+        if not name.endswith(".ncmat"):
+            continue
+        text = NCrystal.createTextData(f"stdlib::{name}").rawData
+        prov = {"source": source.description, "package": source.distribution, "package_version": version,
+                "file": f"stdlib::{name}", "structure_reference": _ncmat_reference(text)}
+        try:
+            structure = ncmat_structure(text)
+        except Exception as exc:
+            out.append((name[:-len(".ncmat")], None, {**prov, "error": type(exc).__name__}))
+            continue
+        if structure is not None:
+            out.append((name[:-len(".ncmat")], structure, prov))
+    return out
+
+
 def _raw_package_source(source: PackageSource):
     if source.kind == "cif":
         return _raw_cif_source(source)
     if source.kind == "xrayutilities":
         return _raw_xrayutilities(source)
+    if source.kind == "ncrystal":
+        return _raw_ncrystal(source)
     raise ValueError(f"unknown source kind {source.kind!r}")
 
 
@@ -550,14 +664,25 @@ def _real_candidates(missing: list[str] | None = None):
     for stem, s, prov in _raw_examples():
         out.append(("pymatgen-example", [f"ex-{_slug(stem)}"], s, prov))
     for source in PACKAGE_SOURCES:
-        raw = _raw_package_source(source)
-        if raw is None:
+        cands = package_candidates(source)
+        if cands is None:
             if missing is not None:
                 missing.append(source.origin)
             continue
-        for stem, s, prov in raw:
-            f = _slug(s.composition.reduced_formula) if s is not None else "unknown"
-            out.append((source.origin, [f"{source.prefix}-{f}-{_slug(stem)}"], s, prov))
+        out.extend(cands)
+    return out
+
+
+def package_candidates(source: PackageSource):
+    """Raw real structures of one package source, as ``_real_candidates`` lists them; None when its
+    package is not installed."""
+    raw = _raw_package_source(source)
+    if raw is None:
+        return None
+    out = []
+    for stem, s, prov in raw:
+        f = _slug(s.composition.reduced_formula) if s is not None else "unknown"
+        out.append((source.origin, [f"{source.prefix}-{f}-{_slug(stem)}"], s, prov))
     return out
 
 
@@ -579,12 +704,15 @@ class _Collection:
         self.entries[entry.material_id] = entry
 
 
-def _collect_real(col: _Collection, max_sites: int, progress: bool) -> list[StructureEntry]:
-    """Real structures of every source, filtered and deduplicated, in order of preference."""
+def _collect_real(col: _Collection, max_sites: int, progress: bool, candidates: list | None = None
+                  ) -> list[StructureEntry]:
+    """Real structures of every source (or of ``candidates``), filtered and deduplicated, in order
+    of preference."""
     from tqdm.auto import tqdm
 
     kept: list[StructureEntry] = []
-    candidates = _real_candidates(col.missing_sources)
+    if candidates is None:
+        candidates = _real_candidates(col.missing_sources)
     col.raw.update(c[0] for c in candidates)
     for origin, id_cands, raw, prov in tqdm(candidates, desc="real structures", disable=not progress):
         if raw is None:
