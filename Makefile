@@ -38,7 +38,7 @@ demo: $(STAMP)
 # Optional: what `python -m data_prep compute-embedded` needs (GPAW, CHGNet). Needs
 # `apt-get install libxc-dev libopenblas-dev` first; torch: the CPU build (data_prep/README.md).
 compute-env: $(STAMP)
-	GPAW_CONFIG=data_prep/gpaw_siteconfig.py $(PY) -m pip install -e ".[compute]"
+	GPAW_CONFIG=$(CURDIR)/data_prep/gpaw_siteconfig.py $(PY) -m pip install -e ".[compute]"
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -35,27 +35,30 @@ import numpy as np
 from keras import layers, ops
 
 
-def dos_featurizer(channels: int = 9, length: int = 2000, name: str = "dos_featurizer") -> keras.Model:
+def dos_featurizer(channels: int = 9, length: int = 2000, name: str = "dos_featurizer",
+                   filters=(50, 75, 100, 125, 150)) -> keras.Model:
     """Convolutional featurizer for ONE atom's projected DOS.
 
     Input (N, length, channels) float32, standardised DOS. Three average-pooling views of the
     spectrum (windows of 4, 25 and 200 points, all stride 4) are stacked on the channel axis and
     passed through four strided convolutions with average pooling in between.
-    Output (N, ceil(length / 500), 150); (N, 4, 150) for length 2000.
+    ``filters``: the widths of the five convolutions (params' ``dos_filters``; upstream's
+    50, 75, 100, 125, 150 by default).
+    Output (N, ceil(length / 500), filters[-1]); (N, 4, 150) for length 2000.
     """
     inp = keras.Input(shape=(length, channels), name="atom_dos")
     views = [layers.AveragePooling1D(pool_size=w, strides=4, padding="same", name=f"pool_{w}")(inp)
              for w in (4, 25, 200)]
     x = layers.Concatenate(axis=-1, name="multiscale")(views)
-    x = layers.Conv1D(50, 20, strides=2, padding="same", activation="relu", name="conv1")(x)
+    x = layers.Conv1D(filters[0], 20, strides=2, padding="same", activation="relu", name="conv1")(x)
     x = layers.BatchNormalization(name="bn1")(x)
-    x = layers.Conv1D(75, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
+    x = layers.Conv1D(filters[1], 3, strides=2, padding="same", activation="relu", name="conv2")(x)
     x = layers.AveragePooling1D(3, strides=2, padding="same", name="pool2")(x)
-    x = layers.Conv1D(100, 3, strides=2, padding="same", activation="relu", name="conv3")(x)
+    x = layers.Conv1D(filters[2], 3, strides=2, padding="same", activation="relu", name="conv3")(x)
     x = layers.AveragePooling1D(3, strides=2, padding="same", name="pool3")(x)
-    x = layers.Conv1D(125, 3, strides=2, padding="same", activation="relu", name="conv4")(x)
+    x = layers.Conv1D(filters[3], 3, strides=2, padding="same", activation="relu", name="conv4")(x)
     x = layers.AveragePooling1D(3, strides=2, padding="same", name="pool4")(x)
-    x = layers.Conv1D(150, 3, strides=1, padding="same", activation="relu", name="conv5")(x)
+    x = layers.Conv1D(filters[4], 3, strides=1, padding="same", activation="relu", name="conv5")(x)
     return keras.Model(inp, x, name=name)
 
 
@@ -269,10 +272,10 @@ def build_model(params: dict, n_structure: int = 0) -> keras.Model:
         context = layers.RepeatVector(length, name="structure_broadcast")(context)  # (N, L, k)
         views = [layers.Concatenate(axis=-1, name=f"atom{i + 1}_dos_structure")([a, context])
                  for i, a in enumerate(atoms)]
-        shared = dos_featurizer(channels + k, length)
+        shared = dos_featurizer(channels + k, length, filters=params["dos_filters"])
     else:
         views = atoms
-        shared = dos_featurizer(channels, length) if atoms else None
+        shared = dos_featurizer(channels, length, filters=params["dos_filters"]) if atoms else None
 
     def branch():  # late and structure_only: the structure vector's block and/or the bond block
         return (([structure_block(structure, params["structure_units"])] if with_vector else [])

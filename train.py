@@ -82,7 +82,8 @@ def parse_args(argv=None):
                         f"{QUICK_EPOCHS} epochs, patience {QUICK_PATIENCE})")
     p.add_argument("--tune", action="store_true",
                    help="hyperparameter search (Optuna) over params' tune section on family-grouped folds of the "
-                        "non-test data; run folder <out_dir>/tune-<study> (or --out); the same command resumes")
+                        "non-test data; run folder <out_dir>/tune-<study> (or --out); the same command resumes. "
+                        "With --cv K: nested, a search in each outer fold, then tuned vs default over --seeds seeds")
     p.add_argument("--trials", type=int, metavar="N",
                    help="with --tune: finished trials the study should reach, all workers together (default tune.trials)")
     p.add_argument("--study", metavar="NAME", help="with --tune: study name (default dosnet-bv)")
@@ -98,8 +99,10 @@ def check_flags(args) -> str | None:
         raise TrainError(f"--cv K needs K >= 2, got {args.cv}")
     if (args.trials is not None or args.study or args.storage) and not args.tune:
         raise TrainError("--trials, --study and --storage go with --tune")
-    if args.tune and (args.cv is not None or args.ablation or args.learning_curve or args.tensorboard):
-        raise TrainError("--tune runs alone (no --cv, --ablation, --learning-curve, --tensorboard)")
+    if args.tune and (args.ablation or args.learning_curve or args.tensorboard):
+        raise TrainError("--tune runs alone or with --cv K (no --ablation, --learning-curve, --tensorboard)")
+    if args.tune and args.cv is not None and (args.storage or args.study):
+        raise TrainError("--tune --cv K keeps one study per outer fold in its run folder (no --storage, --study)")
     if args.trials is not None and args.trials < 1:
         raise TrainError(f"--trials needs at least 1, got {args.trials}")
     study = "ablation" if args.ablation else "learning-curve" if args.learning_curve else None
@@ -112,8 +115,8 @@ def check_flags(args) -> str | None:
         raise TrainError("--models goes with --ablation --cv K (the family-grouped ablation)")
     if args.from_ablation and not args.learning_curve:
         raise TrainError("--from-ablation needs --learning-curve")
-    if (args.full or args.seeds != 3) and not study:
-        raise TrainError("--full and --seeds go with --ablation or --learning-curve")
+    if (args.full or args.seeds != 3) and not (study or (args.tune and args.cv is not None)):
+        raise TrainError("--full and --seeds go with --ablation, --learning-curve or --tune --cv K")
     if args.seeds < 1:
         raise TrainError(f"--seeds needs at least 1, got {args.seeds}")
     if args.tensorboard and study:
@@ -170,6 +173,12 @@ def dispatch(args) -> None:
     validate_params(params)
     data = load_data(resolve_data_file(params["data_file"]), params)
     structure_columns(data, params["structure_families"])  # fail before training on a bad family
+    if args.tune and args.cv is not None:  # nested: a search inside each outer fold, then default vs tuned
+        from dosnet_bv.tune_cv import run_tune_cv
+
+        out = Path(args.out) if args.out else Path(params["out_dir"]) / f"tune-cv{params['cv_folds']}"
+        run_tune_cv(params, data, out, params["cv_folds"], args.seeds, args.trials, args.full)
+        return
     if args.tune:
         from dosnet_bv.tune import run_tune
 

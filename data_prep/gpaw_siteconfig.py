@@ -1,4 +1,4 @@
-# GPAW build configuration for `GPAW_CONFIG=data_prep/gpaw_siteconfig.py pip install gpaw`:
+# GPAW build configuration for `GPAW_CONFIG=$PWD/data_prep/gpaw_siteconfig.py pip install gpaw`:
 # link Debian's libxc and OpenBLAS (apt-get install libxc-dev libopenblas-dev); without
 # naming them GPAW silently builds without BLAS. No MPI, FFTW or ScaLAPACK: one process per material.
 compiler = 'gcc'

@@ -78,12 +78,11 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 #: Keys the ``tune`` section's search space may vary (``dosnet_bv.tune``) and how: "float" and
 #: "int" keys take a range ``{"low", "high"[, "log"]}`` or ``{"choices": [...]}``, the others
 #: choices only. Keys that change what the loss measures (targets, loss, weights, scaling) are not
-#: tunable: the objective compares validation losses across trials. net.py's DOS featurizer widths
-#: are fixed there (not params keys), so they cannot be searched.
+#: tunable: the objective compares validation losses across trials.
 TUNABLE = {"learning_rate": "float", "dropout": "float", "batch_size": "int", "early_channels": "int",
            "fusion": None, "structure_units": None, "structure_families": None, "lr_schedule": None,
            "structure_input": None, "bond_rbf": "int", "bond_embedding": "int", "bond_units": None,
-           "augment_shift_ev": "float", "dos_scaling": None}
+           "augment_shift_ev": "float", "dos_scaling": None, "dos_filters": None}
 TUNE_PRUNERS = ("median", "halving", "none")
 #: How the DOS input is standardised (``dosnet_bv.scalers``; training rows only): ``channel`` one
 #: mean and scale per channel over all energies (upstream's StandardScaler on the channel axis),
@@ -183,6 +182,8 @@ PARAM_RULES: dict = {
                    "a non-empty list of positive integers (the per-bond layers' widths)"),
     "dos_scaling": (lambda v: v in DOS_SCALINGS, "one of " + ", ".join(DOS_SCALINGS) + " (standardise the DOS per "
                     "channel, per energy point and channel, or not at all)"),
+    "dos_filters": (lambda v: isinstance(v, list) and len(v) == 5 and all(_int(u) and 0 < u <= 1024 for u in v),
+                    "5 positive integers (at most 1024): the widths of the DOS featurizer's five convolutions"),
     "augment_shift_ev": (lambda v: _num(v) and math.isfinite(v) and 0 <= v <= MAX_AUGMENT_SHIFT_EV,
                          f"a number of eV in [0, {MAX_AUGMENT_SHIFT_EV:g}] (each training sample's DOS shifted "
                          f"by a random amount within +-this every epoch; 0: off)"),
@@ -259,7 +260,8 @@ def validate_params(params: dict) -> dict:
 #: the runs made before them: ``load_params`` fills them into a params file that lacks them, so
 #: an older run folder still predicts (``--predict``, ``python -m dosnet_bv predict``).
 ADDED_KEYS = {"structure_input": "vector", "bond_rbf": 32, "bond_cutoff_ang": 6.0, "bond_embedding": 16,
-              "bond_units": [64, 64], "augment_shift_ev": 0.0, "dos_scaling": "channel"}
+              "bond_units": [64, 64], "augment_shift_ev": 0.0, "dos_scaling": "channel",
+              "dos_filters": [50, 75, 100, 125, 150]}
 
 
 #: How the split and every cross-validation group samples: by family (data_prep.families) or material.

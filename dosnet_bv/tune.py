@@ -59,15 +59,17 @@ def group_ids(data: Dataset, split_by: str = "family") -> np.ndarray:
     return np.asarray(data.groups(split_by))
 
 
-def tuning_folds(data: Dataset, params: dict) -> list:
+def tuning_folds(data: Dataset, params: dict, pool=None) -> list:
     """``[(train_rows, val_rows), ...]``: ``tune.folds`` grouped folds of the rows outside the test
-    split (``cv_splits`` with ``split_seed``; its early-stopping part goes back into training, as
+    split, or of ``pool`` (the rows of an outer CV fold's training families, ``tune_cv``)
+    (``cv_splits`` with ``split_seed``; its early-stopping part goes back into training, as
     the fold itself is the validation set)."""
-    pool = np.flatnonzero(data.split != "test")
+    where = "outside the test split" if pool is None else "in the outer fold's training rows"
+    pool = np.flatnonzero(data.split != "test") if pool is None else np.sort(np.asarray(pool))
     k, groups = params["tune"]["folds"], len(set(group_ids(data, params["split_by"])[pool]))
     if groups <= k:
         raise TrainError(f"params: 'tune' folds {k} needs more than {k} families (materials when the file has none) "
-                         f"outside the test split; {data.path} has {groups}")
+                         f"{where}; {data.path} has {groups}")
     folds = cv_splits(group_ids(data, params["split_by"])[pool], k, params["cv_val_fraction"], params["split_seed"])
     return [(pool[np.sort(np.concatenate([tr, va]))], pool[te]) for tr, va, te in folds]
 
@@ -264,8 +266,9 @@ def _finished(study) -> list:
 
 
 def run_tune(params: dict, data: Dataset, out_dir=None, trials: int | None = None, study_name: str | None = None,
-             storage: str | None = None, progress: bool = True) -> dict:
-    """Run (or resume, or join) the search; write the outputs; return the summary (``tune.json``)."""
+             storage: str | None = None, progress: bool = True, pool=None) -> dict:
+    """Run (or resume, or join) the search; write the outputs; return the summary (``tune.json``).
+    ``pool``: search on these rows only (default: every row outside the test split)."""
     import optuna
     from tqdm import tqdm
 
@@ -275,7 +278,7 @@ def run_tune(params: dict, data: Dataset, out_dir=None, trials: int | None = Non
     t = params["tune"]
     n_total = trials if trials is not None else t["trials"]
     check_space(params, data)
-    folds = tuning_folds(data, params)
+    folds = tuning_folds(data, params, pool)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     store, url = open_storage(storage, out)
@@ -298,7 +301,7 @@ def run_tune(params: dict, data: Dataset, out_dir=None, trials: int | None = Non
     log = Log(out / "tune.log", printer=tqdm.write)
     done = len(_finished(study))
     log(f"study {study_name!r} in {url}: {done} finished trials, target {n_total}; objective: mean best val_loss over "
-        f"{len(folds)} groups-disjoint folds of {sum(len(v) for _, v in folds)} non-test samples; pruner {t['pruner']}; "
+        f"{len(folds)} groups-disjoint folds of {sum(len(v) for _, v in folds)} {'non-test' if pool is None else 'outer-train'} samples; pruner {t['pruner']}; "
         f"worker pid {os.getpid()}")
     t0, ran = time.time(), 0
     if done < n_total:

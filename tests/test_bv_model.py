@@ -148,6 +148,14 @@ def test_none_has_dosnet_parameter_count(length):
     assert net.build_model(p).count_params() == ref.count_params() + 2 * 1001
 
 
+def test_dos_filters_set_the_featurizer_widths():
+    import net
+
+    p = _params(fusion="none", targets=["bvs_vu"], length=L, dos_filters=[5, 6, 7, 8, 9])
+    convs = [layer for layer in net.build_model(p).get_layer("dos_featurizer").layers if layer.name.startswith("conv")]
+    assert [c.filters for c in convs] == [5, 6, 7, 8, 9]
+
+
 @pytest.mark.parametrize("fusion", ["late", "early", "structure_only", "none"])
 def test_fusions_build_and_train_one_step(fusion):
     import net
@@ -357,6 +365,7 @@ def _error_line(capsys, argv):
     ({"length": 2000}, "'length'"),
     ({"n_neighbours": 3}, "'n_neighbours'"),
     ({"structure_families": ["site", "colour"]}, "'colour'"),
+    ({"dos_filters": [50, 75, 100, 125]}, "'dos_filters'"),
 ])
 def test_bad_params_give_one_line_naming_the_key(small_h5, tmp_path, capsys, change, expect):
     p = _params(data_file=str(small_h5))
