@@ -393,7 +393,8 @@ def run_ablation(params: dict, data: Dataset, out_dir, n_seeds: int = 3, full: b
     elapsed = time.time() - t_start
     spec_of = {s.model: s for s in specs}
     result = {
-        "data_file": data.path, "counts": counts, "targets": targets, "seeds": seeds, "budget": budget_text,
+        "data_file": data.path, "split_grouping": data.split_grouping(), "counts": counts, "targets": targets,
+        "seeds": seeds, "budget": budget_text,
         "full": full, "epochs": run_params["epochs"], "early_stopping_patience": run_params["early_stopping_patience"],
         "seconds": round(elapsed, 1), "seconds_of_resumed_runs": round(runner.resumed_seconds, 1),
         "split_used_for_choices": "val",

@@ -54,6 +54,18 @@ class Dataset:
     def n(self) -> int:
         return len(self.material_id)
 
+    def split_grouping(self) -> str:
+        """What the split keeps together: ``family`` when no family has samples in two splits,
+        else ``material`` when no material has, else ``none`` (for reports)."""
+        for name, ids in (("family", self.family_id), ("material", self.material_id)):
+            if ids is None:
+                continue
+            ids, split = np.asarray(ids), np.asarray(self.split)
+            pairs = np.unique(np.stack([ids.astype(str), split.astype(str)]), axis=1)
+            if len(np.unique(pairs[0])) == pairs.shape[1]:
+                return name
+        return "none"
+
     def groups(self, split_by: str = "family") -> np.ndarray:
         """(n,) ids that must not be split apart: the family (default) or the material."""
         if split_by == "family" and self.family_id is not None:

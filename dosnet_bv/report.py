@@ -206,7 +206,7 @@ def ablation_markdown(res: dict, summaries: dict, order, labels: dict, kinds: di
     lines = [
         "# Ablation: baselines, DOSnet fusions and structure families",
         "",
-        f"Data: `{res['data_file']}`, grouped split stored in the file (by material): "
+        f"Data: `{res['data_file']}`, split stored in the file (grouped by {res.get('split_grouping', 'material')}): "
         + ", ".join(f"{s} {c[s]['materials']} materials / {c[s]['samples']} samples" for s in splits)
         + ". Every model is fitted on the same training rows and scored on the same test rows.",
         "",

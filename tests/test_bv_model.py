@@ -478,3 +478,20 @@ def test_cv_folds_keep_families_together():
         sets = [set(fams[x]) for x in (tr, va, te)]
         assert all(sets) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
     assert sorted(np.concatenate([te for *_, te in folds])) == list(range(len(mids)))
+
+
+def test_split_grouping_says_what_the_split_keeps_together():
+    """Reports name the split's grouping from the data, not from a fixed phrase."""
+    from dosnet_bv.data import Dataset
+
+    d = Dataset.__new__(Dataset)
+    d.material_id = np.array(["a", "a", "b", "c"])
+    d.family_id = np.array(["F", "F", "F", "G"])
+    d.split = np.array(["train", "train", "train", "test"])
+    assert d.split_grouping() == "family"
+    d.split = np.array(["train", "train", "test", "test"])  # family F on both sides, materials apart
+    assert d.split_grouping() == "material"
+    d.split = np.array(["train", "test", "test", "test"])
+    assert d.split_grouping() == "none"
+    d.family_id = None
+    assert d.split_grouping() == "none"
