@@ -67,7 +67,7 @@ def parse_args(argv=None):
                         "(default run folder <out_dir>/ablation-<time>; an existing one resumes)")
     p.add_argument("--models", metavar="A,B",
                    help="with --ablation --cv K: run only these of the family-grouped ablation's models "
-                        "(element_mean, gbt_dos, gbt_structure, gbt_dos_structure, dos, dos_shift, dos_point, dos_raw, vector, bonds, "
+                        "(element_mean, element_cn_mean, gbt_dos, gbt_structure, gbt_dos_structure, dos, dos_shift, dos_point, dos_raw, vector, bonds, "
                         "dos_vector, "
                         "dos_bonds; default all); more can be added later in the same --out")
     p.add_argument("--learning-curve", action="store_true",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dosnet_bv import report
-from dosnet_bv.ablation import BASELINES, Features, ModelSpec, ablation_budget, model_result, run_model
+from dosnet_bv.ablation import BASELINES, Features, ModelSpec, ablation_budget, cn_column, model_result, run_model
 from dosnet_bv.data import Dataset
 from dosnet_bv.outputs import Log, write_json, write_text
 from dosnet_bv.params import TARGET_UNITS, TrainError
@@ -50,6 +50,7 @@ class CVModel:
 
 CV_MODELS = {m.name: m for m in (
     CVModel("element_mean", BASELINES["element_mean"], "baseline"),
+    CVModel("element_cn_mean", BASELINES["element_cn_mean"], "baseline"),
     CVModel("gbt_dos", BASELINES["gbt_dos"], "baseline"),
     CVModel("gbt_structure", BASELINES["gbt_structure"], "baseline"),
     CVModel("gbt_dos_structure", BASELINES["gbt_dos_structure"], "baseline"),
@@ -105,6 +106,9 @@ def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int =
     log = log or Log(out / "cv_ablation.log", printer=tqdm.write)
     epoch_log = Log(log.path, quiet=True)
     models = models or list(CV_MODELS)
+    if "element_cn_mean" in models and cn_column(data) is None:
+        models = [m for m in models if m != "element_cn_mean"]
+        log(f"no 'cn' column in the structure vector of {data.path}: per element + CN mean left out")
     run_params, budget = ablation_budget(params, full)
     seeds = [params["seed"] + i for i in range(n_seeds)]
     folds = cv_splits(data.groups(params["split_by"]), k, params["cv_val_fraction"], params["split_seed"])

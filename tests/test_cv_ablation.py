@@ -107,3 +107,15 @@ def test_augmentation_needs_the_grid_and_in_memory_input(tiny):  # noqa: F811
     assert augment_points({**p, "fusion": "structure_only"}, data, streaming=False) == 0
     with pytest.raises(TrainError, match="in memory"):
         augment_points(p, data, streaming=True)
+
+
+def test_element_cn_baseline_left_out_without_a_cn_column(tiny, tmp_path, monkeypatch):  # noqa: F811
+    h5, _, _ = tiny
+    p = _params(h5, tmp_path)
+    data = load_data(h5, p)
+    seen = []
+    monkeypatch.setattr(cv_ablation, "run_model", _fake(seen))
+    monkeypatch.setattr(cv_ablation, "cn_column", lambda data: None)
+    res = cv_ablation.run_cv_ablation(p, data, tmp_path / "cv", k=3, n_seeds=1,
+                                      models=["element_cn_mean", "element_mean"], log=Log(quiet=True))
+    assert {m for m, *_ in seen} == {"element_mean"} and "element_cn_mean" not in res["models"]
