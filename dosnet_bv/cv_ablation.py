@@ -81,12 +81,14 @@ def parse_models(text: str | None) -> list[str]:
 
 
 def site_subsets(data: Dataset, test_rows: np.ndarray) -> dict:
-    """``{subset: rows}`` of one test fold: all, cation and anion sites (by the stored valence sign)."""
+    """``{subset: rows}`` of one test fold: all, cation and anion sites (by the stored valence sign);
+    a subset without rows is left out (a migration barrier is carried by mobile cations only)."""
     out = {"test": test_rows}
     v = data.targets.get("valence")
     if v is not None:
-        out["test_cation"] = test_rows[v[test_rows] > 0]
-        out["test_anion"] = test_rows[v[test_rows] < 0]
+        for name, rows in (("test_cation", test_rows[v[test_rows] > 0]), ("test_anion", test_rows[v[test_rows] < 0])):
+            if len(rows):
+                out[name] = rows
     return out
 
 

@@ -119,3 +119,12 @@ def test_element_cn_baseline_left_out_without_a_cn_column(tiny, tmp_path, monkey
     res = cv_ablation.run_cv_ablation(p, data, tmp_path / "cv", k=3, n_seeds=1,
                                       models=["element_cn_mean", "element_mean"], log=Log(quiet=True))
     assert {m for m, *_ in seen} == {"element_mean"} and "element_cn_mean" not in res["models"]
+
+
+def test_site_subsets_leave_out_empty_ones():
+    from types import SimpleNamespace
+
+    data = SimpleNamespace(targets={"valence": np.array([1.0, 2.0, -2.0, 1.0])})
+    subsets = cv_ablation.site_subsets(data, np.array([0, 1, 3]))  # cations only, as a migration target's rows
+    assert set(subsets) == {"test", "test_cation"} and list(subsets["test_cation"]) == [0, 1, 3]
+    assert set(cv_ablation.site_subsets(data, np.array([1, 2]))) == {"test", "test_cation", "test_anion"}
