@@ -275,10 +275,10 @@ def learning_curve_markdown(res: dict, n_materials: int, units: dict | None = No
             continue
         trend = ("" if e["b"] > 0 else " (the error does not fall with more data here: the extrapolation is "
                  "meaningless)")
-        line = (f"- `{e['model']}`, {e['target']}: MAE ≈ {e['a']:.4g} · N^-{e['b']:.3f}{trend}; at 10^4 materials "
+        line = (f"- `{e['model']}`, {e['target']}: MAE ≈ {e['a']:.4g} · N^{-e['b']:.3f}{trend}; at 10^4 materials "
                 f"(N ≈ {n_10k} samples) ≈ {e['mae_at_1e4_materials']:.4f}{u}")
         if "b_largest3" in e:
-            line += (f" (from the three largest subsets only: N^-{e['b_largest3']:.3f}, "
+            line += (f" (from the three largest subsets only: N^{-e['b_largest3']:.3f}, "
                      f"≈ {e['mae_at_1e4_materials_largest3']:.4f}{u})")
         fits.append(line)
     pub = res["published"]
@@ -387,7 +387,7 @@ def plot_learning_curves(path, curves: dict, targets, units: dict | None = None,
             if (model, t) in fits:
                 a, b = fits[(model, t)]
                 xs = np.geomspace(n.min(), max(n.max(), extrapolate_to or 0), 60)
-                ax.plot(xs, a * xs ** (-b), "--", color=colour, lw=0.8, label=f"fit {a:.3g}·N^-{b:.2f}")
+                ax.plot(xs, a * xs ** (-b), "--", color=colour, lw=0.8, label=f"fit {a:.3g}·N^{-b:.2f}")
                 if extrapolate_to:
                     ax.plot([extrapolate_to], [a * extrapolate_to ** (-b)], "x", color=colour, ms=8)
         if extrapolate_to:
