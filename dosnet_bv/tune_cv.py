@@ -186,8 +186,7 @@ def run_tune_cv(params: dict, data: Dataset, out_dir, k: int, n_seeds: int = 3, 
                     + f"; elapsed {report.duration(time.time() - t0)}")
     result = TuneCVResult(k, seeds, budget, {m: report.summarise(runs[m]) for m in MODELS}, tuple(choices),
                           paired(per_fold, params["targets"]), round(time.time() - t0, 1))
-    write_json(out / "tune_cv.json", {**{k_: v for k_, v in asdict(result).items()},
-                                      "data_file": data.path, "split_by": params["split_by"]})
+    write_json(out / "tune_cv.json", {**asdict(result), "data_file": data.path, "split_by": params["split_by"]})
     table = result.markdown(params["targets"])
     write_text(out / "tune_cv.md", f"# Tuned against default on {k}-fold CV by {params['split_by']} (nested)\n\n"
                                    f"{budget}\n\n{table}\n")
