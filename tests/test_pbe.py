@@ -195,6 +195,40 @@ def test_tetrahedron_refuses_a_reduced_mesh():
         pbe.tetrahedron_states(np.eye(3), [4, 4, 4], k[:40], eig[:40], eig[:40, :, None], np.arange(-6, 6, 0.1))
 
 
+def test_a_cell_gpaw_calls_weird_is_retried_as_its_niggli_cell(monkeypatch):
+    # ex-TiO2 failed with GPAW's "weird unit cell": the same crystal in a skewed cell must be
+    # retried in the Niggli-reduced cell, same atoms at the same Cartesian positions, same order
+    good = Structure(Lattice.from_parameters(4.6, 4.6, 2.96, 90, 90, 90), ["Ti", "Ti", "O", "O", "O", "O"],
+                     [[0, 0, 0], [0.5, 0.5, 0.5], [0.3, 0.3, 0], [0.7, 0.7, 0], [0.8, 0.2, 0.5], [0.2, 0.8, 0.5]])
+    skew = Structure(Lattice(good.lattice.matrix @ np.array([[1, 0, 0], [3, 1, 0], [0, 0, 1]]).T),
+                     good.species, good.cart_coords, coords_are_cartesian=True, to_unit_cell=True)
+    seen = []
+
+    def fake_scf(structure, valences, settings, txt):
+        seen.append(structure)
+        if len(seen) == 1:
+            raise pbe.PBEError("SCF failed: ValueError: You have a weird unit cell!  Try to use the maximally "
+                               "reduced Niggli cell.")
+        return None, None, {"seconds_scf": 0.0}
+
+    monkeypatch.setattr(pbe, "_scf", fake_scf)
+    monkeypatch.setattr(pbe, "_nscf_spectrum", lambda calc, atoms, structure, *a: (structure, {}))
+    r = pbe.run_pbe(skew, [4, 4, -2, -2, -2, -2])
+    assert len(seen) == 2 and r.info["niggli_reduced"] is True
+    reduced = seen[1]
+    assert reduced.lattice.abc != pytest.approx(skew.lattice.abc)
+    assert sorted(reduced.lattice.abc) == pytest.approx(sorted(good.lattice.abc))
+    assert [s.symbol for s in reduced.species] == [s.symbol for s in skew.species]
+    d = reduced.lattice.get_all_distances(reduced.frac_coords, reduced.frac_coords)
+    np.testing.assert_allclose(d, skew.lattice.get_all_distances(skew.frac_coords, skew.frac_coords), atol=1e-8)
+    assert r.spectrum is reduced  # the spectrum's sites are the reduced structure's sites
+    # any other failure is not retried
+    seen.clear()
+    monkeypatch.setattr(pbe, "_scf", lambda *a: (_ for _ in ()).throw(pbe.PBEError("SCF failed: not converged")))
+    with pytest.raises(pbe.PBEError, match="not converged"):
+        pbe.run_pbe(good, [4, 4, -2, -2, -2, -2])
+
+
 def test_anions_outside_bond_valence_theory_are_dropped_with_a_reason():
     nias = StructureEntry("x", "NiAs", "prototype", rocksalt(5.0, "Ni", "As"), {"bv_valences": [3, -3]})
     nio = StructureEntry("y", "NiO", "prototype", rocksalt(4.2, "Ni", "O"), {"bv_valences": [2, -2]})

@@ -540,6 +540,10 @@ def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method
     return spectrum, info
 
 
+#: the start of GPAW's complaint about a cell its real-space grid cannot take
+WEIRD_CELL = "weird unit cell"
+
+
 def run_pbe(structure: Structure, valences: list[int] | None = None, settings: PBESettings | None = None,
             window_ev: tuple[float, float] = (-16.0, 8.0), txt: str | None = None) -> PBEResult:
     """PBE(+U) projected DOS of ``structure`` (see the module docstring).
@@ -549,7 +553,16 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
     """
     settings = settings or PBESettings()
     t0 = time.perf_counter()
-    calc, atoms, scf_info = _scf(structure, valences, settings, txt)
+    try:
+        calc, atoms, scf_info = _scf(structure, valences, settings, txt)
+    except PBEError as exc:
+        if WEIRD_CELL not in str(exc):
+            raise
+        # GPAW's grid refuses very skewed cells: the Niggli cell holds the same atoms at the same
+        # Cartesian positions, in the same order, so per-site spectra still match the structure.
+        structure = structure.get_reduced_structure()
+        calc, atoms, scf_info = _scf(structure, valences, settings, txt)
+        scf_info["niggli_reduced"] = True
     spectrum, dos_info = _nscf_spectrum(calc, atoms, structure, settings.dos_kdensity, settings.dos_method,
                                         window_ev, txt, settings.smearing_ev)
     info = {
