@@ -285,6 +285,37 @@ def _stop_on_sigterm():
 
 
 # --------------------------------------------------------------------------------------------
+def pbe_record_outdated(path) -> bool:
+    """A PBE record computed with another projection than the current recipe's (``pbe.PROJECTION``),
+    or one that cannot be read: ``compute_embedded`` computes it again."""
+    from data_prep.embedded import pbe
+
+    try:
+        calc = MaterialRecord.from_npz(path).provenance.get("calculation", {})
+    except Exception:  # noqa: BLE001 - an unreadable record is recomputed, whatever the reason
+        return True
+    return calc.get("projection") != pbe.PROJECTION_LABELS[pbe.PROJECTION]
+
+
+def select_todo(entries: list[StructureEntry], out_dir: Path, failures: dict, retry_failed: bool = False,
+                method: str = "xtb") -> tuple[list[StructureEntry], int, int, int]:
+    """(entries to compute, n cached, n skipped as failed before, n outdated PBE records among the
+    entries to compute); an outdated record stays on disk until its new one replaces it."""
+    todo, n_cached, n_skip_failed, n_outdated = [], 0, 0, 0
+    for e in entries:
+        path = out_dir / f"{e.material_id}.npz"
+        if path.exists() and method == "pbe" and pbe_record_outdated(path):
+            n_outdated += 1
+            todo.append(e)
+        elif path.exists():
+            n_cached += 1
+        elif e.material_id in failures and not retry_failed:
+            n_skip_failed += 1
+        else:
+            todo.append(e)
+    return todo, n_cached, n_skip_failed, n_outdated
+
+
 def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, time_limit_s: float = 600,
                      progress: bool = True, retry_failed: bool = False, min_length_ang: float = MIN_LENGTH_ANG,
                      etemp_k: float = DEFAULT_ETEMP_K, max_atoms: int | None = MAX_SUPERCELL_ATOMS,
@@ -296,7 +327,8 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
     method) or ``"xtb"`` (GFN1-xTB, the earlier one). PBE runs go real structures first, then
     substituted ones balanced over families (``family_balanced_order``); xTB runs cheapest first.
 
-    Returns a summary: counts (``n_entries``, ``n_cached``, ``n_skipped_failed``,
+    PBE records made with an outdated recipe (``pbe_record_outdated``) are computed again.
+    Returns a summary: counts (``n_entries``, ``n_cached``, ``n_skipped_failed``, ``n_outdated``,
     ``n_computed``, ``n_failed``), ``failed`` ({id: reason} of this run), ``seconds``,
     ``seconds_per_material`` and ``bytes_per_material`` (this run's records).
     """
@@ -319,14 +351,7 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
         for i in stale_failures:
             failures.pop(i)
         _write_failures(out_dir, failures)
-    todo, n_cached, n_skip_failed = [], 0, 0
-    for e in entries:
-        if (out_dir / f"{e.material_id}.npz").exists():
-            n_cached += 1
-        elif e.material_id in failures and not retry_failed:
-            n_skip_failed += 1
-        else:
-            todo.append(e)
+    todo, n_cached, n_skip_failed, n_outdated = select_todo(entries, out_dir, failures, retry_failed, method)
     if method not in ("pbe", "xtb"):
         raise ValueError(f"unknown method {method!r}; expected 'pbe' or 'xtb'")
     if method == "pbe":
@@ -340,7 +365,8 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
     work = {k: (c / unit if math.isfinite(c) else 1.0) for k, c in costs.items()}  # in "average materials"
 
     summary = {"out_dir": str(out_dir), "n_entries": len(entries), "n_cached": n_cached,
-               "n_skipped_failed": n_skip_failed, "n_todo": len(todo), "n_computed": 0, "n_failed": 0,
+               "n_skipped_failed": n_skip_failed, "n_outdated": n_outdated, "n_todo": len(todo),
+               "n_computed": 0, "n_failed": 0,
                "failed": {}, "method": method,
                "order": ("real first, then substituted round-robin over parents" if method == "pbe"
                          else "cheapest first (estimated (supercell AOs)^3)")}

@@ -1,4 +1,4 @@
-"""PBE projected DOS of one crystal with GPAW in LCAO mode, projected by Mulliken per atom and (l, m).
+"""PBE projected DOS of one crystal with GPAW in LCAO mode, projected by Löwdin per atom and (l, m).
 
 This is the method behind the embedded dataset (it replaces GFN1-xTB, whose Γ-supercell DOS did
 not converge and collapsed the gaps of oxides). The recipe follows the Materials Project where it
@@ -24,15 +24,19 @@ matters for comparing with MP's DOS:
   by as much (per-site L1 0.32).
 - **DOS integration** (:data:`DOS_METHOD`): linear tetrahedra on the full mesh
   (:func:`tetrahedron_states`), as MP's ISMEAR = -5, counted per 0.01 eV bin so that flat
-  semicore levels and narrow d bands keep all their states; the Mulliken weights are the
+  semicore levels and narrow d bands keep all their states; the band weights are the
   tetrahedron's corner mean. Sampling the k-points instead (``"states"``, the first 13 records)
   left SrTiO3 unconverged at density 5 against 10 (per-site L1 0.245 on Sr, 0.131 on Ti, at
   σ = 0.1 eV); ``bench/pbe_convergence.py`` writes the check for the current recipe to
   ``pbe_checks.json`` (numbers in data_prep/README.md).
-- **Projection**: Mulliken on the LCAO coefficients. For band n at k the weight of basis function
-  μ is Re[C*_nμ (C Sᵀ)_nμ] (S the overlap matrix with the PAW corrections), which sums to 1 over μ;
-  zetas and polarisation functions of the same (l, m) are summed. GPAW's PAW-projector PDOS is
-  not used: it sums to 1.14-1.45× the total DOS.
+- **Projection** (:data:`PROJECTION`): Löwdin on the LCAO coefficients. For band n at k the
+  weight of basis function μ is |(S^½ c_n)_μ|² (S the overlap matrix with the PAW corrections):
+  never negative, and it sums to 1 over μ; zetas and polarisation functions of the same (l, m) are
+  summed. Mulliken's gross populations Re[C*_nμ (C Sᵀ)_nμ] (``projection="mulliken"``, the
+  records computed before 2026-12-06) also sum to 1 but go negative on electropositive cations
+  with diffuse basis functions (Mg in spinel: -0.36 states of negative weight, 0.24 net in the grid),
+  which left those sites' DOS unconverged in k. GPAW's PAW-projector PDOS is not used: it sums to
+  1.14-1.45× the total DOS.
 
 Weights carry k-point weight × spin degeneracy, so they count states per cell as
 :class:`data_prep.records.Spectrum` requires, and the occupied weight equals the valence electron
@@ -63,10 +67,19 @@ DOS_KDENSITY = 5.0
 SMEARING_EV = 0.05
 BASIS = "dzp"
 #: how the NSCF eigenvalues become a DOS: "tetrahedron" (linear tetrahedron interpolation of the
-#: Mulliken weights on the full mesh, sampled every TETRA_STEP_EV; what MP's ISMEAR = -5 does) or
+#: band weights on the full mesh, sampled every TETRA_STEP_EV; what MP's ISMEAR = -5 does) or
 #: "states" (the discrete k-point states, broadened later by the grid's Gaussian)
 DOS_METHOD = "tetrahedron"
 TETRA_STEP_EV = 0.01
+#: how a band's weight is shared among the basis functions: "mulliken" (gross populations
+#: Re[C* (C Sᵀ)], can be negative) or "lowdin" (|S^½ c|², never negative); both sum to 1 per band
+#: Löwdin: Mulliken gave the Mg sites of spinel MgAl2O4 -0.36 states of negative weight (whole
+#: spectrum) against 0.24 net inside the grid, and left them (and Sr in SrTiO3) unconverged in k (per-site L1 0.175 /
+#: 0.116 between DOS densities 5 and 10; Löwdin 0.033 / 0.059, data_prep/README.md)
+PROJECTION = "lowdin"
+#: what a record's provenance says for each projection (records before 2026-12-06: Mulliken)
+PROJECTION_LABELS = {"mulliken": "Mulliken on LCAO coefficients", "lowdin": "Löwdin on LCAO coefficients"}
+PROJECTIONS = tuple(PROJECTION_LABELS)
 
 #: MP's U values (eV, Dudarev) for oxides and fluorides (pymatgen MPRelaxSet / MPScanRelaxSet GGA+U).
 MP_U_EV = {"Co": 3.32, "Cr": 3.7, "Fe": 5.3, "Mn": 3.9, "Mo": 4.38, "Ni": 6.2, "V": 3.25, "W": 6.2}
@@ -102,6 +115,7 @@ class PBESettings:
     basis: str = BASIS
     max_scf_iter: int = 300
     dos_method: str = DOS_METHOD
+    projection: str = PROJECTION
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -217,6 +231,25 @@ def _basis_channels(setups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def mulliken_weights(C_nM: np.ndarray, S_MM: np.ndarray) -> np.ndarray:
     """(n_bands, n_basis) Mulliken gross weights Re[C* (C Sᵀ)]; each row sums to the band's norm (1)."""
     return (C_nM.conj() * (C_nM @ S_MM.T)).real
+
+
+def lowdin_weights(C_nM: np.ndarray, S_MM: np.ndarray) -> np.ndarray:
+    """(n_bands, n_basis) Löwdin weights |S^½ c_n|²: the band's coefficients on the symmetrically
+    orthogonalised basis, squared. Never negative; each row sums to c_n† S c_n, the band's norm (1)."""
+    lam, U = np.linalg.eigh(S_MM)
+    if lam.min() <= 0:
+        raise PBEError(f"overlap matrix not positive definite (smallest eigenvalue {lam.min():.2e})")
+    s_half = (U * np.sqrt(lam)) @ U.conj().T
+    return np.abs(C_nM @ s_half.T) ** 2
+
+
+def band_weights(C_nM: np.ndarray, S_MM: np.ndarray, projection: str = PROJECTION) -> np.ndarray:
+    """(n_bands, n_basis) weights of each band on each basis function by ``projection``."""
+    if projection == "mulliken":
+        return mulliken_weights(C_nM, S_MM)
+    if projection == "lowdin":
+        return lowdin_weights(C_nM, S_MM)
+    raise PBEError(f"unknown projection {projection!r} ({' or '.join(PROJECTIONS)})")
 
 
 def _mesh(atoms, density: float, even: bool = False) -> list[int]:
@@ -455,7 +488,8 @@ def tetrahedron_states(cell: np.ndarray, size: list[int], kpt_kc: np.ndarray, ei
 
 
 def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method: str,
-                   window_ev: tuple[float, float], txt: str | None, smearing_ev: float = SMEARING_EV):
+                   window_ev: tuple[float, float], txt: str | None, smearing_ev: float = SMEARING_EV,
+                   projection: str = PROJECTION):
     """Non-self-consistent DOS on an even Γ-centred mesh: (Spectrum, info)."""
     t0 = time.perf_counter()
     size = _mesh(atoms, density, even=True)
@@ -487,12 +521,12 @@ def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method
     f_weight = np.zeros(n_atoms)
     outside = np.zeros(n_atoms)
     occupied = 0.0
-    worst_sum = 0.0  # largest |sum of a band's Mulliken weights - 1| (channels + f vs the total DOS)
+    worst_sum = 0.0  # largest |sum of a band's weights - 1| (channels + f vs the total DOS)
     for wfs in ibz._wfs_u:  # noqa: SLF001 - GPAW's per-(k, spin) LCAO wave functions
         eig_ev = np.asarray(wfs.eig_n) * HARTREE_EV
         kw = float(wfs.weight) * float(wfs.spin_degeneracy)
         occupied += kw * float(np.sum(fermi_dirac(eig_ev, efermi_ev, smearing_ev)))
-        q = mulliken_weights(np.asarray(wfs.C_nM.data), np.asarray(wfs.S_MM.data))  # (n, M), rows sum to 1
+        q = band_weights(np.asarray(wfs.C_nM.data), np.asarray(wfs.S_MM.data), projection)  # (n, M), rows sum to 1
         worst_sum = max(worst_sum, float(np.abs(q.sum(axis=1) - 1.0).max()))
         if q.shape[1] != atom_M.size:
             raise PBEError(f"basis layout mismatch: {q.shape[1]} coefficients, {atom_M.size} basis functions")
@@ -564,12 +598,12 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
         calc, atoms, scf_info = _scf(structure, valences, settings, txt)
         scf_info["niggli_reduced"] = True
     spectrum, dos_info = _nscf_spectrum(calc, atoms, structure, settings.dos_kdensity, settings.dos_method,
-                                        window_ev, txt, settings.smearing_ev)
+                                        window_ev, txt, settings.smearing_ev, settings.projection)
     info = {
         "code": "GPAW", "gpaw_version": gpaw_version(), "mode": "lcao", "xc": "PBE", "basis": settings.basis,
         "h_ang": settings.h_ang, "scf_kdensity": settings.scf_kdensity,
         "smearing": f"fermi-dirac {settings.smearing_ev} eV", **scf_info, **dos_info,
-        "seconds": round(time.perf_counter() - t0, 2), "projection": "Mulliken on LCAO coefficients",
+        "seconds": round(time.perf_counter() - t0, 2), "projection": PROJECTION_LABELS[settings.projection],
     }
     return PBEResult(spectrum, info)
 
@@ -611,9 +645,9 @@ def kpoint_convergence(structure: Structure, valences: list[int] | None = None, 
     calc, atoms, _ = _scf(structure, valences, settings, None)
     window = (-16.0, 8.0)
     base, base_info = _nscf_spectrum(calc, atoms, structure, density, settings.dos_method, window, None,
-                                     settings.smearing_ev)
+                                     settings.smearing_ev, settings.projection)
     fine, fine_info = _nscf_spectrum(calc, atoms, structure, 2 * density, settings.dos_method, window, None,
-                                     settings.smearing_ev)
+                                     settings.smearing_ev, settings.projection)
     l1 = per_site_l1(site_dos(base, sigma_ev), site_dos(fine, sigma_ev))
     return {"formula": structure.composition.reduced_formula, "n_sites": len(structure),
             "dos_kdensity": [density, 2 * density], "kpts_dos": [base_info["kpts_dos"], fine_info["kpts_dos"]],
