@@ -104,7 +104,8 @@ def test_records_of_an_outdated_projection_are_computed_again(tmp_path):
     assert compute.pbe_record_outdated(tmp_path / "test-broken.npz")
     entries = [StructureEntry(f"test-{n}", "MgO", "mineral", s, {"bv_valences": [2, -2]})
                for n in ("old", "new", "broken", "missing", "failed")]
-    todo, n_cached, n_skip_failed, n_outdated = compute.select_todo(entries, tmp_path, {"test-failed": {}}, method="pbe")
+    failures = {"test-failed": {"reason": "SCF failed"}}
+    todo, n_cached, n_skip_failed, n_outdated = compute.select_todo(entries, tmp_path, failures, method="pbe")
     assert [e.material_id for e in todo] == ["test-old", "test-broken", "test-missing"]
     assert (n_cached, n_skip_failed, n_outdated) == (1, 1, 2)
     # xTB records carry no projection: nothing is outdated there

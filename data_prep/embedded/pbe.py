@@ -72,10 +72,10 @@ BASIS = "dzp"
 DOS_METHOD = "tetrahedron"
 TETRA_STEP_EV = 0.01
 #: how a band's weight is shared among the basis functions: "mulliken" (gross populations
-#: Re[C* (C Sᵀ)], can be negative) or "lowdin" (|S^½ c|², never negative); both sum to 1 per band
-#: Löwdin: Mulliken gave the Mg sites of spinel MgAl2O4 -0.36 states of negative weight (whole
-#: spectrum) against 0.24 net inside the grid, and left them (and Sr in SrTiO3) unconverged in k (per-site L1 0.175 /
-#: 0.116 between DOS densities 5 and 10; Löwdin 0.033 / 0.059, data_prep/README.md)
+#: Re[C* (C Sᵀ)], can be negative) or "lowdin" (|S^½ c|², never negative); both sum to 1 per band.
+#: Löwdin, because Mulliken gave the Mg sites of spinel MgAl2O4 -0.36 states of negative weight
+#: (whole spectrum) against 0.24 net inside the grid and left them, and Sr in SrTiO3, unconverged
+#: in k (per-site L1 0.175 / 0.116 between DOS densities 5 and 10; Löwdin 0.033 / 0.059).
 PROJECTION = "lowdin"
 #: what a record's provenance says for each projection (records before 2026-12-06: Mulliken)
 PROJECTION_LABELS = {"mulliken": "Mulliken on LCAO coefficients", "lowdin": "Löwdin on LCAO coefficients"}
