@@ -113,6 +113,24 @@ def test_records_of_an_outdated_projection_are_computed_again(tmp_path):
     assert [e.material_id for e in todo] == ["test-missing", "test-failed"] and n_outdated == 0
 
 
+def test_build_skips_pbe_records_of_an_outdated_projection_with_the_reason():
+    from data_prep.build import BuildConfig, featurise_record
+    from records_factory import make_record, structures
+
+    s = structures()["MgO"]
+    cfg = BuildConfig()
+    made = {}
+    for name, calc in (("old", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS["mulliken"]}),
+                       ("new", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION]}),
+                       ("vasp", {"code": "VASP"})):  # a user's own DFT carries no projection scheme
+        rec = make_record(name, s)
+        rec.provenance = {"calculation": calc, "bv_valences": [2, -2]}
+        made[name] = featurise_record(rec, cfg)
+    mid, reason = made["old"]
+    assert mid == "test-old" and "outdated" in reason and "Mulliken" in reason and "compute-embedded" in reason
+    assert made["new"].material_id == "test-new" and made["vasp"].material_id == "test-vasp"
+
+
 def test_start_moments_are_mp_values_capped_at_the_high_spin_ion():
     assert pbe.initial_magmoms(rocksalt(4.3, "Fe", "O"), [2, -2]) == [4.0, 0.6]  # Fe2+ d6: MP's 5 -> 4
     assert pbe.initial_magmoms(rocksalt(4.4, "Mn", "O"), [2, -2]) == [5.0, 0.6]  # Mn2+ d5: MP's 5
