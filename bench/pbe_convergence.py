@@ -9,6 +9,7 @@ tests/test_pbe.py checks the committed result against the current recipe; rerun 
 (needs the 'compute' extra; ~30 CPU-minutes, 15 min on 2 cores) whenever pbe.py's settings change:
 
     python bench/pbe_convergence.py [--out data_prep/embedded/pbe_checks.json] [--only FORMULA ...]
+                                    [--save-dos DIR]
 
 ``--only`` computes the named formulas' checks and replaces just their rows in ``--out`` (the
 other rows stay as they are; only valid while the recipe is unchanged).
@@ -60,11 +61,12 @@ def _pick(entries, formula):
     return sorted(cands, key=lambda e: (len(e.structure), e.material_id))[0]
 
 
-def _job(kind: str, formula: str) -> dict:
+def _job(kind: str, formula: str, save_dir: str | None = None) -> dict:
     e = _pick(collect_structures(n_substituted=0, progress=False), formula)
     valences = e.provenance.get("bv_valences")
     if kind == "convergence":
-        return {"material_id": e.material_id, **pbe.kpoint_convergence(e.structure, valences)}
+        save = str(Path(save_dir) / f"{formula}.npz") if save_dir else None
+        return {"material_id": e.material_id, **pbe.kpoint_convergence(e.structure, valences, save_dos=save)}
     r = pbe.run_pbe(e.structure, valences)
     return {"material_id": e.material_id, "formula": formula, "band_gap_ev": round(r.spectrum.band_gap_ev, 4),
             "reference_ev": pbe.REFERENCE_GAPS_EV[formula], "occupied_weight": round(r.info["occupied_weight"], 6),
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--procs", type=int, default=2, help="calculations run side by side (one core each)")
     ap.add_argument("--only", nargs="+", metavar="FORMULA", choices=sorted(set(CONVERGENCE) | set(GAPS)),
                     help="recompute only these formulas' rows of an existing --out")
+    ap.add_argument("--save-dos", metavar="DIR", help="also write both gridded site DOS of each convergence "
+                    "check to DIR/FORMULA.npz (base, fine, energies_ev, elements)")
     args = ap.parse_args(argv)
     result = {"settings": pbe.PBESettings().as_dict(), "gpaw_version": pbe.gpaw_version(),
               "l1_tolerance": pbe.L1_TOLERANCE, "gap_tolerance_ev": pbe.GAP_TOLERANCE_EV,
@@ -94,7 +98,9 @@ def main(argv=None) -> int:
             result[kind] = [row for row in old[kind] if row["formula"] not in args.only]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.procs) as pool:
-        futures = [pool.submit(_job, kind, f) for kind, f in jobs]
+        if args.save_dos:
+            Path(args.save_dos).mkdir(parents=True, exist_ok=True)
+        futures = [pool.submit(_job, kind, f, args.save_dos) for kind, f in jobs]
         for (kind, f), fut in zip(jobs, futures):
             row = fut.result()
             print(json.dumps({"check": kind, **row}), flush=True)

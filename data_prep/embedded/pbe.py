@@ -639,8 +639,12 @@ def per_site_l1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def kpoint_convergence(structure: Structure, valences: list[int] | None = None, density: float = DOS_KDENSITY,
-                       sigma_ev: float = 0.1, settings: PBESettings | None = None) -> dict:
-    """DOS at k-density ``density`` vs ``2 * density`` (one SCF, two NSCF steps): per-site L1 and gaps."""
+                       sigma_ev: float = 0.1, settings: PBESettings | None = None, save_dos=None) -> dict:
+    """DOS at k-density ``density`` vs ``2 * density`` (one SCF, two NSCF steps): per-site L1 and gaps.
+
+    ``save_dos``: a path; both gridded site DOS, (n_points, atoms, 9) each, are written there
+    (npz: ``base``, ``fine``, ``energies_ev`` relative to the reference level, ``elements``), to
+    see where two meshes differ."""
     settings = settings or PBESettings()
     calc, atoms, _ = _scf(structure, valences, settings, None)
     window = (-16.0, 8.0)
@@ -648,7 +652,14 @@ def kpoint_convergence(structure: Structure, valences: list[int] | None = None, 
                                      settings.smearing_ev, settings.projection)
     fine, fine_info = _nscf_spectrum(calc, atoms, structure, 2 * density, settings.dos_method, window, None,
                                      settings.smearing_ev, settings.projection)
-    l1 = per_site_l1(site_dos(base, sigma_ev), site_dos(fine, sigma_ev))
+    a, b = site_dos(base, sigma_ev), site_dos(fine, sigma_ev)
+    l1 = per_site_l1(a, b)
+    if save_dos is not None:
+        from data_prep.layout import DEFAULT_GRID
+
+        energies = DEFAULT_GRID.emin_ev + DEFAULT_GRID.step_ev * np.arange(a.shape[0])
+        np.savez_compressed(save_dos, base=a, fine=b, energies_ev=energies,
+                            elements=np.array([site.specie.symbol for site in structure]))
     return {"formula": structure.composition.reduced_formula, "n_sites": len(structure),
             "dos_kdensity": [density, 2 * density], "kpts_dos": [base_info["kpts_dos"], fine_info["kpts_dos"]],
             "sigma_ev": sigma_ev, "per_site_l1": [round(float(x), 4) for x in l1], "max_l1": round(float(l1.max()), 4),
