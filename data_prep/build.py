@@ -179,20 +179,6 @@ class MaterialSamples:
     bonds: BondTable | None = None  # (k, bond_slots) neighbour table of the samples (data_prep.bonds)
 
 
-def outdated_pbe_projection(record: MaterialRecord) -> str | None:
-    """Why an embedded PBE record (GPAW) must not be built from: projected with another scheme than
-    the current recipe's (``data_prep.embedded.pbe.PROJECTION``); None for every other record."""
-    calc = record.provenance.get("calculation") or {}
-    if not isinstance(calc, dict) or calc.get("code") != "GPAW":
-        return None
-    from data_prep.embedded.pbe import PROJECTION, PROJECTION_LABELS
-
-    if calc.get("projection") == PROJECTION_LABELS[PROJECTION]:
-        return None
-    return (f"DOS projected by an outdated scheme ({calc.get('projection')!r}, the recipe now uses "
-            f"{PROJECTION_LABELS[PROJECTION]!r}): python -m data_prep compute-embedded --method pbe recomputes it")
-
-
 def featurise_record(record: MaterialRecord, cfg: BuildConfig):
     """One record -> ``MaterialSamples``, or ``(material_id, reason)`` when it must be skipped."""
     from data_prep.bond_valence import BondValenceError, assign_valences, compute_targets
@@ -205,7 +191,9 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         record.validate()
     except RecordError as exc:
         return mid, f"invalid record: {exc}"
-    outdated = outdated_pbe_projection(record)
+    from data_prep.embedded.pbe import outdated_projection
+
+    outdated = outdated_projection(record.provenance)
     if outdated:
         return mid, outdated
     s = record.structure

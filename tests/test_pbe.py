@@ -95,7 +95,7 @@ def test_records_of_an_outdated_projection_are_computed_again(tmp_path):
     s = structures()["MgO"]
     for name, label in (("old", pbe.PROJECTION_LABELS["mulliken"]), ("new", pbe.PROJECTION_LABELS[pbe.PROJECTION])):
         rec = make_record(name, s)
-        rec.provenance = {"calculation": {"projection": label}}
+        rec.provenance = {"calculation": {"code": "GPAW", "projection": label}}
         rec.save(tmp_path / f"{rec.material_id}.npz")
     (tmp_path / "test-broken.npz").write_bytes(b"not a record")
     assert pbe.PROJECTION == "lowdin"

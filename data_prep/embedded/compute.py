@@ -291,10 +291,10 @@ def pbe_record_outdated(path) -> bool:
     from data_prep.embedded import pbe
 
     try:
-        calc = MaterialRecord.from_npz(path).provenance.get("calculation", {})
+        provenance = MaterialRecord.from_npz(path).provenance
     except Exception:  # noqa: BLE001 - an unreadable record is recomputed, whatever the reason
         return True
-    return calc.get("projection") != pbe.PROJECTION_LABELS[pbe.PROJECTION]
+    return pbe.outdated_projection(provenance) is not None
 
 
 def select_todo(entries: list[StructureEntry], out_dir: Path, failures: dict, retry_failed: bool = False,

@@ -81,6 +81,18 @@ PROJECTION = "lowdin"
 PROJECTION_LABELS = {"mulliken": "Mulliken on LCAO coefficients", "lowdin": "Löwdin on LCAO coefficients"}
 PROJECTIONS = tuple(PROJECTION_LABELS)
 
+
+def outdated_projection(provenance: dict) -> str | None:
+    """Why a record of this recipe (GPAW, ``provenance["calculation"]``) is outdated: projected by
+    another scheme than :data:`PROJECTION`; None when current, or when not a GPAW record at all."""
+    calc = provenance.get("calculation") or {}
+    if not isinstance(calc, dict) or calc.get("code") != "GPAW":
+        return None
+    if calc.get("projection") == PROJECTION_LABELS[PROJECTION]:
+        return None
+    return (f"DOS projected by an outdated scheme ({calc.get('projection')!r}, the recipe now uses "
+            f"{PROJECTION_LABELS[PROJECTION]!r}): python -m data_prep compute-embedded --method pbe recomputes it")
+
 #: MP's U values (eV, Dudarev) for oxides and fluorides (pymatgen MPRelaxSet / MPScanRelaxSet GGA+U).
 MP_U_EV = {"Co": 3.32, "Cr": 3.7, "Fe": 5.3, "Mn": 3.9, "Mo": 4.38, "Ni": 6.2, "V": 3.25, "W": 6.2}
 MP_U_ANIONS = frozenset({"O", "F"})
