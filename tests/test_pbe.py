@@ -111,6 +111,35 @@ def test_records_of_an_outdated_projection_are_computed_again(tmp_path):
     # xTB records carry no projection: nothing is outdated there
     todo, n_cached, _, n_outdated = compute.select_todo(entries, tmp_path, {}, method="xtb")
     assert [e.material_id for e in todo] == ["test-missing", "test-failed"] and n_outdated == 0
+    # an outdated record whose recompute failed is not retried on every run (only on request)
+    failures["test-old"] = {"reason": "timeout"}
+    todo, _, n_skip_failed, n_outdated = compute.select_todo(entries, tmp_path, failures, method="pbe")
+    assert [e.material_id for e in todo] == ["test-broken", "test-missing"] and (n_skip_failed, n_outdated) == (2, 1)
+    todo, *_ = compute.select_todo(entries, tmp_path, failures, retry_failed=True, method="pbe")
+    assert "test-old" in [e.material_id for e in todo]
+
+
+def test_an_outdated_record_whose_recompute_times_out_is_a_failure(tmp_path):
+    """The old record exists all along: only a record the timed-out task wrote counts as done."""
+    pytest.importorskip("gpaw")
+    import os
+
+    from data_prep.embedded import compute
+    from records_factory import make_record, structures
+
+    s = structures()["MgO"]
+    rec = make_record("old", s)
+    rec.provenance = {"calculation": {"code": "GPAW", "projection": pbe.PROJECTION_LABELS["mulliken"]}}
+    path = tmp_path / "test-old.npz"
+    rec.save(path)
+    os.utime(path, (1e9, 1e9))
+    entry = StructureEntry("test-old", "MgO", "mineral", s, {"bv_valences": [2, -2]})
+    summary = compute.compute_embedded([entry], tmp_path, n_procs=1, time_limit_s=0.5, progress=False, method="pbe")
+    assert (summary["n_outdated"], summary["n_computed"], summary["n_failed"]) == (1, 0, 1), summary
+    assert compute.read_failures(tmp_path)["test-old"]["reason"].startswith("timeout")
+    assert compute.pbe_record_outdated(path)  # the old record stays until a new one replaces it
+    again = compute.compute_embedded([entry], tmp_path, n_procs=1, time_limit_s=0.5, progress=False, method="pbe")
+    assert (again["n_todo"], again["n_skipped_failed"]) == (0, 1), again
 
 
 def test_build_skips_pbe_records_of_an_outdated_projection_with_the_reason():
@@ -321,6 +350,11 @@ def test_order_is_real_first_then_round_robin_over_parents():
     assert order[:2] == ["A", "B"]
     assert order[2:4] == ["a1", "b1"]  # every family once before any family twice
     assert order[4:] == ["a2", "a3"]
+    # resumed after A's second substitution was done: B's second comes before A's third
+    rest = [e for e in entries if e.material_id not in ("A", "B", "a1", "b1", "a2")]
+    order = [e.material_id for e in family_balanced_order(rest + [sub("b2", "B", 2)], costs | {"b2": 1.0},
+                                                          done_per_parent={"A": 2, "B": 1})]
+    assert order == ["b2", "a3"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,3 +432,12 @@ def test_chgnet_relaxation_moves_a_strained_cell_back():
     assert r.info["converged"]
     assert r.info["volume_change"] < -0.1
     assert 4.0 < r.structure.lattice.abc[0] * 2 ** 0.5 < 4.4
+
+
+@pytest.mark.skipif(not HAVE_GPAW, reason="GPAW (the 'compute' extra) is not installed")
+def test_a_projection_that_breaks_its_sums_is_refused(monkeypatch):
+    """Weights that do not sum to 1 per band would make every channel wrong: no record."""
+    real = pbe.band_weights
+    monkeypatch.setattr(pbe, "band_weights", lambda c, s_, projection=pbe.PROJECTION: 1.01 * real(c, s_, projection))
+    with pytest.raises(pbe.PBEError, match="sum to 1"):
+        pbe.run_pbe(rocksalt(4.25), [2, -2], pbe.PBESettings(scf_kdensity=1.0, dos_kdensity=1.0))

@@ -172,6 +172,18 @@ def test_symmetry_equivalent_atoms_keep_their_own_projection():
 
 
 # --- compaction -------------------------------------------------------------------------------
+def test_compact_reports_the_weight_its_threshold_cuts_per_atom():
+    from data_prep.records import Spectrum
+
+    w = np.zeros((3, 2, 9))
+    w[0, 0, 0], w[1, 0, 1], w[2, 1, 4] = 1.0, 4e-5, -3e-5  # two weights under 1e-4, one per atom
+    sp = Spectrum(energies_ev=np.array([-3.0, -2.0, -1.0]), weights=w, reference_ev=0.0, efermi_ev=0.0,
+                  band_gap_ev=1.0, f_weight=np.zeros(2), n_electrons=1.0)
+    small, summary = compact(sp, merge_tol_ev=0.0, weight_threshold=1e-4)
+    assert summary["cut_by_threshold"] == pytest.approx([4e-5, -3e-5])
+    assert small.weights.sum() == pytest.approx(1.0)
+
+
 def test_compact_float16_record_grids_within_one_percent(mgo, tmp_path):
     sp = mgo.spectrum
     small, summary = compact(sp)

@@ -174,10 +174,11 @@ class _Worker:
         self.ready = False
         self.task: StructureEntry | None = None
         self.started = 0.0
+        self.started_wall = 0.0  # time.time() at assignment: tells a record this task wrote from an older one
 
     def assign(self, entry: StructureEntry, path: Path) -> None:
         self.conn.send((entry, str(path)))
-        self.task, self.started = entry, time.monotonic()
+        self.task, self.started, self.started_wall = entry, time.monotonic(), time.time()
 
     def stop(self, kill: bool = False) -> None:
         if self.proc.is_alive():
@@ -245,13 +246,17 @@ def estimated_cost_pbe(entry: StructureEntry) -> float:
     return float(len(s)) ** 3 * nk
 
 
-def family_balanced_order(entries: list[StructureEntry], costs: dict) -> list[StructureEntry]:
+def family_balanced_order(entries: list[StructureEntry], costs: dict,
+                          done_per_parent: dict | None = None) -> list[StructureEntry]:
     """Real structures first (cheapest first), then substituted ones round-robin over their parents.
 
     In round r every parent contributes its r-th substitution (in the collection's rank order),
     cheapest first within the round: a partial set then has every family represented as evenly
-    as possible, which is what a family-grouped evaluation needs.
+    as possible, which is what a family-grouped evaluation needs. ``done_per_parent``: substituted
+    records each parent already has (a resumed run), so that a parent ahead after an interrupted
+    round does not move ahead again.
     """
+    done_per_parent = done_per_parent or {}
     real = sorted((e for e in entries if e.origin != "substituted"), key=lambda e: (costs[e.material_id],
                                                                                       e.material_id))
     by_parent: dict[str, list[StructureEntry]] = {}
@@ -261,7 +266,8 @@ def family_balanced_order(entries: list[StructureEntry], costs: dict) -> list[St
     rounds: dict[int, list[StructureEntry]] = {}
     for subs in by_parent.values():
         subs.sort(key=lambda e: (e.provenance.get("rank_in_parent", 0), e.material_id))
-        for r, e in enumerate(subs):
+        start = int(done_per_parent.get(str(subs[0].provenance.get("parent_id", subs[0].material_id)), 0))
+        for r, e in enumerate(subs, start=start):
             rounds.setdefault(r, []).append(e)
     ordered = list(real)
     for r in sorted(rounds):
@@ -305,6 +311,9 @@ def select_todo(entries: list[StructureEntry], out_dir: Path, failures: dict, re
     for e in entries:
         path = out_dir / f"{e.material_id}.npz"
         if path.exists() and method == "pbe" and pbe_record_outdated(path):
+            if e.material_id in failures and not retry_failed:  # its recompute failed before
+                n_skip_failed += 1
+                continue
             n_outdated += 1
             todo.append(e)
         elif path.exists():
@@ -346,8 +355,11 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
             raise ValueError(f"material id {i!r} is not a safe file name")
 
     failures = read_failures(out_dir)
-    stale_failures = [i for i in ids if i in failures and (out_dir / f"{i}.npz").exists()]
-    if stale_failures:  # a record exists after all (e.g. written just as its clock ran out)
+    # a current record exists after all (e.g. written just as its clock ran out); the failure of an
+    # outdated record's recompute stays, so that it is not retried on every run
+    stale_failures = [i for i in ids if i in failures and (out_dir / f"{i}.npz").exists()
+                      and not (method == "pbe" and pbe_record_outdated(out_dir / f"{i}.npz"))]
+    if stale_failures:
         for i in stale_failures:
             failures.pop(i)
         _write_failures(out_dir, failures)
@@ -356,7 +368,11 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
         raise ValueError(f"unknown method {method!r}; expected 'pbe' or 'xtb'")
     if method == "pbe":
         costs = {e.material_id: estimated_cost_pbe(e) for e in todo}
-        todo = family_balanced_order(todo, costs)
+        queued = {e.material_id for e in todo}
+        done_per_parent = Counter(str(e.provenance.get("parent_id", e.material_id)) for e in entries
+                                  if e.origin == "substituted" and e.material_id not in queued
+                                  and (out_dir / f"{e.material_id}.npz").exists())
+        todo = family_balanced_order(todo, costs, done_per_parent)
     else:
         costs = {e.material_id: estimated_cost(e, min_length_ang, max_atoms, max_ao) for e in todo}
         todo.sort(key=lambda e: (costs[e.material_id], e.material_id))
@@ -441,7 +457,9 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
                     w.task = None
                     w.stop(kill=True)
                     path = out_dir / f"{mid}.npz"
-                    if path.exists():  # finished just as the clock ran out
+                    # finished just as the clock ran out: a record this task wrote (an outdated
+                    # record being recomputed exists all along and does not count)
+                    if path.exists() and path.stat().st_mtime >= w.started_wall - 1.0:
                         finish(mid, True, {"seconds": round(elapsed, 3), "bytes": path.stat().st_size})
                     else:
                         finish(mid, False, {"reason": f"timeout: exceeded the time limit of {time_limit_s:g} s",

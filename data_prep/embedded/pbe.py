@@ -114,6 +114,12 @@ _L_OFFSET = {0: 0, 1: 1, 2: 4}
 COMPACT = {"merge_tol_ev": 0.02, "weight_threshold": 1e-4}
 
 
+#: a record is refused when a band's projected weights miss 1 by more than this, or when the
+#: occupied weight misses the electron count by more than the other (the committed records: 3e-8, 6e-9)
+MAX_BAND_WEIGHT_ERROR = 1e-4
+MAX_ELECTRON_COUNT_ERROR = 1e-3
+
+
 class PBEError(RuntimeError):
     """The calculation cannot run or did not give a usable spectrum (message says why)."""
 
@@ -577,6 +583,12 @@ def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method
         raise PBEError(f"unknown dos_method {dos_method!r} (tetrahedron or states)")
     if e.size == 0:
         raise PBEError("no states inside the energy window")
+    # what the projection promises (rows sum to 1, the occupied weight is the electron count): a
+    # record that breaks it would be wrong in every channel, so it is refused, not stored
+    if worst_sum > MAX_BAND_WEIGHT_ERROR:
+        raise PBEError(f"projected weights of a band sum to 1 +- {worst_sum:.2g} (allowed {MAX_BAND_WEIGHT_ERROR:g})")
+    if abs(occupied - n_electrons) > MAX_ELECTRON_COUNT_ERROR:
+        raise PBEError(f"occupied weight {occupied:.6f} is not the electron count {n_electrons:g}")
     spectrum = Spectrum(energies_ev=e, weights=w, reference_ev=ref_ev, efermi_ev=efermi_ev, band_gap_ev=gap_ev,
                         f_weight=f_weight, n_electrons=n_electrons)
     info = {"dos_kdensity": density, "dos_method": dos_method, "efermi_scf_ev": efermi_scf_ev, "kpts_dos": size, "n_kpoints_dos": int(kpt_kc.shape[0]),

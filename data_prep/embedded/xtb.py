@@ -394,7 +394,8 @@ def compact(spectrum: Spectrum, grid: EnergyGrid = DEFAULT_GRID, window_pad_ev: 
       electron count stays checkable (``n_electrons`` is kept);
     - runs of states whose neighbours are within ``merge_tol_ev`` (Γ-point supercells are highly
       degenerate) become one state at their weight-averaged energy with the summed weights;
-    - weights below ``weight_threshold`` in magnitude become 0.
+    - weights below ``weight_threshold`` in magnitude become 0; what that removes is summed per
+      atom into the summary (``cut_by_threshold``, states per cell).
     """
     e = np.asarray(spectrum.energies_ev, float)
     w = np.asarray(spectrum.weights, float)
@@ -426,7 +427,9 @@ def compact(spectrum: Spectrum, grid: EnergyGrid = DEFAULT_GRID, window_pad_ev: 
         np.add.at(w_new, group, w)
         e, w = e_new, w_new
     if weight_threshold > 0:
-        w = np.where(np.abs(w) < weight_threshold, 0.0, w)
+        small = np.abs(w) < weight_threshold
+        summary["cut_by_threshold"] = [round(float(x), 6) for x in np.where(small, w, 0.0).sum(axis=(0, 2))]
+        w = np.where(small, 0.0, w)
     if e.size == 0:  # keep the record valid: one empty state at the reference
         e, w = np.array([spectrum.reference_ev]), np.zeros((1,) + w.shape[1:])
     summary["n_states_out"] = int(e.size)
