@@ -191,9 +191,9 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         record.validate()
     except RecordError as exc:
         return mid, f"invalid record: {exc}"
-    from data_prep.embedded.pbe import outdated_projection
+    from data_prep.embedded.pbe import outdated_recipe
 
-    outdated = outdated_projection(record.provenance)
+    outdated = outdated_recipe(record.provenance)
     if outdated:
         return mid, outdated
     s = record.structure

@@ -88,7 +88,7 @@ def test_lowdin_weights_are_never_negative_and_sum_to_one_where_mulliken_goes_ne
         pbe.lowdin_weights(u, np.diag([1.0] * (n - 1) + [0.0]))
 
 
-def test_records_of_an_outdated_projection_are_computed_again(tmp_path):
+def test_records_of_an_outdated_recipe_are_computed_again(tmp_path):
     from data_prep.embedded import compute
     from records_factory import make_record, structures
 
@@ -142,7 +142,7 @@ def test_an_outdated_record_whose_recompute_times_out_is_a_failure(tmp_path):
     assert (again["n_todo"], again["n_skipped_failed"]) == (0, 1), again
 
 
-def test_build_skips_pbe_records_of_an_outdated_projection_with_the_reason():
+def test_build_skips_pbe_records_of_an_outdated_recipe_with_the_reason():
     from data_prep.build import BuildConfig, featurise_record
     from records_factory import make_record, structures
 
@@ -151,6 +151,8 @@ def test_build_skips_pbe_records_of_an_outdated_projection_with_the_reason():
     made = {}
     for name, calc in (("old", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS["mulliken"]}),
                        ("new", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION]}),
+                       ("coarse", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION],
+                                   "dos_kdensity": 3.5, "basis": pbe.BASIS}),
                        ("vasp", {"code": "VASP"})):  # a user's own DFT carries no projection scheme
         rec = make_record(name, s)
         rec.provenance = {"calculation": calc, "bv_valences": [2, -2]}
@@ -158,6 +160,8 @@ def test_build_skips_pbe_records_of_an_outdated_projection_with_the_reason():
     mid, reason = made["old"]
     assert mid == "test-old" and "outdated" in reason and "Mulliken" in reason and "compute-embedded" in reason
     assert made["new"].material_id == "test-new" and made["vasp"].material_id == "test-vasp"
+    mid, reason = made["coarse"]  # another recipe setting than pbe.PBESettings: outdated as well
+    assert mid == "test-coarse" and "dos_kdensity 3.5 (now 5.0)" in reason and "basis" not in reason
 
 
 def test_start_moments_are_mp_values_capped_at_the_high_spin_ion():

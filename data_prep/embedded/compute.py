@@ -300,7 +300,7 @@ def pbe_record_outdated(path) -> bool:
         provenance = MaterialRecord.from_npz(path).provenance
     except Exception:  # noqa: BLE001 - an unreadable record is recomputed, whatever the reason
         return True
-    return pbe.outdated_projection(provenance) is not None
+    return pbe.outdated_recipe(provenance) is not None
 
 
 def select_todo(entries: list[StructureEntry], out_dir: Path, failures: dict, retry_failed: bool = False,

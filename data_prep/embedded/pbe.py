@@ -82,16 +82,28 @@ PROJECTION_LABELS = {"mulliken": "Mulliken on LCAO coefficients", "lowdin": "Lö
 PROJECTIONS = tuple(PROJECTION_LABELS)
 
 
-def outdated_projection(provenance: dict) -> str | None:
+#: the recipe's settings a record states in ``provenance["calculation"]`` and must share with
+#: :class:`PBESettings` to be current (besides the projection); the GPAW version is recorded, not compared
+RECIPE_KEYS = ("basis", "h_ang", "scf_kdensity", "dos_kdensity", "dos_method")
+
+
+def outdated_recipe(provenance: dict) -> str | None:
     """Why a record of this recipe (GPAW, ``provenance["calculation"]``) is outdated: projected by
-    another scheme than :data:`PROJECTION`; None when current, or when not a GPAW record at all."""
+    another scheme than :data:`PROJECTION`, or made with another value of a :data:`RECIPE_KEYS`
+    setting than :class:`PBESettings`; None when current, or when not a GPAW record at all."""
     calc = provenance.get("calculation") or {}
     if not isinstance(calc, dict) or calc.get("code") != "GPAW":
         return None
-    if calc.get("projection") == PROJECTION_LABELS[PROJECTION]:
-        return None
-    return (f"DOS projected by an outdated scheme ({calc.get('projection')!r}, the recipe now uses "
-            f"{PROJECTION_LABELS[PROJECTION]!r}): python -m data_prep compute-embedded --method pbe recomputes it")
+    fix = "python -m data_prep compute-embedded --method pbe recomputes it"
+    if calc.get("projection") != PROJECTION_LABELS[PROJECTION]:
+        return (f"DOS projected by an outdated scheme ({calc.get('projection')!r}, the recipe now uses "
+                f"{PROJECTION_LABELS[PROJECTION]!r}): {fix}")
+    current = PBESettings().as_dict()
+    changed = [f"{k} {calc[k]!r} (now {current[k]!r})" for k in RECIPE_KEYS if k in calc and calc[k] != current[k]]
+    if changed:
+        return f"made with outdated settings: {', '.join(changed)}: {fix}"
+    return None
+
 
 #: MP's U values (eV, Dudarev) for oxides and fluorides (pymatgen MPRelaxSet / MPScanRelaxSet GGA+U).
 MP_U_EV = {"Co": 3.32, "Cr": 3.7, "Fe": 5.3, "Mn": 3.9, "Mo": 4.38, "Ni": 6.2, "V": 3.25, "W": 6.2}
