@@ -142,6 +142,19 @@ def test_an_outdated_record_whose_recompute_times_out_is_a_failure(tmp_path):
     assert (again["n_todo"], again["n_skipped_failed"]) == (0, 1), again
 
 
+def test_a_second_run_into_the_same_folder_is_refused_in_one_line(tmp_path):
+    from data_prep.embedded import compute
+
+    tmp = tmp_path / ".half-written.npz.tmp"
+    tmp.write_bytes(b"x")
+    with compute.folder_lock(tmp_path):
+        with pytest.raises(OSError, match=r"another compute-embedded run \(pid \d+\).*own --out"):
+            compute.compute_embedded([], tmp_path, progress=False, method="pbe")
+        assert tmp.exists()  # the running one's unfinished file is left alone
+    assert compute.compute_embedded([], tmp_path, progress=False, method="pbe")["n_todo"] == 0
+    assert not tmp.exists()  # once free, leftovers of a killed writer are cleared
+
+
 def test_build_skips_pbe_records_of_an_outdated_recipe_with_the_reason():
     from data_prep.build import BuildConfig, featurise_record
     from records_factory import make_record, structures

@@ -341,9 +341,47 @@ def compute_embedded(entries: list[StructureEntry], out_dir, n_procs: int = 2, t
     ``n_computed``, ``n_failed``), ``failed`` ({id: reason} of this run), ``seconds``,
     ``seconds_per_material`` and ``bytes_per_material`` (this run's records).
     """
-    t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir):
+        return _compute_embedded(entries, out_dir, n_procs, time_limit_s, progress, retry_failed, min_length_ang,
+                                 etemp_k, max_atoms, max_ao, compact_kwargs, method)
+
+
+LOCK_FILE = ".compute.lock"
+
+
+@contextmanager
+def folder_lock(out_dir: Path):
+    """One ``compute-embedded`` run per output folder: a second one would delete the first's
+    unfinished temporary files and overwrite its ``failures.json``. OSError (one line from the CLI)
+    when another run holds the folder; the lock goes with the process, so a killed run leaves none."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fh = open(out_dir / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise OSError(f"another compute-embedded run (pid {holder}) is writing into {out_dir}; wait for it, "
+                          "or give each --shard its own --out") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, retry_failed, min_length_ang,
+                      etemp_k, max_atoms, max_ao, compact_kwargs, method) -> dict:
+    t_start = time.perf_counter()
     for stale in out_dir.glob(".*.tmp"):  # left by a killed writer; never a record
         stale.unlink(missing_ok=True)
     ids = [e.material_id for e in entries]
