@@ -15,9 +15,11 @@ matters for comparing with MP's DOS:
   polarised runs of those converge to zero moment, so only the cost differs). Spins are summed
   into the 9 channels, as for MP records.
 - **k-points**: self-consistent run on a Γ-centred mesh of density :data:`SCF_KDENSITY` (points per
-  Å⁻¹, ASE's definition), then a non-self-consistent step at :data:`DOS_KDENSITY` with all
-  symmetry off (with point-group symmetry on, the three p channels of O in rock salt come out
-  unequal because GPAW does not rotate the projections) and every LCAO band (``nbands='nao'``,
+  Å⁻¹, ASE's definition), then a non-self-consistent step at :data:`DOS_KDENSITY` with
+  point-group symmetry off (with it on, the three p channels of O in rock salt come out unequal
+  because GPAW does not rotate the projections) but time reversal on (:data:`DOS_TIME_REVERSAL`:
+  k and -k have the same energies and, the LCAO basis being real, the same projected weights, so
+  each pair is diagonalised once and unfolded onto the full mesh) and every LCAO band (``nbands='nao'``,
   so the spectrum reaches well past +6 eV), on an *even* Γ-centred mesh, which holds both Γ and
   the zone-boundary points where band edges usually sit: with odd meshes the VBM (the reference
   level) of SrTiO3 (at R) moved by 28 meV between densities d and 2d and shifted every site's DOS
@@ -70,6 +72,11 @@ BASIS = "dzp"
 #: band weights on the full mesh, sampled every TETRA_STEP_EV; what MP's ISMEAR = -5 does) or
 #: "states" (the discrete k-point states, broadened later by the grid's Gaussian)
 DOS_METHOD = "tetrahedron"
+#: the DOS step diagonalises one of each pair k, -k (no spin-orbit coupling: both have the same
+#: eigenvalues and |S^½ c|² weights); tetrahedra get the pair's values at both points. Halves the
+#: step's diagonalisations; the same spectra as without it up to the free mixing of degenerate
+#: bands (per-site L1 1.5e-4 on MgO, tests/test_pbe.py)
+DOS_TIME_REVERSAL = True
 TETRA_STEP_EV = 0.01
 #: how a band's weight is shared among the basis functions: "mulliken" (gross populations
 #: Re[C* (C Sᵀ)], can be negative) or "lowdin" (|S^½ c|², never negative); both sum to 1 per band.
@@ -146,6 +153,7 @@ class PBESettings:
     max_scf_iter: int = 300
     dos_method: str = DOS_METHOD
     projection: str = PROJECTION
+    time_reversal: bool = DOS_TIME_REVERSAL
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -519,11 +527,12 @@ def tetrahedron_states(cell: np.ndarray, size: list[int], kpt_kc: np.ndarray, ei
 
 def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method: str,
                    window_ev: tuple[float, float], txt: str | None, smearing_ev: float = SMEARING_EV,
-                   projection: str = PROJECTION):
+                   projection: str = PROJECTION, time_reversal: bool = DOS_TIME_REVERSAL):
     """Non-self-consistent DOS on an even Γ-centred mesh: (Spectrum, info)."""
     t0 = time.perf_counter()
     size = _mesh(atoms, density, even=True)
-    nscf = calc.fixed_density(kpts={"density": density, "gamma": True, "even": True}, symmetry="off",
+    symmetry = {"point_group": False, "time_reversal": True} if time_reversal else "off"
+    nscf = calc.fixed_density(kpts={"density": density, "gamma": True, "even": True}, symmetry=symmetry,
                               nbands="nao", txt=txt or os.devnull)
     ibz = nscf.dft.ibzwfs
     n_electrons = float(nscf.get_number_of_electrons())
@@ -570,15 +579,21 @@ def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method
         d["w"].append((q * float(wfs.spin_degeneracy)) @ to_chan)
         d["kw"].append(float(wfs.weight))
     kpt_kc = np.asarray(ibz.ibz.kpt_kc)
+    bz_kc, bz2ibz = np.asarray(ibz.ibz.bz.kpt_Kc), np.asarray(ibz.ibz.bz2ibz_K)  # the full mesh, its partners
     if dos_method == "tetrahedron":
         energies = np.arange(lo, hi + 0.5 * TETRA_STEP_EV, TETRA_STEP_EV)
         dos = np.zeros((energies.size, n_atoms * N_ORBITALS))
         for d in per_spin.values():
-            eig_kn = np.array(d["eig"])
+            row = np.full(len(kpt_kc), -1)
+            row[np.array(d["k"])] = np.arange(len(d["k"]))
+            full = row[bz2ibz]  # each mesh point -> its computed partner (itself, or -k)
+            if (full < 0).any():
+                raise PBEError("a k-point of the DOS mesh has no computed partner")
+            eig_kn = np.array(d["eig"])[full]
             bands = np.nonzero((eig_kn.max(axis=0) >= lo) & (eig_kn.min(axis=0) <= hi))[0]
             if bands.size:
-                dos += tetrahedron_states(atoms.cell[:], size, kpt_kc[np.array(d["k"])], eig_kn[:, bands],
-                                          np.array(d["w"])[:, bands], energies)
+                dos += tetrahedron_states(atoms.cell[:], size, bz_kc, eig_kn[:, bands],
+                                          np.array(d["w"])[full][:, bands], energies)
         w = (dos * TETRA_STEP_EV).reshape(energies.size, n_atoms, N_ORBITALS)
         keep = np.abs(w).sum(axis=(1, 2)) > 0
         e, w = energies[keep], w[keep]
@@ -603,7 +618,9 @@ def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method
         raise PBEError(f"occupied weight {occupied:.6f} is not the electron count {n_electrons:g}")
     spectrum = Spectrum(energies_ev=e, weights=w, reference_ev=ref_ev, efermi_ev=efermi_ev, band_gap_ev=gap_ev,
                         f_weight=f_weight, n_electrons=n_electrons)
-    info = {"dos_kdensity": density, "dos_method": dos_method, "efermi_scf_ev": efermi_scf_ev, "kpts_dos": size, "n_kpoints_dos": int(kpt_kc.shape[0]),
+    info = {"dos_kdensity": density, "dos_method": dos_method, "efermi_scf_ev": efermi_scf_ev, "kpts_dos": size,
+            "n_kpoints_dos": int(bz_kc.shape[0]), "n_kpoints_dos_computed": int(kpt_kc.shape[0]),
+            "dos_time_reversal": bool(time_reversal),
             "homo_ev": homo, "lumo_ev": lumo, "occupied_weight": occupied,
             "weight_outside_window": [round(float(x), 6) for x in outside], "max_band_weight_error": worst_sum,
             "seconds_dos": round(time.perf_counter() - t0, 2)}
@@ -634,7 +651,8 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
         calc, atoms, scf_info = _scf(structure, valences, settings, txt)
         scf_info["niggli_reduced"] = True
     spectrum, dos_info = _nscf_spectrum(calc, atoms, structure, settings.dos_kdensity, settings.dos_method,
-                                        window_ev, txt, settings.smearing_ev, settings.projection)
+                                        window_ev, txt, settings.smearing_ev, settings.projection,
+                                        settings.time_reversal)
     info = {
         "code": "GPAW", "gpaw_version": gpaw_version(), "mode": "lcao", "xc": "PBE", "basis": settings.basis,
         "h_ang": settings.h_ang, "scf_kdensity": settings.scf_kdensity,
@@ -685,9 +703,9 @@ def kpoint_convergence(structure: Structure, valences: list[int] | None = None, 
     calc, atoms, _ = _scf(structure, valences, settings, None)
     window = (-16.0, 8.0)
     base, base_info = _nscf_spectrum(calc, atoms, structure, density, settings.dos_method, window, None,
-                                     settings.smearing_ev, settings.projection)
+                                     settings.smearing_ev, settings.projection, settings.time_reversal)
     fine, fine_info = _nscf_spectrum(calc, atoms, structure, 2 * density, settings.dos_method, window, None,
-                                     settings.smearing_ev, settings.projection)
+                                     settings.smearing_ev, settings.projection, settings.time_reversal)
     a, b = site_dos(base, sigma_ev), site_dos(fine, sigma_ev)
     l1 = per_site_l1(a, b)
     if save_dos is not None:
