@@ -212,7 +212,7 @@ def read_failures(out_dir) -> dict:
 
 def _write_failures(out_dir: Path, failures: dict) -> None:
     body = {"failures": {k: failures[k] for k in sorted(failures)}}
-    atomic_write_bytes(out_dir / FAILURES_FILE, json.dumps(body, indent=1).encode())
+    atomic_write_bytes(out_dir / FAILURES_FILE, (json.dumps(body, indent=1) + "\n").encode())
 
 
 def estimated_cost(entry: StructureEntry, min_length_ang: float, max_atoms: int | None,
