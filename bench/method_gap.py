@@ -66,7 +66,8 @@ def joined(a, b):
 
 def matched(a, b) -> tuple[np.ndarray, np.ndarray]:
     """(rows of a, rows of b) of the sites present in both (same material id and site index), with
-    identical targets and structure columns (a TrainError names the first site that differs)."""
+    identical targets where both files hold one, and identical structure columns (a TrainError names
+    the first site that differs)."""
     from dosnet_bv.params import TrainError
 
     kb = {(m, int(s)): i for i, (m, s) in enumerate(zip(b.material_id, b.site_index))}
@@ -76,7 +77,7 @@ def matched(a, b) -> tuple[np.ndarray, np.ndarray]:
     for t in a.targets:
         if t in b.targets and len(ia):
             ya, yb = a.targets[t][ia], b.targets[t][ib]
-            bad = ~((ya == yb) | (np.isnan(ya) & np.isnan(yb)))
+            bad = np.isfinite(ya) & np.isfinite(yb) & (ya != yb)  # NaN: not computed in that file (e.g. no barrier)
             if bad.any():
                 j = int(np.flatnonzero(bad)[0])
                 raise TrainError(f"method gap: {t} of {a.material_id[ia[j]]} site {a.site_index[ia[j]]} differs "

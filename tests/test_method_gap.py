@@ -63,6 +63,20 @@ def test_different_targets_are_refused(tmp_path):
         method_gap.matched(a, b)
 
 
+def test_a_target_missing_in_one_file_is_not_a_mismatch(tmp_path):
+    """A barrier cached for the xTB build but not computed for the PBE one is NaN there: the sites
+    still match; two finite values that differ still do not."""
+    p, _ = _params(tmp_path)
+    a = load_data(_write(tmp_path / "x.h5", range(12), 0), p)
+    b = load_data(_write(tmp_path / "p.h5", [3, 5], 1), p)
+    a.targets["migration_e1d_ev"] = np.full(a.n, 0.3)
+    b.targets["migration_e1d_ev"] = np.full(b.n, np.nan)
+    assert len(method_gap.matched(a, b)[0]) == 4
+    b.targets["migration_e1d_ev"] = np.full(b.n, 0.4)
+    with pytest.raises(TrainError, match="migration_e1d_ev of m03 site 0 differs"):
+        method_gap.matched(a, b)
+
+
 def test_structure_only_baseline_has_no_gap(tmp_path, capsys):
     """The per-element mean never reads the DOS: scored on either file's DOS it must agree exactly,
     which holds only if the PBE rows carry the matched sites' own targets and elements."""
