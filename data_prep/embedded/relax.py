@@ -8,7 +8,7 @@ and the DOS describe. Recipe:
 1. **Isotropic start**: the cell is scaled uniformly to CHGNet's energy minimum along the volume
    (a scan over :data:`PRESCALE_FACTORS` times the guessed volume, refined by a parabola). The
    guess (pymatgen's DLS volume predictor) misses badly for some halides: RbCl, RbI and AgCl
-   in rock salt came out 35-60 % too small, and CHGNet puts them within 3 % of experiment. A
+   in rock salt came out 35-60 % too small, and CHGNet puts them within ~5 % of experiment. A
    minimum at the edge of the scan rejects the structure.
 2. A small random displacement (:data:`RATTLE_ANG`, seeded per material) so that cells sitting
    on a high-symmetry saddle can move, then FIRE on positions and cell to ``fmax``
@@ -113,7 +113,12 @@ def relax(structure: Structure, material_id: str, fmax: float = FMAX_EV_ANG, max
         trial.calc = calc
         return trial.get_potential_energy()
 
-    prescale = isotropic_minimum(energy)
+    try:
+        prescale = isotropic_minimum(energy)
+    except RelaxError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a graph without neighbours in a stretched cell
+        raise RelaxError(f"CHGNet volume scan failed: {type(exc).__name__}: {exc}") from exc
     atoms.set_cell(cell0 * prescale ** (1 / 3), scale_atoms=True)
     rng = np.random.default_rng(_seed(material_id))
     atoms.positions += rng.normal(0.0, rattle_ang, atoms.positions.shape)
