@@ -228,6 +228,20 @@ def test_killed_process_resumes_to_the_same_set(srv, standin, reference, tmp_pat
     assert not list(out.glob(".*.tmp"))
 
 
+def test_a_half_written_index_of_a_killed_run_is_cleaned_up(srv, standin, reference, tmp_path):
+    """SIGKILL between an index write's temporary file and its rename leaves ``.index.json.*.tmp``
+    (seen once on a loaded CI machine in the test above); the next run removes it, and a
+    record's temporary file of a material it still has to fetch."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".index.json.x1y2.tmp", out / ".manifest.json.x1y2.tmp"]
+    for p in stale:
+        p.write_text("{")
+    fetch_mp(FetchConfig(**FAST), out, progress=False, log=lambda line: None)
+    _same_records(reference[0], out)
+    assert not list(out.glob(".*.tmp"))
+
+
 # ----------------------------------------------------------------------------- shards and merge
 def test_shards_are_disjoint_and_merge_to_the_unsharded_run(srv, standin, reference, tmp_path):
     _, specs = standin

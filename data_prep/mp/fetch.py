@@ -600,6 +600,9 @@ class Fetcher:
         for p in self.out.glob(".*.npz.*.tmp"):  # left by a killed run; shards never share a material
             if p.name[1:].split(".npz.")[0] in todo_set:
                 p.unlink(missing_ok=True)
+        for own in (self.state.index_path, self.state.manifest_path):  # this shard's, half-written when killed
+            for p in self.out.glob(f".{own.name}.*.tmp"):
+                p.unlink(missing_ok=True)
         interrupted = False
         try:
             if todo:
