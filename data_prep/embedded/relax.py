@@ -8,7 +8,7 @@ and the DOS describe. Recipe:
 1. **Isotropic start**: the cell is scaled uniformly to CHGNet's energy minimum along the volume
    (a scan over :data:`PRESCALE_FACTORS` times the guessed volume, refined by a parabola). The
    guess (pymatgen's DLS volume predictor) misses badly for some halides: RbCl, RbI and AgCl
-   in rock salt came out 35-60 % too small, and CHGNet puts them within ~5 % of experiment. A
+   in rock salt came out about a third too small, and CHGNet puts them 4-7 % above experiment. A
    minimum at the edge of the scan rejects the structure.
 2. A small random displacement (:data:`RATTLE_ANG`, seeded per material) so that cells sitting
    on a high-symmetry saddle can move, then FIRE on positions and cell to ``fmax``
