@@ -193,7 +193,7 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         return mid, f"invalid record: {exc}"
     from data_prep.embedded.pbe import outdated_recipe
 
-    outdated = outdated_recipe(record.provenance)
+    outdated = outdated_recipe(record.provenance, record.structure)
     if outdated:
         return mid, outdated
     s = record.structure

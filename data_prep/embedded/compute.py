@@ -292,15 +292,16 @@ def _stop_on_sigterm():
 
 # --------------------------------------------------------------------------------------------
 def pbe_record_outdated(path) -> bool:
-    """A PBE record computed with another projection than the current recipe's (``pbe.PROJECTION``),
-    or one that cannot be read: ``compute_embedded`` computes it again."""
+    """A PBE record of an outdated recipe (``pbe.outdated_recipe``: another projection or setting,
+    or a skewed cell not Niggli-reduced), or one that cannot be read: ``compute_embedded``
+    computes it again."""
     from data_prep.embedded import pbe
 
     try:
-        provenance = MaterialRecord.from_npz(path).provenance
+        record = MaterialRecord.from_npz(path)
     except Exception:  # noqa: BLE001 - an unreadable record is recomputed, whatever the reason
         return True
-    return pbe.outdated_recipe(provenance) is not None
+    return pbe.outdated_recipe(record.provenance, record.structure) is not None
 
 
 def select_todo(entries: list[StructureEntry], out_dir: Path, failures: dict, retry_failed: bool = False,

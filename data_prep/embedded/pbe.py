@@ -94,14 +94,20 @@ PROJECTIONS = tuple(PROJECTION_LABELS)
 RECIPE_KEYS = ("basis", "h_ang", "scf_kdensity", "dos_kdensity", "dos_method")
 
 
-def outdated_recipe(provenance: dict) -> str | None:
+def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str | None:
     """Why a record of this recipe (GPAW, ``provenance["calculation"]``) is outdated: projected by
-    another scheme than :data:`PROJECTION`, or made with another value of a :data:`RECIPE_KEYS`
-    setting than :class:`PBESettings`; None when current, or when not a GPAW record at all."""
+    another scheme than :data:`PROJECTION`, made with another value of a :data:`RECIPE_KEYS`
+    setting than :class:`PBESettings`, or (given the record's ``structure``) computed in a cell
+    whose angles GPAW does not handle (:func:`skewed`) rather than in its Niggli cell; None when
+    current, or when not a GPAW record at all."""
     calc = provenance.get("calculation") or {}
     if not isinstance(calc, dict) or calc.get("code") != "GPAW":
         return None
     fix = "python -m data_prep compute-embedded --method pbe recomputes it"
+    if structure is not None and skewed(structure) and not calc.get("niggli_reduced"):
+        angles = ", ".join(f"{a:.0f}" for a in structure.lattice.angles)
+        return (f"computed in a cell with angles {angles}° (outside {GOOD_ANGLES_DEG[0]:.0f}-"
+                f"{GOOD_ANGLES_DEG[1]:.0f}°, where GPAW's results may be wrong), not in its Niggli cell: {fix}")
     if calc.get("projection") != PROJECTION_LABELS[PROJECTION]:
         return (f"DOS projected by an outdated scheme ({calc.get('projection')!r}, the recipe now uses "
                 f"{PROJECTION_LABELS[PROJECTION]!r}): {fix}")
@@ -629,6 +635,30 @@ def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method
 
 #: the start of GPAW's complaint about a cell its real-space grid cannot take
 WEIRD_CELL = "weird unit cell"
+#: cell angles (degrees) GPAW computes reliably; outside them it warns "Results may be wrong!" and
+#: they are: Bi2Te3 in its rhombohedral primitive cell (angles 24°) came out with a 0.61 eV gap,
+#: against 0.39 eV in its Niggli cell and in the conventional hexagonal cell (15 atoms), and the
+#: spectra differ by a per-site L1 of 0.4 (each cell is converged in k on its own: 0.06)
+GOOD_ANGLES_DEG = (40.0, 140.0)
+
+
+def skewed(structure: Structure) -> bool:
+    """True when a cell angle lies outside :data:`GOOD_ANGLES_DEG` (GPAW's warning range)."""
+    lo, hi = GOOD_ANGLES_DEG
+    return not all(lo < a < hi for a in structure.lattice.angles)
+
+
+def calculation_cell(structure: Structure) -> tuple[Structure, bool]:
+    """(the cell GPAW computes, whether it is the Niggli-reduced one): a skewed cell is reduced.
+
+    The Niggli cell holds the same atoms at the same Cartesian positions, in the same order, so the
+    per-site spectra still match ``structure``; its angles lie within 60-120°."""
+    if not skewed(structure):
+        return structure, False
+    reduced = structure.get_reduced_structure()
+    if skewed(reduced):  # cannot happen for a Niggli cell; refuse rather than compute a wrong one
+        raise PBEError(f"cell angles {reduced.lattice.angles} outside {GOOD_ANGLES_DEG} even when Niggli-reduced")
+    return reduced, True
 
 
 def run_pbe(structure: Structure, valences: list[int] | None = None, settings: PBESettings | None = None,
@@ -640,15 +670,17 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
     """
     settings = settings or PBESettings()
     t0 = time.perf_counter()
+    structure, reduced = calculation_cell(structure)
     try:
         calc, atoms, scf_info = _scf(structure, valences, settings, txt)
     except PBEError as exc:
-        if WEIRD_CELL not in str(exc):
+        if WEIRD_CELL not in str(exc) or reduced:
             raise
-        # GPAW's grid refuses very skewed cells: the Niggli cell holds the same atoms at the same
+        # GPAW's grid refuses some skewed cells: the Niggli cell holds the same atoms at the same
         # Cartesian positions, in the same order, so per-site spectra still match the structure.
-        structure = structure.get_reduced_structure()
+        structure, reduced = structure.get_reduced_structure(), True
         calc, atoms, scf_info = _scf(structure, valences, settings, txt)
+    if reduced:
         scf_info["niggli_reduced"] = True
     spectrum, dos_info = _nscf_spectrum(calc, atoms, structure, settings.dos_kdensity, settings.dos_method,
                                         window_ev, txt, settings.smearing_ev, settings.projection,
@@ -700,6 +732,7 @@ def kpoint_convergence(structure: Structure, valences: list[int] | None = None, 
     (npz: ``base``, ``fine``, ``energies_ev`` relative to the reference level, ``elements``), to
     see where two meshes differ."""
     settings = settings or PBESettings()
+    structure, _ = calculation_cell(structure)
     calc, atoms, _ = _scf(structure, valences, settings, None)
     window = (-16.0, 8.0)
     base, base_info = _nscf_spectrum(calc, atoms, structure, density, settings.dos_method, window, None,
