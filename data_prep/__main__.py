@@ -247,12 +247,16 @@ def main(argv=None) -> int:
             return _mp_command(args)
         elif args.cmd == "compute-embedded":
             from data_prep.embedded.compute import compute_embedded
-            from data_prep.embedded.structures import (collect_structures, read_structures_json,
+            from data_prep.embedded.structures import (collect_structures, drop_bad_sources, read_structures_json,
                                                        write_structures_json)
 
             if args.structures and Path(args.structures).is_file():
                 entries = read_structures_json(args.structures)
-                print(f"{len(entries)} structures read from {args.structures}", file=sys.stderr)
+                kept = drop_bad_sources(entries)
+                print(f"{len(entries)} structures read from {args.structures}"
+                      + (f", {len(entries) - len(kept)} of them dropped (BAD_SOURCE_ENTRIES)" if len(kept) < len(entries) else ""),
+                      file=sys.stderr)
+                entries = kept
             else:
                 entries = collect_structures(n_substituted=args.n_substituted)
                 if args.structures:

@@ -112,7 +112,22 @@ def test_ids_of_the_first_three_sources_unchanged(entries):
     assert len(main_ids) == 103
     now = {e.material_id: e.origin for e in entries if e.origin in ("mineral", "prototype", "pymatgen-example")}
     assert DROPPED_BY_ANION_RULE <= set(main_ids)
-    assert now == {k: v for k, v in main_ids.items() if k not in DROPPED_BY_ANION_RULE}
+    assert set(S.BAD_SOURCE_ENTRIES) <= set(main_ids)
+    gone = DROPPED_BY_ANION_RULE | set(S.BAD_SOURCE_ENTRIES)
+    assert now == {k: v for k, v in main_ids.items() if k not in gone}
+
+
+def test_bad_source_entries_and_their_substitutions_are_dropped_with_the_reason(entries, collected):
+    assert not [e.material_id for e in entries if e.material_id in S.BAD_SOURCE_ENTRIES
+                or e.provenance.get("parent_id") in S.BAD_SOURCE_ENTRIES]
+    assert any("min-TiO2-anatase source geometry wrong" in k for k in collected[1]["skipped"])
+    # the rule itself, on a structures file read back (an older cache): parent and child go, others stay
+    e = entries[0]
+    mk = lambda mid, parent: S.StructureEntry(mid, e.formula, e.origin, e.structure, {"parent_id": parent})
+    skipped = Counter()
+    kept = S.drop_bad_sources([mk("min-TiO2-anatase", "min-TiO2-anatase"), mk("sub-min-TiO2-anatase-SnO2",
+                               "min-TiO2-anatase"), mk("ok", "ok")], skipped)
+    assert [k.material_id for k in kept] == ["ok"] and sum(skipped.values()) == 2
 
 
 def test_ncrystal_source_keeps_structures():
