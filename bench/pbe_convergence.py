@@ -5,8 +5,14 @@ real structures; MgO an experimental rock-salt cell) the DOS at the
 recipe's k-point density d is compared with 2d (same SCF): per-site L1 distance of the unit-area
 site DOS (0-2) at sigma 0.1 eV must stay below ``pbe.L1_TOLERANCE``. The PBE gaps of MgO, rutile,
 SrTiO3 and spinel MgAl2O4 must lie within ``pbe.GAP_TOLERANCE_EV`` of ``pbe.REFERENCE_GAPS_EV``.
+Grid: the DOS of MgO (primitive fcc cell), rutile and calcite (rhombohedral, computed in its Niggli
+cell) on the recipe's grid against a finer one (``pbe.GRID_CHECK_H_ANG``), per-site L1 below the
+same tolerance. Cell: calcite and Bi2Te3 in the recipe's cell against their conventional hexagonal
+cells, per-element L1 of the mean site DOS below the tolerance and gaps within
+``pbe.CELL_GAP_TOLERANCE_EV`` (their rhombohedral cells, computed as they were before 2026-12-06,
+missed by 0.5 and 0.2 eV).
 tests/test_pbe.py checks the committed result against the current recipe; rerun this script
-(needs the 'compute' extra; ~30 CPU-minutes, 15 min on 2 cores) whenever pbe.py's settings change:
+(needs the 'compute' extra; about an hour of CPU) whenever pbe.py's settings change:
 
     python bench/pbe_convergence.py [--out data_prep/embedded/pbe_checks.json] [--only FORMULA ...]
                                     [--save-dos DIR]
@@ -35,7 +41,10 @@ from data_prep.records import atomic_write_bytes  # noqa: E402
 #: which real structure stands for each formula (ids of the embedded collection)
 CONVERGENCE = ("SrTiO3", "MgO", "TiO2", "MgAl2O4")
 GAPS = ("MgO", "TiO2", "SrTiO3", "MgAl2O4")
-PREFERRED = {"TiO2": "rutile"}
+GRID = ("MgO", "TiO2", "CaCO3")
+CELL = ("CaCO3", "Bi2Te3")
+KINDS = {"convergence": CONVERGENCE, "gaps": GAPS, "grid": GRID, "cell": CELL}
+PREFERRED = {"TiO2": "rutile", "CaCO3": "calcite"}
 
 
 def _rocksalt_mgo():
@@ -67,6 +76,10 @@ def _job(kind: str, formula: str, save_dir: str | None = None) -> dict:
     if kind == "convergence":
         save = str(Path(save_dir) / f"{formula}.npz") if save_dir else None
         return {"material_id": e.material_id, **pbe.kpoint_convergence(e.structure, valences, save_dos=save)}
+    if kind == "grid":
+        return {"material_id": e.material_id, **pbe.grid_convergence(e.structure, valences)}
+    if kind == "cell":
+        return {"material_id": e.material_id, **pbe.cell_check(e.structure, valences)}
     r = pbe.run_pbe(e.structure, valences)
     return {"material_id": e.material_id, "formula": formula, "band_gap_ev": round(r.spectrum.band_gap_ev, 4),
             "reference_ev": pbe.REFERENCE_GAPS_EV[formula], "occupied_weight": round(r.info["occupied_weight"], 6),
@@ -80,22 +93,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "data_prep" / "embedded" / "pbe_checks.json"))
     ap.add_argument("--procs", type=int, default=2, help="calculations run side by side (one core each)")
-    ap.add_argument("--only", nargs="+", metavar="FORMULA", choices=sorted(set(CONVERGENCE) | set(GAPS)),
+    ap.add_argument("--only", nargs="+", metavar="FORMULA", choices=sorted({f for fs in KINDS.values() for f in fs}),
                     help="recompute only these formulas' rows of an existing --out")
+    ap.add_argument("--kinds", nargs="+", choices=list(KINDS), help="with --only: recompute only these kinds of check")
     ap.add_argument("--save-dos", metavar="DIR", help="also write both gridded site DOS of each convergence "
                     "check to DIR/FORMULA.npz (base, fine, energies_ev, elements)")
     args = ap.parse_args(argv)
-    result = {"settings": pbe.PBESettings().as_dict(), "gpaw_version": pbe.gpaw_version(),
+    result = {"settings": pbe.PBESettings().as_dict(), "grid_rule": pbe.GRID_RULE, "gpaw_version": pbe.gpaw_version(),
               "l1_tolerance": pbe.L1_TOLERANCE, "gap_tolerance_ev": pbe.GAP_TOLERANCE_EV,
-              "reference_gaps_ev": pbe.REFERENCE_GAPS_EV, "convergence": [], "gaps": []}
-    jobs = [("convergence", f) for f in CONVERGENCE] + [("gaps", f) for f in GAPS]
+              "cell_gap_tolerance_ev": pbe.CELL_GAP_TOLERANCE_EV, "grid_check_h_ang": pbe.GRID_CHECK_H_ANG,
+              "reference_gaps_ev": pbe.REFERENCE_GAPS_EV, **{kind: [] for kind in KINDS}}
+    # the longest first (the cell check of calcite computes 30 atoms), so two processes finish together
+    jobs = [(kind, f) for kind in ("cell", "convergence", "grid", "gaps") for f in KINDS[kind]]
     if args.only:
         old = json.loads(Path(args.out).read_text())
-        if old["settings"] != result["settings"] or old["gpaw_version"] != result["gpaw_version"]:
+        if any(old.get(k) != result[k] for k in ("settings", "grid_rule", "gpaw_version")):
             raise SystemExit(f"{args.out} was computed with other settings or GPAW: rerun every check (no --only)")
-        jobs = [(kind, f) for kind, f in jobs if f in args.only]
-        for kind in ("convergence", "gaps"):
-            result[kind] = [row for row in old[kind] if row["formula"] not in args.only]
+        kinds = args.kinds or list(KINDS)
+        jobs = [(kind, f) for kind, f in jobs if f in args.only and kind in kinds]
+        for kind in KINDS:
+            result[kind] = [row for row in old.get(kind, []) if row["formula"] not in args.only or kind not in kinds]
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.procs) as pool:
         if args.save_dos:
@@ -105,9 +122,8 @@ def main(argv=None) -> int:
             row = fut.result()
             print(json.dumps({"check": kind, **row}), flush=True)
             result[kind].append(row)
-    order = {"convergence": list(CONVERGENCE), "gaps": list(GAPS)}
-    for kind in order:
-        result[kind].sort(key=lambda row: order[kind].index(row["formula"]))
+    for kind, formulas in KINDS.items():
+        result[kind].sort(key=lambda row: list(formulas).index(row["formula"]))
     result["seconds_total"] = round(time.perf_counter() - t0, 1) if not args.only else old.get("seconds_total")
     atomic_write_bytes(args.out, (json.dumps(result, indent=1) + "\n").encode())
     print(f"wrote {args.out}")

@@ -95,7 +95,7 @@ def test_records_of_an_outdated_recipe_are_computed_again(tmp_path):
     s = structures()["MgO"]
     for name, label in (("old", pbe.PROJECTION_LABELS["mulliken"]), ("new", pbe.PROJECTION_LABELS[pbe.PROJECTION])):
         rec = make_record(name, s)
-        rec.provenance = {"calculation": {"code": "GPAW", "projection": label}}
+        rec.provenance = {"calculation": {"code": "GPAW", "projection": label, "h_gpaw_ang": 0.2}}
         rec.save(tmp_path / f"{rec.material_id}.npz")
     (tmp_path / "test-broken.npz").write_bytes(b"not a record")
     assert pbe.PROJECTION == "lowdin"
@@ -163,7 +163,7 @@ def test_build_skips_pbe_records_of_an_outdated_recipe_with_the_reason():
     cfg = BuildConfig()
     made = {}
     for name, calc in (("old", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS["mulliken"]}),
-                       ("new", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION]}),
+                       ("new", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION], "h_gpaw_ang": 0.2}),
                        ("coarse", {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION],
                                    "dos_kdensity": 3.5, "basis": pbe.BASIS}),
                        ("vasp", {"code": "VASP"})):  # a user's own DFT carries no projection scheme
@@ -351,31 +351,34 @@ def test_a_skewed_cell_is_computed_in_its_niggli_cell(monkeypatch):
     assert seen == [good] and "niggli_reduced" not in r.info
 
 
-def test_a_cell_gpaw_calls_weird_is_retried_as_its_niggli_cell(monkeypatch):
-    # ex-TiO2 failed with GPAW's "weird unit cell": a cell within the angle range that GPAW's grid
-    # still refuses is retried in the Niggli-reduced cell, same atoms at the same Cartesian positions
+def test_a_cell_with_a_more_orthogonal_niggli_cell_is_computed_in_it(monkeypatch):
+    # calcite's rhombohedral cell (46°, inside GPAW's warning range) was wrong too (gap 5.64 eV
+    # against 5.16 in its Niggli and 5.15 in its hexagonal cell): any cell whose Niggli cell is
+    # more orthogonal goes to GPAW as that; a cell that is its own Niggli cell (fcc, 60°) stays
     good, skew = _rutile_in(1)
     assert not pbe.skewed(skew)  # 45°
     seen = []
-
-    def fake_scf(structure, valences, settings, txt):
-        seen.append(structure)
-        if len(seen) == 1:
-            raise pbe.PBEError("SCF failed: ValueError: You have a weird unit cell!  Try to use the maximally "
-                               "reduced Niggli cell.")
-        return None, None, {"seconds_scf": 0.0}
-
-    monkeypatch.setattr(pbe, "_scf", fake_scf)
+    monkeypatch.setattr(pbe, "_scf", lambda structure, *a: seen.append(structure) or (None, None, {}))
     _fake_nscf(monkeypatch)
     r = pbe.run_pbe(skew, [4, 4, -2, -2, -2, -2])
-    assert len(seen) == 2 and r.info["niggli_reduced"] is True
-    _same_crystal(seen[1], skew, good)
-    assert r.spectrum is seen[1]
-    # any other failure is not retried
-    seen.clear()
-    monkeypatch.setattr(pbe, "_scf", lambda *a: (_ for _ in ()).throw(pbe.PBEError("SCF failed: not converged")))
-    with pytest.raises(pbe.PBEError, match="not converged"):
-        pbe.run_pbe(good, [4, 4, -2, -2, -2, -2])
+    assert len(seen) == 1 and r.info["niggli_reduced"] is True
+    _same_crystal(seen[0], skew, good)
+    fcc = Structure(Lattice.from_parameters(2.98, 2.98, 2.98, 60, 60, 60), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert pbe.calculation_cell(fcc) == (fcc, False)
+
+
+def test_gpaw_h_keeps_grid_points_within_h_along_every_lattice_vector():
+    # GPAW's rule divides the distance between lattice planes: 8 points along MgO's primitive vectors
+    # (2.98 Å: 0.37 Å apart); the h given to GPAW now asks for 12
+    fcc = Lattice.from_parameters(2.98, 2.98, 2.98, 60, 60, 60).matrix
+    assert pbe.gpaw_h_grid_spacing(fcc, 0.25) == pytest.approx(2.98 / 8)
+    h = pbe.gpaw_h(fcc, 0.25)
+    assert pbe.gpaw_h_grid_spacing(fcc, h) == pytest.approx(2.98 / 12)
+    assert pbe.gpaw_h(np.diag([4.6, 4.6, 2.96]), 0.25) == 0.25  # rutile: 20, 20, 12 points already
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cell = rng.normal(size=(3, 3)) * 2 + np.eye(3) * 6
+        assert pbe.gpaw_h_grid_spacing(cell, pbe.gpaw_h(cell, 0.25)) <= 0.25 + 1e-9
 
 
 def test_a_record_computed_in_a_skewed_cell_is_outdated():
@@ -385,6 +388,10 @@ def test_a_record_computed_in_a_skewed_cell_is_outdated():
     assert "Niggli" in pbe.outdated_recipe({"calculation": calc}, skew)
     assert pbe.outdated_recipe({"calculation": {**calc, "niggli_reduced": True}}, skew) is None
     assert pbe.outdated_recipe({"calculation": calc}) is None  # no structure given: not judged
+    # made before gpaw_h: outdated when GPAW's rule left the points more than 0.35 Å apart
+    fcc = Structure(Lattice.from_parameters(2.98, 2.98, 2.98, 60, 60, 60), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert "grid" in pbe.outdated_recipe({"calculation": calc}, fcc)
+    assert pbe.outdated_recipe({"calculation": {**calc, "h_gpaw_ang": 0.204}}, fcc) is None
 
 
 def test_anions_outside_bond_valence_theory_are_dropped_with_a_reason():
@@ -420,7 +427,28 @@ def _checks() -> dict:
     assert CHECKS.exists(), "run python bench/pbe_convergence.py (needs the 'compute' extra)"
     data = json.loads(CHECKS.read_text())
     assert data["settings"] == pbe.PBESettings().as_dict(), "pbe.py settings changed: rerun bench/pbe_convergence.py"
+    assert data.get("grid_rule") == pbe.GRID_RULE, "the grid rule changed: rerun bench/pbe_convergence.py"
     return data
+
+
+# GPAW's own grid rule left MgO's primitive cell at 0.37 Å along its vectors and calcite's
+# rhombohedral cell (46°) wrong by 0.5 eV in the gap: the grid and the cell are checked too
+@pytest.mark.parametrize("formula", ["MgO", "TiO2", "CaCO3"])
+def test_committed_grid_convergence(formula):
+    rows = {row["formula"]: row for row in _checks()["grid"]}
+    row = rows[formula]
+    assert row["h_ang"] == [pbe.GRID_SPACING_ANG, pbe.GRID_CHECK_H_ANG]
+    assert row["max_l1"] <= pbe.L1_TOLERANCE, f"{formula}: DOS not converged in the grid ({row['max_l1']})"
+
+
+@pytest.mark.parametrize("formula", ["CaCO3", "Bi2Te3"])
+def test_committed_cell_check(formula):
+    row = {row["formula"]: row for row in _checks()["cell"]}[formula]
+    assert row["cells"]["recipe"]["niggli_reduced"]  # both are rhombohedral cells the recipe reduces
+    assert row["cells"]["conventional"]["n_sites"] == 3 * row["cells"]["recipe"]["n_sites"]
+    assert row["max_l1"] <= pbe.L1_TOLERANCE, f"{formula}: cells disagree ({row['element_l1']})"
+    gap, gap_conv = row["band_gap_ev"]
+    assert abs(gap - gap_conv) <= pbe.CELL_GAP_TOLERANCE_EV, formula
 
 
 # Mulliken weights left SrTiO3's Sr (0.116) and spinel's Mg (0.175) above the tolerance: both carry

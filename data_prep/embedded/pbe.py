@@ -5,8 +5,10 @@ not converge and collapsed the gaps of oxides). The recipe follows the Materials
 matters for comparing with MP's DOS:
 
 - **Functional**: PBE (MP's GGA), PAW setups and double-zeta-polarised (dzp) LCAO basis sets of
-  the ``gpaw-data`` package; grid spacing ``h`` = 0.25 Å (measured: 3.5× faster than GPAW's
-  default with the gap within 0.002 eV).
+  the ``gpaw-data`` package; real-space grid points at most ``h`` = 0.25 Å apart along every lattice
+  vector (:func:`gpaw_h`; GPAW's own rule from ``h`` left them up to 0.4-0.65 Å apart in
+  non-orthogonal cells, which made calcite's and Bi2Te3's spectra wrong), in the Niggli cell when
+  that is more orthogonal than the given one (:func:`calculation_cell`).
 - **GGA+U**: Dudarev U on the d shell with MP's values for oxides and fluorides of Co, Cr, Fe, Mn,
   Mo, Ni, V and W (:data:`MP_U_EV`); none otherwise (MP applies U only there).
 - **Spin**: spin-polarised, ferromagnetic start, when a transition-metal site has a partly filled
@@ -89,6 +91,13 @@ PROJECTION_LABELS = {"mulliken": "Mulliken on LCAO coefficients", "lowdin": "Lö
 PROJECTIONS = tuple(PROJECTION_LABELS)
 
 
+#: real-space grid points per lattice vector come in multiples of this (GPAW's own choice)
+GRID_MULTIPLE = 4
+#: records made before the grid rule (``gpaw_h``) are outdated when GPAW's rule had left their
+#: points further apart than this along a lattice vector (Å); nearer, they stay: MgO's primitive
+#: cell at 0.37 Å moved by a per-site L1 of 0.03 against a 0.25 Å grid
+MAX_OLD_GRID_SPACING_ANG = 0.35
+
 #: the recipe's settings a record states in ``provenance["calculation"]`` and must share with
 #: :class:`PBESettings` to be current (besides the projection); the GPAW version is recorded, not compared
 RECIPE_KEYS = ("basis", "h_ang", "scf_kdensity", "dos_kdensity", "dos_method")
@@ -97,17 +106,14 @@ RECIPE_KEYS = ("basis", "h_ang", "scf_kdensity", "dos_kdensity", "dos_method")
 def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str | None:
     """Why a record of this recipe (GPAW, ``provenance["calculation"]``) is outdated: projected by
     another scheme than :data:`PROJECTION`, made with another value of a :data:`RECIPE_KEYS`
-    setting than :class:`PBESettings`, or (given the record's ``structure``) computed in a cell
-    whose angles GPAW does not handle (:func:`skewed`) rather than in its Niggli cell; None when
-    current, or when not a GPAW record at all."""
+    setting than :class:`PBESettings`, or (given the record's ``structure``) computed in another cell
+    than :func:`calculation_cell`'s or on a grid coarser than :data:`MAX_OLD_GRID_SPACING_ANG`
+    along a lattice vector (records before :func:`gpaw_h`); None when current, or when not a GPAW
+    record at all."""
     calc = provenance.get("calculation") or {}
     if not isinstance(calc, dict) or calc.get("code") != "GPAW":
         return None
     fix = "python -m data_prep compute-embedded --method pbe recomputes it"
-    if structure is not None and skewed(structure) and not calc.get("niggli_reduced"):
-        angles = ", ".join(f"{a:.0f}" for a in structure.lattice.angles)
-        return (f"computed in a cell with angles {angles}° (outside {GOOD_ANGLES_DEG[0]:.0f}-"
-                f"{GOOD_ANGLES_DEG[1]:.0f}°, where GPAW's results may be wrong), not in its Niggli cell: {fix}")
     if calc.get("projection") != PROJECTION_LABELS[PROJECTION]:
         return (f"DOS projected by an outdated scheme ({calc.get('projection')!r}, the recipe now uses "
                 f"{PROJECTION_LABELS[PROJECTION]!r}): {fix}")
@@ -115,6 +121,15 @@ def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str
     changed = [f"{k} {calc[k]!r} (now {current[k]!r})" for k in RECIPE_KEYS if k in calc and calc[k] != current[k]]
     if changed:
         return f"made with outdated settings: {', '.join(changed)}: {fix}"
+    if structure is not None and not calc.get("niggli_reduced") and calculation_cell(structure)[1]:
+        angles = ", ".join(f"{a:.0f}" for a in structure.lattice.angles)
+        return f"computed in a cell with angles {angles}°, not in its more orthogonal Niggli cell: {fix}"
+    if structure is not None and "h_gpaw_ang" not in calc:
+        cell = structure.get_reduced_structure() if calc.get("niggli_reduced") else structure
+        spacing = gpaw_h_grid_spacing(cell.lattice.matrix, calc.get("h_ang", GRID_SPACING_ANG))
+        if spacing > MAX_OLD_GRID_SPACING_ANG:
+            return (f"real-space grid points {spacing:.2f} Å apart along a lattice vector (GPAW's rule from h; "
+                    f"now at most {GRID_SPACING_ANG} Å, pbe.gpaw_h): {fix}")
     return None
 
 
@@ -303,6 +318,35 @@ def _mesh(atoms, density: float, even: bool = False) -> list[int]:
     return [int(x) for x in kptdensity2monkhorstpack(atoms, density, even=even)]
 
 
+def gpaw_h_grid_spacing(cell, h: float = GRID_SPACING_ANG) -> float:
+    """The largest point spacing along a lattice vector (Å) that GPAW's rule from ``h`` gives
+    (``gpaw.utilities.h2gpts``: the distance between lattice planes over ``h``, rounded to a
+    multiple of 4; GPAW may add points to fit the symmetry, never remove them)."""
+    cell = np.asarray(cell, float)
+    planes = (np.linalg.inv(cell) ** 2).sum(0) ** -0.5
+    m = GRID_MULTIPLE
+    n = np.maximum(m, (planes / h / m + 0.5).astype(int) * m)
+    return float((np.linalg.norm(cell, axis=1) / n).max())
+
+
+def gpaw_h(cell, h: float = GRID_SPACING_ANG) -> float:
+    """The ``h`` to give GPAW so that its grid points lie at most ``h`` apart along every lattice vector.
+
+    GPAW's rule divides the distance between lattice planes instead of the vector's length and
+    rounds to the nearest multiple of 4: in a non-orthogonal cell the points then lie further apart
+    than ``h`` along the vectors, 0.37 Å in MgO's primitive cell, 0.40 in calcite's (46°) and
+    0.53-0.65 in the rhombohedral cells of MoS2, Bi2Te3 or LiCoO2 (24-33°), whose spectra were
+    wrong. The ``h`` returned is smaller (MgO's primitive cell: 12 points per vector instead of 8,
+    gap 4.62 eV instead of 4.84); passing ``h`` rather than fixed grid sizes lets GPAW still fit
+    the grid to the crystal's symmetry."""
+    cell = np.asarray(cell, float)
+    planes = (np.linalg.inv(cell) ** 2).sum(0) ** -0.5
+    hh = h * float((planes / np.linalg.norm(cell, axis=1)).min())
+    while gpaw_h_grid_spacing(cell, hh) > h + 1e-9:
+        hh *= 0.98
+    return hh
+
+
 def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings, txt: str | None):
     """Self-consistent PBE(+U) run: (calculator, atoms, info) or PBEError."""
     try:
@@ -321,7 +365,8 @@ def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings
     u = hubbard_u(structure)
     setups = {el: f":d,{val}" for el, val in u.items()} or "paw"
     occupations = {"name": "fermi-dirac", "width": settings.smearing_ev}
-    calc = GPAW(mode="lcao", basis=settings.basis, xc="PBE", h=settings.h_ang, setups=setups,
+    h_gpaw = gpaw_h(atoms.cell[:], settings.h_ang)
+    calc = GPAW(mode="lcao", basis=settings.basis, xc="PBE", h=h_gpaw, setups=setups,
                 kpts={"density": settings.scf_kdensity, "gamma": True}, occupations=occupations,
                 spinpol=spin, maxiter=settings.max_scf_iter, txt=txt or os.devnull)
     atoms.calc = calc
@@ -329,7 +374,8 @@ def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings
         energy = atoms.get_potential_energy()
     except Exception as exc:  # SCF not converged and friends
         raise PBEError(f"SCF failed: {type(exc).__name__}: {exc}") from exc
-    info = {"spin_polarised": spin, "hubbard_u_ev": u, "energy_ev": float(energy),
+    info = {"spin_polarised": spin, "hubbard_u_ev": u, "energy_ev": float(energy), "h_gpaw_ang": round(h_gpaw, 5),
+            "grid_spacing_max_ang": round(gpaw_h_grid_spacing(atoms.cell[:], h_gpaw), 4),
             "magmom_total": float(calc.get_magnetic_moment()) if spin else 0.0,
             "kpts_scf": _mesh(atoms, settings.scf_kdensity), "seconds_scf": round(time.perf_counter() - t0, 2)}
     return calc, atoms, info
@@ -633,13 +679,11 @@ def _nscf_spectrum(calc, atoms, structure: Structure, density: float, dos_method
     return spectrum, info
 
 
-#: the start of GPAW's complaint about a cell its real-space grid cannot take
-WEIRD_CELL = "weird unit cell"
-#: cell angles (degrees) GPAW computes reliably; outside them it warns "Results may be wrong!" and
-#: they are: Bi2Te3 in its rhombohedral primitive cell (angles 24°) came out with a 0.61 eV gap,
-#: against 0.39 eV in its Niggli cell and in the conventional hexagonal cell (15 atoms), and the
-#: spectra differ by a per-site L1 of 0.4 (each cell is converged in k on its own: 0.06)
+#: cell angles (degrees) outside which GPAW warns "Results may be wrong!"
 GOOD_ANGLES_DEG = (40.0, 140.0)
+#: a cell is computed in its Niggli cell when that is more orthogonal by more than this (degrees,
+#: largest |angle - 90°|)
+ORTHOGONALITY_GAIN_DEG = 1.0
 
 
 def skewed(structure: Structure) -> bool:
@@ -648,14 +692,22 @@ def skewed(structure: Structure) -> bool:
     return not all(lo < a < hi for a in structure.lattice.angles)
 
 
-def calculation_cell(structure: Structure) -> tuple[Structure, bool]:
-    """(the cell GPAW computes, whether it is the Niggli-reduced one): a skewed cell is reduced.
+def _skew_deg(structure: Structure) -> float:
+    return max(abs(a - 90.0) for a in structure.lattice.angles)
 
-    The Niggli cell holds the same atoms at the same Cartesian positions, in the same order, so the
-    per-site spectra still match ``structure``; its angles lie within 60-120°."""
-    if not skewed(structure):
-        return structure, False
+
+def calculation_cell(structure: Structure) -> tuple[Structure, bool]:
+    """(the cell GPAW computes, whether it is the Niggli-reduced one).
+
+    A cell whose Niggli cell is more orthogonal (:data:`ORTHOGONALITY_GAIN_DEG`) is computed in the
+    Niggli cell: the same atoms at the same Cartesian positions, in the same order, so the per-site
+    spectra still match ``structure``; its angles lie within 60-120°. Measured against the
+    conventional hexagonal cells: Bi2Te3's rhombohedral cell (24°) gave a gap of 0.61 eV, its Niggli
+    cell 0.39, the hexagonal one 0.39; 3R-MoS2 (29°) 0.88 / 0.64 / 0.64; calcite (46°, inside
+    GPAW's warning range) 5.64 / 5.16 / 5.15 eV, its spectra a per-site L1 of 0.8-1.0 apart."""
     reduced = structure.get_reduced_structure()
+    if _skew_deg(structure) <= _skew_deg(reduced) + ORTHOGONALITY_GAIN_DEG:
+        return structure, False
     if skewed(reduced):  # cannot happen for a Niggli cell; refuse rather than compute a wrong one
         raise PBEError(f"cell angles {reduced.lattice.angles} outside {GOOD_ANGLES_DEG} even when Niggli-reduced")
     return reduced, True
@@ -671,15 +723,7 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
     settings = settings or PBESettings()
     t0 = time.perf_counter()
     structure, reduced = calculation_cell(structure)
-    try:
-        calc, atoms, scf_info = _scf(structure, valences, settings, txt)
-    except PBEError as exc:
-        if WEIRD_CELL not in str(exc) or reduced:
-            raise
-        # GPAW's grid refuses some skewed cells: the Niggli cell holds the same atoms at the same
-        # Cartesian positions, in the same order, so per-site spectra still match the structure.
-        structure, reduced = structure.get_reduced_structure(), True
-        calc, atoms, scf_info = _scf(structure, valences, settings, txt)
+    calc, atoms, scf_info = _scf(structure, valences, settings, txt)
     if reduced:
         scf_info["niggli_reduced"] = True
     spectrum, dos_info = _nscf_spectrum(calc, atoms, structure, settings.dos_kdensity, settings.dos_method,
@@ -701,7 +745,14 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
 REFERENCE_GAPS_EV = {"MgO": 4.64, "TiO2": 1.77, "SrTiO3": 1.76, "MgAl2O4": 5.33}
 GAP_TOLERANCE_EV = 0.3
 #: per-site normalised L1 distance (0-2) allowed between DOS k-densities d and 2d at sigma 0.1 eV
+#: (and between grid spacings h and GRID_CHECK_H_ANG, and between two cells of one crystal)
 L1_TOLERANCE = 0.1
+#: the finer grid spacing the grid check compares the recipe's with (Å)
+GRID_CHECK_H_ANG = 0.18
+#: gaps of one crystal computed in two cells (the calculation cell and the conventional one) may differ by this
+CELL_GAP_TOLERANCE_EV = 0.05
+#: how the real-space grid follows from h (the checks file states it; see gpaw_h)
+GRID_RULE = "points at most h apart along every lattice vector (pbe.gpaw_h)"
 
 
 def site_dos(spectrum: Spectrum, sigma_ev: float = 0.1) -> np.ndarray:
@@ -722,6 +773,59 @@ def per_site_l1(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         x, y = a[:, i].ravel(), b[:, i].ravel()
         out.append(float(np.abs(x / max(x.sum(), 1e-300) - y / max(y.sum(), 1e-300)).sum()))
     return np.array(out)
+
+
+def element_dos(structure: Structure, dos: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean gridded site DOS per element and l, (points, 3: s, p, d), summed over m: what two cells
+    of one crystal share (the m channels follow the Cartesian axes, and a conventional standard
+    cell is turned against the primitive one)."""
+    out = {}
+    for el in sorted({site.specie.symbol for site in structure}):
+        idx = [i for i, site in enumerate(structure) if site.specie.symbol == el]
+        mean = dos[:, idx].mean(axis=1)
+        out[el] = np.stack([mean[:, lo:hi].sum(axis=1) for lo, hi in ((0, 1), (1, 4), (4, 9))], axis=1)
+    return out
+
+
+def grid_convergence(structure: Structure, valences: list[int] | None = None, fine_h: float = GRID_CHECK_H_ANG,
+                     sigma_ev: float = 0.1, settings: PBESettings | None = None) -> dict:
+    """The recipe's DOS against one on a finer real-space grid (``fine_h``; both by :func:`gpaw_h`)."""
+    settings = settings or PBESettings()
+    base = run_pbe(structure, valences, settings)
+    fine = run_pbe(structure, valences, PBESettings(**{**settings.as_dict(), "h_ang": fine_h}))
+    l1 = per_site_l1(site_dos(base.spectrum, sigma_ev), site_dos(fine.spectrum, sigma_ev))
+    return {"formula": structure.composition.reduced_formula, "n_sites": len(structure),
+            "h_ang": [settings.h_ang, fine_h], "h_gpaw_ang": [base.info["h_gpaw_ang"], fine.info["h_gpaw_ang"]],
+            "niggli_reduced": bool(base.info.get("niggli_reduced")), "sigma_ev": sigma_ev,
+            "per_site_l1": [round(float(x), 4) for x in l1], "max_l1": round(float(l1.max()), 4),
+            "band_gap_ev": [round(base.spectrum.band_gap_ev, 4), round(fine.spectrum.band_gap_ev, 4)],
+            "seconds": [base.info["seconds"], fine.info["seconds"]]}
+
+
+def cell_check(structure: Structure, valences: list[int] | None = None, sigma_ev: float = 0.1,
+               settings: PBESettings | None = None) -> dict:
+    """One crystal in the recipe's cell (:func:`calculation_cell`) and in its conventional standard
+    cell: per-element L1 of the mean site DOS per l (:func:`element_dos`), and the gaps."""
+    from pymatgen.analysis.bond_valence import BVAnalyzer
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    settings = settings or PBESettings()
+    conv = SpacegroupAnalyzer(structure).get_conventional_standard_structure()
+    runs = {}
+    for name, cell, val in (("recipe", structure, valences), ("conventional", conv, BVAnalyzer().get_valences(conv))):
+        r = run_pbe(cell, val, settings)
+        calc_cell = calculation_cell(cell)[0]
+        runs[name] = (r, element_dos(calc_cell, site_dos(r.spectrum, sigma_ev)), calc_cell)
+    (a, ea, ca), (b, eb, cb) = runs["recipe"], runs["conventional"]
+    l1 = {el: round(float(per_site_l1(ea[el][:, None], eb[el][:, None])[0]), 4) for el in ea}
+    return {"formula": structure.composition.reduced_formula,
+            "cells": {"recipe": {"n_sites": len(ca), "angles": [round(x, 1) for x in ca.lattice.angles],
+                                 "niggli_reduced": bool(a.info.get("niggli_reduced"))},
+                      "conventional": {"n_sites": len(cb), "angles": [round(x, 1) for x in cb.lattice.angles]}},
+            "original_angles": [round(x, 1) for x in structure.lattice.angles], "sigma_ev": sigma_ev,
+            "element_l1": l1, "max_l1": max(l1.values()),
+            "band_gap_ev": [round(a.spectrum.band_gap_ev, 4), round(b.spectrum.band_gap_ev, 4)],
+            "seconds": [a.info["seconds"], b.info["seconds"]]}
 
 
 def kpoint_convergence(structure: Structure, valences: list[int] | None = None, density: float = DOS_KDENSITY,
