@@ -701,10 +701,11 @@ def calculation_cell(structure: Structure) -> tuple[Structure, bool]:
 
     A cell whose Niggli cell is more orthogonal (:data:`ORTHOGONALITY_GAIN_DEG`) is computed in the
     Niggli cell: the same atoms at the same Cartesian positions, in the same order, so the per-site
-    spectra still match ``structure``; its angles lie within 60-120°. Measured against the
-    conventional hexagonal cells: Bi2Te3's rhombohedral cell (24°) gave a gap of 0.61 eV, its Niggli
-    cell 0.39, the hexagonal one 0.39; 3R-MoS2 (29°) 0.88 / 0.64 / 0.64; calcite (46°, inside
-    GPAW's warning range) 5.64 / 5.16 / 5.15 eV, its spectra a per-site L1 of 0.8-1.0 apart."""
+    spectra still match ``structure``; its angles lie within 60-120°. GPAW warns below 40°, and on
+    its own grid rule such cells were wrong (Bi2Te3, 24°: gap 0.61 eV, its Niggli cell 0.39, the
+    hexagonal cell 0.39; 3R-MoS2, 29°: 0.88 / 0.64 / 0.64); most of that error was the grid
+    (:func:`gpaw_h`: calcite's 46° cell gave 5.64 eV on GPAW's rule and 5.17 on ≤ 0.25 Å, its
+    Niggli cell 5.16, the hexagonal one 5.14). The Niggli cell also keeps the grid small."""
     reduced = structure.get_reduced_structure()
     if _skew_deg(structure) <= _skew_deg(reduced) + ORTHOGONALITY_GAIN_DEG:
         return structure, False
