@@ -381,6 +381,24 @@ def test_gpaw_h_keeps_grid_points_within_h_along_every_lattice_vector():
         assert pbe.gpaw_h_grid_spacing(cell, pbe.gpaw_h(cell, 0.25)) <= 0.25 + 1e-9
 
 
+def test_spin_state_ions_get_a_high_spin_start_too():
+    # MP starts Co at 0.6 μB; GPAW kept rock-salt CoO there, a 1 μB metal 0.18 eV above the
+    # high-spin state a 3 μB start reaches: d4-d7 ions run from both starts, the lower energy wins
+    coo = Structure(Lattice.from_parameters(3.0, 3.0, 3.0, 60, 60, 60), ["Co", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    starts = pbe.spin_starts(coo, [2, -2])
+    assert starts == [[0.6, 0.6], [3.0, 0.6]]
+    lico = Structure(Lattice.from_parameters(2.8, 2.8, 14.0, 90, 90, 120), ["Li", "Co", "O", "O"],
+                     [[0, 0, 0], [0, 0, 0.5], [0, 0, 0.26], [0, 0, 0.74]])
+    assert pbe.spin_starts(lico, [1, 3, -2, -2])[1][1] == 3.0  # Co3+ d6: 4 μB high spin, capped at 3 (GPAW's atom)
+    nio = Structure(coo.lattice, ["Ni", "O"], coo.frac_coords)
+    assert len(pbe.spin_starts(nio, [2, -2])) == 1  # d8: one spin state, one start
+    assert len(pbe.spin_starts(coo, None)) == 1
+    calc = {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION], "h_gpaw_ang": 0.2, "spin_polarised": True}
+    assert "high spin" in pbe.outdated_recipe({"calculation": calc, "bv_valences": [2, -2]}, coo)
+    assert pbe.outdated_recipe({"calculation": {**calc, "spin_starts": []}, "bv_valences": [2, -2]}, coo) is None
+    assert pbe.outdated_recipe({"calculation": calc, "bv_valences": [2, -2]}, nio) is None
+
+
 def test_a_record_computed_in_a_skewed_cell_is_outdated():
     good, skew = _rutile_in(3)
     calc = {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION]}

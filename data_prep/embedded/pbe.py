@@ -13,7 +13,9 @@ matters for comparing with MP's DOS:
   Mo, Ni, V and W (:data:`MP_U_EV`); none otherwise (MP applies U only there).
 - **Spin**: spin-polarised, ferromagnetic start, when a transition-metal site has a partly filled
   d shell in its bond-valence oxidation state (0 < n_d < 10); start moments from MP's MAGMOM table
-  (:data:`MP_MAGMOM`, default 0.6 μB). Closed-shell compounds are run spin-paired (MP's spin-
+  (:data:`MP_MAGMOM`, default 0.6 μB), and where a d4-d7 ion could be high spin also from its
+  high-spin moment, keeping the lower energy (:func:`spin_starts`: from MP's 0.6 μB, GPAW left
+  rock-salt CoO a low-spin metal). Closed-shell compounds are run spin-paired (MP's spin-
   polarised runs of those converge to zero moment, so only the cost differs). Spins are summed
   into the 9 channels, as for MP records.
 - **k-points**: self-consistent run on a Γ-centred mesh of density :data:`SCF_KDENSITY` (points per
@@ -124,6 +126,10 @@ def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str
     if structure is not None and not calc.get("niggli_reduced") and calculation_cell(structure)[1]:
         angles = ", ".join(f"{a:.0f}" for a in structure.lattice.angles)
         return f"computed in a cell with angles {angles}°, not in its more orthogonal Niggli cell: {fix}"
+    valences = provenance.get("bv_valences")
+    if (structure is not None and calc.get("spin_polarised") and "spin_starts" not in calc and valences is not None
+            and len(valences) == len(structure) and len(spin_starts(structure, valences)) > 1):
+        return f"spin-polarised from MP's start moments only (now also from high spin, pbe.spin_starts): {fix}"
     if structure is not None and "h_gpaw_ang" not in calc:
         cell = structure.get_reduced_structure() if calc.get("niggli_reduced") else structure
         spacing = gpaw_h_grid_spacing(cell.lattice.matrix, calc.get("h_ang", GRID_SPACING_ANG))
@@ -253,6 +259,37 @@ def initial_magmoms(structure: Structure, valences: list[int] | None = None) -> 
     return out
 
 
+#: d-electron counts with a low- and a high-spin state in an octahedral field
+SPIN_STATE_D_COUNTS = frozenset({4, 5, 6, 7})
+
+
+def high_spin_magmoms(structure: Structure, valences: list[int]) -> list[float]:
+    """Start moments at the high-spin moment, min(n_d, 10 - n_d) μB, of each d ion with a spin-state
+    choice in its bond-valence state (d4-d7, :data:`SPIN_STATE_D_COUNTS`; within
+    ``ATOM_START_MAX_MAGMOM``); other sites as :func:`initial_magmoms`."""
+    out = initial_magmoms(structure, valences)
+    for i, (site, v) in enumerate(zip(structure, valences)):
+        el = site.specie.symbol
+        nd = n_d_electrons(el, v)
+        if nd in SPIN_STATE_D_COUNTS:
+            out[i] = min(float(min(nd, 10 - nd)), ATOM_START_MAX_MAGMOM.get(el, 10.0))
+    return out
+
+
+def spin_starts(structure: Structure, valences: list[int] | None) -> list[list[float]]:
+    """The start moments the SCF runs from (the lower energy wins): MP's (:func:`initial_magmoms`),
+    and the high-spin one (:func:`high_spin_magmoms`) where that differs. MP starts Co at 0.6 μB;
+    VASP leaves that low-spin start where high spin is lower, GPAW does not: rock-salt CoO stayed
+    a 1 μB metal, 0.18 eV per cell above the high-spin state (3 μB) a 3 μB start reaches. LiCoO2,
+    whose Co3+ is low spin, keeps the low-spin result on energy (0.78 eV per cell below the 4 μB
+    state the high-spin start ends in; gap 2.59 eV, nonmagnetic, as MP)."""
+    mp = initial_magmoms(structure, valences)
+    if valences is None:
+        return [mp]
+    hs = high_spin_magmoms(structure, valences)
+    return [mp] if np.allclose(hs, mp) else [mp, hs]
+
+
 def hubbard_u(structure: Structure) -> dict[str, float]:
     """{element: U_eV} as MP applies it: only in oxides and fluorides, only for MP_U_EV elements."""
     elements = {e.symbol for e in structure.composition.elements}
@@ -358,26 +395,36 @@ def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings
     if missing:
         raise PBEError(f"no GPAW PAW setup or {settings.basis} basis for {', '.join(missing)}")
     t0 = time.perf_counter()
-    atoms = AseAtomsAdaptor.get_atoms(structure)
     spin = spin_polarised(structure, valences)
-    if spin:
-        atoms.set_initial_magnetic_moments(initial_magmoms(structure, valences))
+    starts = spin_starts(structure, valences) if spin else [None]
     u = hubbard_u(structure)
     setups = {el: f":d,{val}" for el, val in u.items()} or "paw"
     occupations = {"name": "fermi-dirac", "width": settings.smearing_ev}
-    h_gpaw = gpaw_h(atoms.cell[:], settings.h_ang)
-    calc = GPAW(mode="lcao", basis=settings.basis, xc="PBE", h=h_gpaw, setups=setups,
-                kpts={"density": settings.scf_kdensity, "gamma": True}, occupations=occupations,
-                spinpol=spin, maxiter=settings.max_scf_iter, txt=txt or os.devnull)
-    atoms.calc = calc
-    try:
-        energy = atoms.get_potential_energy()
-    except Exception as exc:  # SCF not converged and friends
-        raise PBEError(f"SCF failed: {type(exc).__name__}: {exc}") from exc
-    info = {"spin_polarised": spin, "hubbard_u_ev": u, "energy_ev": float(energy), "h_gpaw_ang": round(h_gpaw, 5),
+    runs, errors = [], []
+    for start in starts:  # one SCF per start; the lowest energy wins
+        atoms = AseAtomsAdaptor.get_atoms(structure)
+        if start is not None:
+            atoms.set_initial_magnetic_moments(start)
+        h_gpaw = gpaw_h(atoms.cell[:], settings.h_ang)
+        calc = GPAW(mode="lcao", basis=settings.basis, xc="PBE", h=h_gpaw, setups=setups,
+                    kpts={"density": settings.scf_kdensity, "gamma": True}, occupations=occupations,
+                    spinpol=spin, maxiter=settings.max_scf_iter, txt=txt or os.devnull)
+        atoms.calc = calc
+        try:
+            runs.append((float(atoms.get_potential_energy()), calc, atoms, start))
+        except Exception as exc:  # SCF not converged and friends
+            errors.append(f"{type(exc).__name__}: {exc}")
+    if not runs:
+        raise PBEError(f"SCF failed: {'; '.join(errors)}")
+    energy, calc, atoms, start = min(runs, key=lambda r: r[0])
+    info = {"spin_polarised": spin, "hubbard_u_ev": u, "energy_ev": energy, "h_gpaw_ang": round(h_gpaw, 5),
             "grid_spacing_max_ang": round(gpaw_h_grid_spacing(atoms.cell[:], h_gpaw), 4),
             "magmom_total": float(calc.get_magnetic_moment()) if spin else 0.0,
             "kpts_scf": _mesh(atoms, settings.scf_kdensity), "seconds_scf": round(time.perf_counter() - t0, 2)}
+    if spin:
+        info["spin_starts"] = [{"start_magmoms": s_, "energy_ev": round(e_, 5), "magmom_total": round(float(c_.get_magnetic_moment()), 4)}
+                               for e_, c_, _, s_ in runs]
+        info["spin_start_failures"] = errors
     return calc, atoms, info
 
 
