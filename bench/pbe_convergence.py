@@ -15,10 +15,10 @@ tests/test_pbe.py checks the committed result against the current recipe; rerun 
 (needs the 'compute' extra; about an hour of CPU) whenever pbe.py's settings change:
 
     python bench/pbe_convergence.py [--out data_prep/embedded/pbe_checks.json] [--only FORMULA ...]
-                                    [--save-dos DIR]
+                                    [--kinds convergence gaps grid cell] [--save-dos DIR]
 
-``--only`` computes the named formulas' checks and replaces just their rows in ``--out`` (the
-other rows stay as they are; only valid while the recipe is unchanged).
+``--only`` computes the named formulas' checks (of ``--kinds``, default all) and replaces just
+those rows in ``--out`` (the other rows stay as they are; only valid while the recipe is unchanged).
 """
 from __future__ import annotations
 
