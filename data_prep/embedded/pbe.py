@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Element, Structure
 
-from data_prep.layout import N_ORBITALS
+from data_prep.layout import N_ORBITALS, ORBITAL_GROUPS
 from data_prep.records import Spectrum
 
 METHOD = "PBE (GPAW LCAO dzp)"
@@ -831,7 +831,7 @@ def element_dos(structure: Structure, dos: np.ndarray) -> dict[str, np.ndarray]:
     for el in sorted({site.specie.symbol for site in structure}):
         idx = [i for i, site in enumerate(structure) if site.specie.symbol == el]
         mean = dos[:, idx].mean(axis=1)
-        out[el] = np.stack([mean[:, lo:hi].sum(axis=1) for lo, hi in ((0, 1), (1, 4), (4, 9))], axis=1)
+        out[el] = np.stack([mean[:, list(idx_l)].sum(axis=1) for idx_l in ORBITAL_GROUPS.values()], axis=1)
     return out
 
 
