@@ -65,8 +65,10 @@ CV_MODELS = {m.name: m for m in (
     CVModel("dos_vector", "DOS + structure vector (late)", "dosnet", "late", "vector"),
     CVModel("dos_bonds", "DOS + bonds (late)", "dosnet", "late", "bonds"),
 )}
-#: the subsets every test fold is also scored on
+#: the subsets every test fold is also scored on: by site
 SUBSETS = ("test", "test_cation", "test_anion")
+#: ... and by material: real (experimental) structures and substituted ones (``meta/origin``)
+ORIGIN_SUBSETS = ("test_real", "test_substituted")
 
 
 def parse_models(text: str | None) -> list[str]:
@@ -81,14 +83,24 @@ def parse_models(text: str | None) -> list[str]:
 
 
 def site_subsets(data: Dataset, test_rows: np.ndarray) -> dict:
-    """``{subset: rows}`` of one test fold: all, cation and anion sites (by the stored valence sign);
-    a subset without rows is left out (a migration barrier is carried by mobile cations only)."""
+    """``{subset: rows}`` of one test fold: all, cation and anion sites (by the stored valence sign),
+    and the sites of real and of substituted materials (``origin`` ``substituted`` or not) when the
+    file holds both kinds; a subset without rows is left out (a migration barrier is carried by
+    mobile cations only)."""
     out = {"test": test_rows}
     v = data.targets.get("valence")
     if v is not None:
         for name, rows in (("test_cation", test_rows[v[test_rows] > 0]), ("test_anion", test_rows[v[test_rows] < 0])):
             if len(rows):
                 out[name] = rows
+    origin = getattr(data, "origin", None)
+    if origin is not None:
+        substituted = np.asarray(origin) == "substituted"
+        if substituted.any() and not substituted.all():
+            for name, rows in (("test_real", test_rows[~substituted[test_rows]]),
+                               ("test_substituted", test_rows[substituted[test_rows]])):
+                if len(rows):
+                    out[name] = rows
     return out
 
 
@@ -230,22 +242,27 @@ def compare(summaries: dict, models: list, targets: list) -> list[dict]:
 
 
 def markdown(summaries: dict, models: list, targets: list) -> str:
-    """One row per model: MAE (and valence accuracy) on all, cation and anion test sites, mean ± std."""
-    head = ["model", "runs"]
-    for t in targets:
-        for subset in SUBSETS:
-            head.append(f"{t} MAE {subset.replace('test_', '').replace('test', 'all')}")
-        if t == "valence":
-            head += ["valence right, all", "valence right, cation"]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for m in models:
-        s = summaries[m]
-        row = [label(m), str(s["test"][targets[0]]["n_seeds"])]
+    """One row per model: MAE (and valence accuracy) on all, cation and anion test sites, mean ± std;
+    then, when the folds scored them, the same on the sites of real and of substituted materials."""
+    def table(subsets, names):
+        head = ["model", "runs"]
         for t in targets:
-            for subset in SUBSETS:
-                row.append(report.pm(s.get(subset, {}).get(t, {}).get("mae"), 3))
+            head += [f"{t} MAE {n}" for n in names]
             if t == "valence":
-                row += [report.pm(s["test"][t].get("accuracy"), 3),
-                        report.pm(s.get("test_cation", {}).get(t, {}).get("accuracy"), 3)]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
+                head += [f"valence right, {n}" for n in names[:2]]
+        lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for m in models:
+            s = summaries[m]
+            row = [label(m), str(s["test"][targets[0]]["n_seeds"])]
+            for t in targets:
+                row += [report.pm(s.get(sub, {}).get(t, {}).get("mae"), 3) for sub in subsets]
+                if t == "valence":
+                    row += [report.pm(s.get(sub, {}).get(t, {}).get("accuracy"), 3) for sub in subsets[:2]]
+            lines.append("| " + " | ".join(row) + " |")
+        return "\n".join(lines)
+
+    out = table(SUBSETS, ["all", "cation", "anion"])
+    if any(sub in summaries[m] for m in models for sub in ORIGIN_SUBSETS):
+        out += ("\n\nThe same test sites by material: real (experimental) structures and substituted ones.\n\n"
+                + table(ORIGIN_SUBSETS, ["real", "substituted"]))
+    return out

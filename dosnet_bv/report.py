@@ -47,12 +47,15 @@ def scores(y_true, y_pred, accuracy: bool = False) -> dict:
 def summarise(per_seed: list) -> dict:
     """Seed statistics. per_seed: list over seeds of ``{split: {target: score}}`` -> ``{split:
     {target: {metric: {"mean", "std"}, "n": samples, "n_seeds": k}}}``. None values (undefined R²)
-    are left out of a metric's statistics; a metric with no value at all is None."""
+    are left out of a metric's statistics; a metric with no value at all is None. A split some runs
+    lack (a test fold without substituted materials) is summarised over the runs that have it."""
     out: dict = {}
-    for split in per_seed[0]:
+    splits = list(dict.fromkeys(split for s in per_seed for split in s))  # a fold may lack a subset
+    for split in splits:
         out[split] = {}
-        for target in per_seed[0][split]:
-            runs = [s[split][target] for s in per_seed]
+        have = [s[split] for s in per_seed if split in s]
+        for target in have[0]:
+            runs = [s[target] for s in have]
             entry: dict = {"n": runs[0].get("n", 0), "n_seeds": len(runs)}
             for m in METRICS:
                 vals = [r[m] for r in runs if r.get(m) is not None]

@@ -128,3 +128,31 @@ def test_site_subsets_leave_out_empty_ones():
     subsets = cv_ablation.site_subsets(data, np.array([0, 1, 3]))  # cations only, as a migration target's rows
     assert set(subsets) == {"test", "test_cation"} and list(subsets["test_cation"]) == [0, 1, 3]
     assert set(cv_ablation.site_subsets(data, np.array([1, 2]))) == {"test", "test_cation", "test_anion"}
+
+
+def test_real_and_substituted_materials_are_scored_apart():
+    from types import SimpleNamespace
+
+    origin = np.array(["mineral", "substituted", "substituted", "prototype", "substituted"])
+    data = SimpleNamespace(targets={"valence": np.array([2.0, 3.0, -2.0, -1.0, 1.0])}, origin=origin)
+    sub = cv_ablation.site_subsets(data, np.array([0, 1, 2, 3]))
+    assert list(sub["test_real"]) == [0, 3] and list(sub["test_substituted"]) == [1, 2]
+    only_real = cv_ablation.site_subsets(data, np.array([0, 3]))
+    assert "test_substituted" not in only_real and list(only_real["test_real"]) == [0, 3]
+    # a file of one kind only (MP records, a user's DFT runs) gets no origin subsets
+    same = SimpleNamespace(targets=data.targets, origin=np.array(["mp"] * 5))
+    assert set(cv_ablation.site_subsets(same, np.arange(5))) == {"test", "test_cation", "test_anion"}
+
+
+def test_summaries_and_table_hold_origin_subsets_a_fold_may_lack():
+    sc = lambda x: {"n": 3, "mae": x, "nmae": x, "rmse": x, "r2": 0.5, "mad": 1.0}  # noqa: E731
+    fold1 = {s: {"bvs_vu": sc(0.2)} for s in ("test", "test_cation", "test_anion", "test_real", "test_substituted")}
+    fold2 = {s: {"bvs_vu": sc(0.4)} for s in ("test", "test_cation", "test_anion", "test_real")}
+    fold2["test_real"]["bvs_vu"] = sc(0.6)
+    s = summarise([fold1, fold2])
+    assert s["test_substituted"]["bvs_vu"]["n_seeds"] == 1 and s["test_substituted"]["bvs_vu"]["mae"]["mean"] == 0.2
+    assert s["test_real"]["bvs_vu"]["mae"]["mean"] == pytest.approx(0.4)
+    md = cv_ablation.markdown({"element_mean": s}, ["element_mean"], ["bvs_vu"])
+    assert "bvs_vu MAE real | bvs_vu MAE substituted" in md and "0.400 ± 0.283 | 0.200 ± 0.000" in md
+    plain = summarise([{k: v for k, v in fold1.items() if k not in cv_ablation.ORIGIN_SUBSETS}])
+    assert "by material" not in cv_ablation.markdown({"element_mean": plain}, ["element_mean"], ["bvs_vu"])
