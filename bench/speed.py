@@ -79,7 +79,10 @@ def epoch_timer(times: list, cpu: list | None = None):
     return EpochTimer()
 
 
-def measure(h5, config: dict) -> dict:
+def prepare(h5, config: dict) -> dict:
+    """Everything ``measure`` trains, built but not trained: ``{"model", "fit" (model.fit's data
+    keywords), "n" (training rows), "streaming", "params", "data", "scaler_seconds",
+    "load_seconds"}``. ``bench/paired.py`` builds several in one process this way."""
     if config.get("threads"):
         import tensorflow as tf
 
@@ -99,7 +102,6 @@ def measure(h5, config: dict) -> dict:
         over["data"] = {**params["data"], **over["data"]}
     params.update(over)
     params["early_stopping_patience"] = 0
-    epochs = int(config.get("epochs", 2))
     kind = config.get("model", "root")
     t0 = time.perf_counter()
     data = load_data(h5, params)
@@ -139,11 +141,21 @@ def measure(h5, config: dict) -> dict:
                    "batch_size": params["batch_size"], "shuffle": True}
     if config.get("jit_compile"):
         model.jit_compile = True
+    return {"model": model, "fit": fit, "n": len(rows), "streaming": streaming, "params": params, "data": data,
+            "scaler_seconds": scaler_s, "load_seconds": load_s}
+
+
+def measure(h5, config: dict) -> dict:
+    """Train ``config`` (``prepare``) for its ``epochs`` (default 2); the figures of the docstring."""
+    epochs = int(config.get("epochs", 2))
+    kind = config.get("model", "root")
+    run = prepare(h5, config)
+    model, fit, params, data, streaming = run["model"], run["fit"], run["params"], run["data"], run["streaming"]
+    n, scaler_s, load_s = run["n"], run["scaler_seconds"], run["load_seconds"]
     times, cpu = [], []
     io0, sw0 = storage_read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
     hist = model.fit(**fit, epochs=epochs, verbose=0, callbacks=[epoch_timer(times, cpu)])
     io1, sw1 = storage_read_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
-    n = len(rows)
     best = min(range(1, len(times)) or range(len(times)), key=lambda i: times[i])
     return {"model": kind, "fusion": params["fusion"], "structure_input": params.get("structure_input", "vector"),
             "batch_size": params["batch_size"],

@@ -87,3 +87,21 @@ def test_bond_model_trains_a_step_on_the_synthetic_file(syn_bonds):
     assert np.isfinite(hist.history["loss"][0])
     assert any(layer.name == "bond_pool" for layer in model.layers)
     keras.backend.clear_session()
+
+
+def test_paired_bench_alternates_and_pairs_rounds(monkeypatch):
+    """bench/paired.py: a warm-up epoch each, then A,B / B,A / ... and one ratio per round from that
+    round's two epochs (here epoch times are scripted, so the ratios are known)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import paired
+
+    order, clock = [], iter([2.0, 2.0] + [1.0, 2.0, 4.0, 2.0, 1.0, 1.0])  # warm-ups, then rounds
+    monkeypatch.setattr(paired, "epoch_seconds", lambda run: order.append(run["name"]) or next(clock))
+    a, b = {"name": "a", "n": 100}, {"name": "b", "n": 100}
+    res = paired.paired(a, b, rounds=3, log=lambda line: None)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    # round 1: a 1 s, b 2 s -> 2.0; round 2 (b first): b 4 s, a 2 s -> 2.0; round 3: a 1 s, b 1 s -> 1.0
+    assert res["ratios"] == [2.0, 2.0, 1.0] and res["median_ratio"] == 2.0 and res["min_ratio"] == 1.0
+    assert res["best_over_best"] == 1.0  # a at best 100 samples/s (rounds 1, 3), b too (round 3)
