@@ -18,9 +18,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# spglib (2.x) prints "spglib: ... failed." to stderr when one of its internal refinements needs a
+# retry, then returns a result anyway (e.g. a relaxed structure a hair away from higher symmetry at
+# symprec 0.01); the build handles real failures itself. Set SPGLIB_WARNING=ON to see them.
+os.environ.setdefault("SPGLIB_WARNING", "OFF")
 
 from data_prep.cli import OneLineParser, error_tail
 
