@@ -223,6 +223,11 @@ def test_compute_embedded_resume_and_failures(tmp_path):
     assert rec.method == "GFN1-xTB" and calc["tblite_version"] and calc["supercell"] == [2, 2, 2]
     assert calc["min_length_ang"] == 5.0 and calc["etemp_k"] == 300.0 and calc["seconds"] > 0
     assert rec.provenance["source"] == "test"
+    prog = json.loads((out / ".compute.progress.json").read_text())  # what a background run shows
+    assert (prog["state"], prog["todo"], prog["computed"], prog["failed"], prog["in_flight"]) == \
+        ("finished", 3, 2, 1, [])
+    assert sorted(f["material_id"] for f in prog["last_finished"]) == ["mgo", "nacl", "uo2"]
+    assert [f["ok"] for f in prog["last_finished"] if f["material_id"] == "uo2"] == [False]
     stamp = (out / "nacl.npz").stat().st_mtime_ns
 
     s2 = compute_embedded(entries, out, n_procs=2, progress=False, min_length_ang=5.0)  # resume: nothing to do
@@ -237,3 +242,22 @@ def test_compute_embedded_timeout_kills_and_records(tmp_path):
     assert s["n_failed"] == 1 and s["failed"]["mgo-big"].startswith("timeout")
     assert not list(tmp_path.glob("*.npz"))
     assert read_failures(tmp_path)["mgo-big"]["reason"].startswith("timeout")
+
+
+def test_progress_file_names_what_is_in_flight(tmp_path):
+    import time
+    from types import SimpleNamespace
+
+    from data_prep.embedded import compute
+
+    busy = SimpleNamespace(task=_entry("mgo", rocksalt(4.21, "Mg", "O")), started_wall=time.time() - 90)
+    idle = SimpleNamespace(task=None, started_wall=0.0)
+    summary = {"method": "pbe", "n_todo": 5, "n_computed": 1, "n_failed": 0}
+    compute._write_progress(tmp_path, summary, [busy, idle], ["a", "b", "c"],
+                            [{"material_id": "nacl", "ok": True, "seconds": 12.0}], time.time() - 100)
+    prog = json.loads((tmp_path / compute.PROGRESS_FILE).read_text())
+    assert prog["state"] == "running" and prog["queued"] == 3 and prog["computed"] == 1
+    (flight,) = prog["in_flight"]
+    assert flight["material_id"] == "mgo" and flight["formula"] == "MgO" and flight["n_sites"] == 2
+    assert 89 <= flight["elapsed_s"] <= 120
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically

@@ -210,6 +210,28 @@ def read_failures(out_dir) -> dict:
     return dict(data.get("failures", data) if isinstance(data, dict) else {})
 
 
+#: written beside the records while ``compute_embedded`` runs (git-ignored): what is in flight, what is done
+PROGRESS_FILE = ".compute.progress.json"
+
+
+def _write_progress(out_dir: Path, summary: dict, workers: list, queue: list, recent: list, t_wall0: float,
+                    state: str = "running") -> None:
+    """``PROGRESS_FILE``: the run's counts, the materials being computed (with their elapsed
+    seconds) and the last ones finished, rewritten atomically at every start and finish, so that
+    ``cat`` (or ``watch``) tells what a background run is doing without its log."""
+    now = time.time()
+    body = {"state": state, "method": summary["method"], "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t_wall0)),
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)),
+            "todo": summary["n_todo"], "computed": summary["n_computed"], "failed": summary["n_failed"],
+            "queued": len(queue),
+            "in_flight": [{"material_id": w.task.material_id, "formula": w.task.formula,
+                           "n_sites": len(w.task.structure), "elapsed_s": round(now - w.started_wall, 1)}
+                          for w in workers if w.task is not None],
+            "last_finished": recent[-10:]}
+    atomic_write_bytes(out_dir / PROGRESS_FILE, (json.dumps(body, indent=1) + "\n").encode())
+
+
 def _write_failures(out_dir: Path, failures: dict) -> None:
     body = {"failures": {k: failures[k] for k in sorted(failures)}}
     atomic_write_bytes(out_dir / FAILURES_FILE, (json.dumps(body, indent=1) + "\n").encode())
@@ -429,6 +451,8 @@ def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, r
     settings = {"method": method, "min_length_ang": min_length_ang, "etemp_k": etemp_k, "max_atoms": max_atoms, "max_ao": max_ao,
                 "compact_kwargs": compact_kwargs}
 
+    recent: list = []  # the last materials finished, for PROGRESS_FILE
+    t_wall0 = time.time()
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
@@ -449,6 +473,9 @@ def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, r
             summary["failed"][mid] = info["reason"]
             failures[mid] = {**info, "method": "PBE" if method == "pbe" else METHOD, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             _write_failures(out_dir, failures)
+        recent.append({"material_id": mid, "ok": ok, "seconds": info.get("seconds"),
+                       **({} if ok else {"reason": str(info.get("reason", ""))[:200]})})
+        _write_progress(out_dir, summary, workers, queue, recent, t_wall0)
         if bar is not None:
             bar.update(work[mid])
             bar.set_postfix(done=summary["n_computed"], failed=summary["n_failed"], refresh=False)
@@ -462,10 +489,14 @@ def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, r
         if queue:
             workers = [_Worker(ctx, settings) for _ in range(max(1, min(int(n_procs), len(queue))))]
         while queue or any(w.task is not None for w in workers):
+            assigned = False
             for w in workers:
                 if w.ready and w.task is None and queue:
                     e = queue.pop(0)
                     w.assign(e, out_dir / f"{e.material_id}.npz")
+                    assigned = True
+            if assigned:
+                _write_progress(out_dir, summary, workers, queue, recent, t_wall0)
             now = time.monotonic()
             deadlines = [w.started + time_limit_s - now for w in workers if w.task is not None]
             timeout = max(0.0, min(deadlines)) + 0.01 if deadlines else 1.0
@@ -526,6 +557,9 @@ def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, r
             signal.signal(signal.SIGTERM, previous_term)
         if bar is not None:
             bar.close()
+        if todo:
+            _write_progress(out_dir, summary, [], queue, recent, t_wall0,
+                            "interrupted" if summary.get("interrupted") else "finished")
         summary["seconds"] = round(time.perf_counter() - t_start, 2)
         summary["seconds_per_material"] = round(float(np.mean(timings)), 3) if timings else None
         summary["bytes_per_material"] = int(np.mean(sizes)) if sizes else None
