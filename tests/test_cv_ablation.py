@@ -156,3 +156,25 @@ def test_summaries_and_table_hold_origin_subsets_a_fold_may_lack():
     assert "bvs_vu MAE real | bvs_vu MAE substituted" in md and "0.400 ± 0.283 | 0.200 ± 0.000" in md
     plain = summarise([{k: v for k, v in fold1.items() if k not in cv_ablation.ORIGIN_SUBSETS}])
     assert "by material" not in cv_ablation.markdown({"element_mean": plain}, ["element_mean"], ["bvs_vu"])
+
+
+def test_paired_by_fold_differences_and_counts():
+    def runs(maes_by_fold_seed):
+        return [{"fold": f, "seed": s, "scores": {"test": {"bvs_vu": {"mae": v}}}}
+                for (f, s), v in maes_by_fold_seed.items()]
+
+    results = {"element_mean": runs({(0, 1): 0.5, (1, 1): 0.9, (2, 1): 0.4}),
+               "gbt_structure": runs({(0, 1): 0.6, (1, 1): 0.8, (2, 1): 0.5}),
+               # two seeds per fold: the fold's MAE is their mean (0.4, 1.0, 0.3)
+               "bonds": runs({(0, 1): 0.3, (0, 2): 0.5, (1, 1): 1.0, (1, 2): 1.0, (2, 1): 0.2, (2, 2): 0.4}),
+               "dos_bonds": runs({(0, 1): 0.35, (1, 1): 0.95, (2, 1): 0.45})}
+    summaries = {m: summarise([{"test": {"bvs_vu": {"n": 1, "mae": np.mean(list(cv_ablation.fold_maes(
+        r, "test", "bvs_vu").values()))}}}]) for m, r in results.items()}
+    out = cv_ablation.paired_by_fold(results, summaries, list(results), ["bvs_vu"])
+    got = {(c["model"], c["against"]): c for c in out}
+    # the best baseline is the per-element mean (0.600 against 0.633)
+    assert set(got) == {("bonds", "element_mean"), ("dos_bonds", "element_mean"), ("dos_bonds", "bonds")}
+    assert got[("bonds", "element_mean")]["differences"] == pytest.approx([-0.1, 0.1, -0.1])
+    assert got[("bonds", "element_mean")]["lower_in"] == 2
+    assert got[("dos_bonds", "bonds")]["differences"] == pytest.approx([-0.05, -0.05, 0.15])
+    assert "lower in 2 of 3 folds" in got[("dos_bonds", "bonds")]["text"]
