@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 DATA := data/embedded.h5
+# the committed spectra it is built from: a pull that changes them rebuilds the file
+SPECTRA := $(wildcard data_prep/embedded/spectra/*.npz)
 
-$(DATA): | $(STAMP)
-	$(PY) -m data_prep build --source embedded --out $(DATA)
+$(DATA): $(SPECTRA) | $(STAMP)
+	$(PY) -m data_prep build --source embedded --out $(DATA) --overwrite
 
 data: $(DATA)
 
