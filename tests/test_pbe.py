@@ -587,3 +587,35 @@ def test_time_reversal_in_the_dos_step_gives_the_same_spectrum():
     assert a.reference_ev == pytest.approx(b.reference_ev, abs=1e-6)
     # not bit-equal: within a degenerate set the band mixing at -k is a free choice either way
     assert pbe.per_site_l1(pbe.site_dos(a), pbe.site_dos(b)).max() < 1e-3
+
+
+def _near_hexagonal():
+    """Wurtzite CoO as CHGNet left it (sub-dans-ZnO-ZnO-CoO): a few hundredths of a degree off."""
+    lat = Lattice.from_parameters(3.2766, 3.2786, 5.2531, 89.9688, 90.0218, 120.0818)
+    return Structure(lat, ["Co", "Co", "O", "O"], [[1 / 3, 2 / 3, 0.0], [2 / 3, 1 / 3, 0.5],
+                                                   [1 / 3, 2 / 3, 0.38], [2 / 3, 1 / 3, 0.88]],
+                     site_properties={"magmom": [3.0, 3.0, 0.0, 0.0]})
+
+
+def test_a_near_ideal_cell_is_snapped_keeping_frame_order_and_coordinates():
+    s = _near_hexagonal()
+    fixed = pbe.snapped_cell(s)
+    assert fixed.lattice.angles == pytest.approx((90.0, 90.0, 120.0), abs=1e-9)
+    assert fixed.lattice.abc == pytest.approx(s.lattice.abc, abs=1e-9)
+    assert np.allclose(fixed.frac_coords, s.frac_coords) and fixed.species == s.species
+    assert fixed.site_properties["magmom"] == [3.0, 3.0, 0.0, 0.0]
+    # the frame stays: every site moves by well under a hundredth of an Ångström
+    assert np.linalg.norm(fixed.cart_coords - s.cart_coords, axis=1).max() < 0.01
+    far = Structure(Lattice.from_parameters(3.3, 3.3, 5.2, 90, 90, 118.0), ["Co"], [[0, 0, 0]])
+    assert pbe.snapped_cell(far) is None
+
+
+def test_gpaw_refuses_the_near_hexagonal_grid_and_the_snapped_one_is_taken():
+    pytest.importorskip("gpaw")
+    s = _near_hexagonal()
+    assert pbe.weird_grid(s.lattice.matrix)  # what failed the record: "You have a weird unit cell!"
+    fixed, info = pbe.gpaw_ready(s)
+    assert not pbe.weird_grid(fixed.lattice.matrix)
+    assert info["angles_after_deg"] == [90.0, 90.0, 120.0] and info["max_site_shift_ang"] < 0.01
+    cubic = Structure(Lattice.cubic(4.21), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert pbe.gpaw_ready(cubic) == (cubic, None)

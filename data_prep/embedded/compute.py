@@ -94,6 +94,9 @@ def make_record_pbe(entry: StructureEntry, compact_kwargs: dict | None = None) -
         provenance["relaxation"] = relaxed.info
         provenance["relaxed"] = True
         provenance["note"] = "hypothetical, relaxed with CHGNet"
+    structure, snapped = pbe.gpaw_ready(structure)
+    if snapped:
+        provenance["cell_snapped"] = snapped
     result = pbe.run_pbe(structure, provenance.get("bv_valences"))
     spectrum, summary = compact(result.spectrum, **(compact_kwargs or pbe.COMPACT))
     provenance["calculation"] = result.info

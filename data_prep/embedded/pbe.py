@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pymatgen.core import Element, Structure
+from pymatgen.core import Element, Lattice, Structure
 
 from data_prep.layout import N_ORBITALS, ORBITAL_GROUPS
 from data_prep.records import Spectrum
@@ -759,6 +759,76 @@ def calculation_cell(structure: Structure) -> tuple[Structure, bool]:
     if skewed(reduced):  # cannot happen for a Niggli cell; refuse rather than compute a wrong one
         raise PBEError(f"cell angles {reduced.lattice.angles} outside {GOOD_ANGLES_DEG} even when Niggli-reduced")
     return reduced, True
+
+
+#: a lattice angle this close (degrees) to 60, 90 or 120° is set to it when GPAW cannot build its
+#: finite-difference Laplacian on the cell's grid (:func:`gpaw_ready`)
+SNAP_TOLERANCE_DEG = 0.5
+_IDEAL_ANGLES_DEG = (60.0, 90.0, 120.0)
+
+
+def weird_grid(cell, h: float = GRID_SPACING_ANG) -> bool:
+    """Whether GPAW refuses the grid of ``cell`` (rows: lattice vectors, Å) at ``h`` (through
+    :func:`gpaw_h`) with "You have a weird unit cell!". Its Laplacian stencil for a general cell is
+    a least-squares fit over the shortest grid directions; in a cell a few hundredths of a degree
+    from hexagonal (a CHGNet relaxation that stopped at fmax 0.1 eV/Å after its 0.02 Å rattle) that
+    fit can come out rank-deficient (25 of 200 random cells within ±0.03-0.05° of 90/90/120°;
+    none of 200 near-cubic ones). Needs GPAW; asks its own stencil code on GPAW's grid size."""
+    from types import SimpleNamespace
+
+    from gpaw.fd_operators import GUCLaplace
+    from gpaw.utilities import h2gpts
+
+    cell = np.asarray(cell, float)
+    n_c = np.asarray(h2gpts(gpaw_h(cell, h), cell, idiv=GRID_MULTIPLE))
+    grid = SimpleNamespace(h_cv=cell / n_c[:, None] / 0.52917721)  # GPAW works in Bohr
+    try:
+        GUCLaplace(grid, -0.5, 3)
+    except ValueError:
+        return True
+    except Exception:  # the stencil was found; the stand-in grid lacks what the operator needs next
+        return False
+    return False
+
+
+def snapped_cell(structure: Structure, tolerance_deg: float = SNAP_TOLERANCE_DEG) -> Structure | None:
+    """``structure`` with each lattice angle within ``tolerance_deg`` of 60, 90 or 120° set to it:
+    lengths, fractional coordinates, site order and properties kept, the new lattice turned onto
+    the old one (least-squares rotation) so that the Cartesian frame, and with it the m channels,
+    stays put. None when an angle is further than that from all three."""
+    lat = structure.lattice
+    angles = []
+    for a in lat.angles:
+        ideal = min(_IDEAL_ANGLES_DEG, key=lambda x: abs(x - a))
+        if abs(ideal - a) > tolerance_deg:
+            return None
+        angles.append(ideal)
+    new = Lattice.from_parameters(*lat.abc, *angles).matrix
+    u, _, vt = np.linalg.svd(new.T @ lat.matrix)
+    rot = u @ vt
+    if np.linalg.det(rot) < 0:  # a proper rotation only
+        u[:, -1] *= -1
+        rot = u @ vt
+    return Structure(Lattice(new @ rot), structure.species, structure.frac_coords,
+                     site_properties=structure.site_properties)
+
+
+def gpaw_ready(structure: Structure, h: float = GRID_SPACING_ANG) -> tuple[Structure, dict | None]:
+    """(the structure to compute and record, what was changed or None). A cell whose grid GPAW
+    would refuse (:func:`weird_grid`, in the cell :func:`calculation_cell` picks) has its angles
+    set to the ideal ones (:func:`snapped_cell`) when that cures it; the change is reported
+    (angles before and after, the largest site displacement); otherwise the structure is returned
+    as it is and GPAW will say why it fails. Needs GPAW."""
+    if not weird_grid(calculation_cell(structure)[0].lattice.matrix, h):
+        return structure, None
+    fixed = snapped_cell(structure)
+    if fixed is None or weird_grid(calculation_cell(fixed)[0].lattice.matrix, h):
+        return structure, None
+    shift = np.linalg.norm(fixed.cart_coords - structure.cart_coords, axis=1).max()
+    return fixed, {"reason": "GPAW's Laplacian stencil refused the cell's grid (weird unit cell)",
+                   "angles_before_deg": [round(a, 4) for a in structure.lattice.angles],
+                   "angles_after_deg": [round(a, 4) for a in fixed.lattice.angles],
+                   "max_site_shift_ang": round(float(shift), 5)}
 
 
 def run_pbe(structure: Structure, valences: list[int] | None = None, settings: PBESettings | None = None,
