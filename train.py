@@ -7,6 +7,7 @@
     python train.py --resume RUN_DIR                         # continue an interrupted single run or --cv
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
     python train.py --params params.json --ablation --cv 5 [--models dos_bonds,gbt_structure]  # on unseen families
+    python train.py --combine RUN_A RUN_B [...] --out DIR   # one report from --ablation --cv K parts
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
     python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
     python train.py --params params.json --tune [--trials N] [--study NAME] [--storage URL]  # hyperparameter search
@@ -70,6 +71,9 @@ def parse_args(argv=None):
                         "(element_mean, element_cn_mean, gbt_dos, gbt_structure, gbt_dos_structure, dos, dos_shift, dos_point, dos_raw, vector, bonds, "
                         "dos_vector, "
                         "dos_bonds; default all); more can be added later in the same --out")
+    p.add_argument("--combine", nargs="+", metavar="PART",
+                   help="one report (cv_ablation.json/.md in --out) from --ablation --cv K runs of different "
+                        "--models on the same data, folds and budget (their cv_ablation.json files or run folders)")
     p.add_argument("--learning-curve", action="store_true",
                    help="best DOSnet model and best baseline on 5-100 %% of the training materials")
     p.add_argument("--from-ablation", metavar="ABLATION_JSON",
@@ -133,7 +137,8 @@ def resume(args) -> None:
                              ("--fusion", args.fusion), ("--targets", args.targets), ("--seed", args.seed is not None),
                              ("--cv", args.cv is not None), ("--out", args.out), ("--overwrite", args.overwrite),
                              ("--predict", args.predict), ("--importance", args.importance),
-                             ("--ablation", args.ablation), ("--learning-curve", args.learning_curve)) if v]
+                             ("--ablation", args.ablation), ("--learning-curve", args.learning_curve),
+                             ("--combine", args.combine)) if v]
     if others:
         raise TrainError(f"--resume RUN_DIR continues the run with its own params; it cannot be combined with "
                          f"{others[0]}")
@@ -152,6 +157,19 @@ def resume(args) -> None:
 def dispatch(args) -> None:
     if args.resume:
         resume(args)
+        return
+    if args.combine:
+        from dosnet_bv.cv_ablation import combine
+
+        others = [f for f, v in (("--predict", args.predict), ("--importance", args.importance), ("--cv", args.cv is not None),
+                                 ("--ablation", args.ablation), ("--learning-curve", args.learning_curve),
+                                 ("--tune", args.tune), ("--data", args.data), ("--models", args.models)) if v]
+        if others:
+            raise TrainError(f"--combine reads finished runs only; it cannot be combined with {others[0]}")
+        if not args.out:
+            raise TrainError("--combine needs --out DIR (where the combined cv_ablation.json and .md go)")
+        res = combine(args.combine, args.out)
+        print(f"{len(res['models'])} models from {len(args.combine)} parts -> {Path(args.out) / 'cv_ablation.md'}")
         return
     if args.predict:
         if not args.data:

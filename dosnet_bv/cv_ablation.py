@@ -10,6 +10,7 @@ interrupted study resumes; ``--models`` runs a subset (add the rest later in the
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from dosnet_bv.data import Dataset
 from dosnet_bv.outputs import Log, write_json, write_text
 from dosnet_bv.params import TARGET_UNITS, TrainError
 from dosnet_bv.resume import ResultStore, check_resume
-from dosnet_bv.runs import cv_splits
+from dosnet_bv.runs import content_fingerprint, cv_splits
 
 
 #: the energy-shift augmentation tried on the DOS-only model (eV; the grid's smearing is 0.1)
@@ -166,27 +167,110 @@ def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int =
     for m in models:  # the mean prediction of a network's seeds, scored per fold
         if CV_MODELS[m].kind == "dosnet" and n_seeds > 1 and all("predictions" in r for r in results[m]):
             summaries[f"{m}_ensemble"] = ensemble_summary(data, targets, folds, results[m])
+    config = {"data": content_fingerprint(data), "n_samples": data.n, "k": k, "split_by": params["split_by"],
+              "split_seed": params["split_seed"],
+              "params": {key: v for key, v in run_params.items() if key not in UNCOMPARED_PARAMS}}
+    head = {"data_file": data.path, "k": k, "split_by": params["split_by"], "seeds": seeds, "budget": budget,
+            "config": config, "seconds": round(time.time() - t0, 1)}
+    return write_report(out, head, summaries, results, models, targets, log)
+
+
+#: params that may differ between the parts of one study (``combine``): where the file and the runs lie
+UNCOMPARED_PARAMS = ("data_file", "out_dir")
+
+
+def write_report(out: Path, head: dict, summaries: dict, results: dict, models: list, targets: list,
+                 log: Log | None = None) -> dict:
+    """``cv_ablation.json`` (``head``, then per model its summary and runs without predictions, the
+    comparisons with the baselines and the paired-by-fold differences) and ``cv_ablation.md``;
+    returns the JSON content. ``results``: ``{model: [run, ...]}``, each run with its fold, seed
+    and scores; ``summaries`` also holds the ``<model>_ensemble`` entries."""
     models_out = [x for m in models for x in (m, f"{m}_ensemble") if x in summaries]
     versus = compare(summaries, models_out, targets)
     by_fold = paired_by_fold(results, summaries, models, targets)
-    result = {"data_file": data.path, "k": k, "split_by": params["split_by"], "seeds": seeds, "budget": budget,
+    result = {**head,
               "models": {m: {"label": label(m), "kind": kind(m), "summary": summaries[m],
                              "runs": [{k: v for k, v in r.items() if k != "predictions"} for r in results.get(m, [])]}
                          for m in models_out},
-              "comparisons": versus, "paired_by_fold": by_fold, "seconds": round(time.time() - t0, 1)}
+              "comparisons": versus, "paired_by_fold": by_fold}
     write_json(out / "cv_ablation.json", result)
     table = markdown(summaries, models_out, targets)
-    write_text(out / "cv_ablation.md", f"# Ablation on unseen families ({k}-fold CV by {params['split_by']})\n\n"
-                                       f"{budget}\n\n{table}\n\n" + "\n".join(f"- {c['text']}" for c in versus) + "\n"
+    k, split_by = head["k"], head["split_by"]
+    parts = "".join(f"- {p}\n" for p in head.get("parts", []))
+    write_text(out / "cv_ablation.md", f"# Ablation on unseen families ({k}-fold CV by {split_by})\n\n"
+                                       f"{head['budget']}\n\n"
+                                       + (f"Combined from these parts (one data file, folds and budget):\n\n{parts}\n"
+                                          if parts else "")
+                                       + f"{table}\n\n" + "\n".join(f"- {c['text']}" for c in versus) + "\n"
                                        + ("\n## Paired by fold\n\nThe fold-to-fold spread (one hard fold "
                                           "raises every model's error) is shared by two models on the same "
                                           "fold; their difference per fold is not. A network's MAE is the mean "
                                           "over its seeds on that fold.\n\n"
                                           + "\n".join(f"- {c['text']}" for c in by_fold) + "\n" if by_fold else ""))
-    log(table)
-    for c in versus + by_fold:
-        log(c["text"])
+    if log is not None:
+        log(table)
+        for c in versus + by_fold:
+            log(c["text"])
     return result
+
+
+def _read_part(path: Path) -> dict:
+    """One part's ``cv_ablation.json`` (or the run folder holding it), checked."""
+    if path.is_dir():
+        path = path / "cv_ablation.json"
+    if not path.is_file():
+        raise TrainError(f"{path}: no such file (give the cv_ablation.json of a train.py --ablation --cv K run, "
+                         f"or its run folder)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TrainError(f"{path} is not a JSON file ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), dict):
+        raise TrainError(f"{path} is not the cv_ablation.json of a train.py --ablation --cv K run")
+    if not isinstance(raw.get("config"), dict):
+        raise TrainError(f"{path} was written before parts could be combined (it has no 'config'); run its "
+                         f"models again")
+    for name, entry in raw["models"].items():
+        if name.removesuffix("_ensemble") not in CV_MODELS:
+            raise TrainError(f"{path}: unknown model {name!r}")
+        if not isinstance(entry, dict) or "summary" not in entry or not isinstance(entry.get("runs"), list):
+            raise TrainError(f"{path}: model {name!r} has no summary or runs")
+    return raw
+
+
+def combine(parts: list, out_dir, log: Log | None = None) -> dict:
+    """One report from several ``--ablation --cv K`` runs of different models (``--models``) on the
+    same data, folds and budget, e.g. run in different sittings: their tables side by side, the
+    comparisons with the baselines and the paired-by-fold differences recomputed over all of them.
+    Parts of other data (``content_fingerprint``), folds or settings, and a model in two parts,
+    are refused. Writes ``cv_ablation.json`` and ``cv_ablation.md`` into ``out_dir``."""
+    if not parts:
+        raise TrainError("--combine needs at least one cv_ablation.json")
+    loaded = [(Path(p), _read_part(Path(p))) for p in parts]
+    first_path, first = loaded[0]
+    for path, raw in loaded[1:]:
+        a, b = first["config"], raw["config"]
+        diff = sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+        if diff:
+            what = ", ".join("the data (another build or other records)" if d == "data" else d for d in diff)
+            raise TrainError(f"{path} and {first_path} differ in {what}: only parts of one study can be combined")
+    summaries, results, owner = {}, {}, {}
+    for path, raw in loaded:
+        for name, entry in raw["models"].items():
+            if name in owner:
+                raise TrainError(f"{name} is in both {owner[name]} and {path}: combine parts with different models")
+            owner[name] = path
+            summaries[name] = entry["summary"]
+            if not name.endswith("_ensemble"):
+                results[name] = entry["runs"]
+    models = [m for m in CV_MODELS if m in results]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    head = {"data_file": first["data_file"], "k": first["k"], "split_by": first["split_by"],
+            "seeds": sorted({int(s) for _, raw in loaded for s in raw.get("seeds", [])}), "budget": first["budget"],
+            "config": first["config"], "seconds": round(sum(float(raw.get("seconds", 0)) for _, raw in loaded), 1),
+            "parts": [str(p) for p, _ in loaded]}
+    return write_report(out, head, summaries, results, models, first["config"]["params"]["targets"], log)
 
 
 def label(name: str) -> str:

@@ -206,6 +206,29 @@ def data_fingerprint(data: Dataset) -> str:
     return h.hexdigest()[:16]
 
 
+def content_fingerprint(data: Dataset) -> str:
+    """Short hash of what a model sees and is scored on: the samples (``data_fingerprint``), their
+    families, targets, structure vector, bond table and DOS. Two builds of the same records agree;
+    a recomputed record, another grid or another target changes it."""
+    h = hashlib.sha1(data_fingerprint(data).encode())
+    for ids in (data.family_id, data.origin):
+        if ids is not None:
+            h.update("|".join(map(str, ids)).encode())
+    for name in sorted(data.targets):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(data.targets[name], dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(data.structure, dtype=np.float32).tobytes())
+    if data.bonds is not None:
+        for a in (data.bonds.distance_ang, data.bonds.neighbour_z, data.bonds.mask, data.bonds.centre_z):
+            h.update(np.ascontiguousarray(a).tobytes())
+    step = 1024  # the DOS in blocks: a streamed one is never read whole
+    for start in range(0, data.n, step):
+        rows = np.arange(start, min(start + step, data.n))
+        block = data.dos.read(rows) if hasattr(data.dos, "read") else data.dos[rows]
+        h.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
 def run_cv(params: dict, data: Dataset, k: int, out_dir, log: Log | None = None, tensorboard: bool = False) -> dict:
     """Grouped K-fold cross-validation: every sample predicted once, by the model of the fold
     that held its family (or material, ``split_by``) out. Writes params, metrics (overall and per fold), predictions

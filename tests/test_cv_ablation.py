@@ -178,3 +178,59 @@ def test_paired_by_fold_differences_and_counts():
     assert got[("bonds", "element_mean")]["lower_in"] == 2
     assert got[("dos_bonds", "bonds")]["differences"] == pytest.approx([-0.05, -0.05, 0.15])
     assert "lower in 2 of 3 folds" in got[("dos_bonds", "bonds")]["text"]
+
+
+def test_parts_run_apart_combine_into_the_report_of_one_run(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """A study too long for one sitting runs as --models parts; --combine gives the same tables,
+    comparisons and paired differences as one run of all the models, and refuses mismatched parts."""
+    h5, _, _ = tiny
+    p = _params(h5, tmp_path)
+    data = load_data(h5, p)
+    monkeypatch.setattr(cv_ablation, "run_model", _fake([]))
+    run = lambda models, out, **kw: cv_ablation.run_cv_ablation(  # noqa: E731
+        kw.get("params", p), data, tmp_path / out, k=3, n_seeds=2, models=models, log=Log(quiet=True))
+    whole = run(["element_mean", "gbt_structure", "vector", "dos_vector"], "whole")
+    run(["element_mean", "gbt_structure"], "a")
+    run(["vector", "dos_vector"], "b")
+    assert train.main(["--combine", str(tmp_path / "a"), str(tmp_path / "b" / "cv_ablation.json"),
+                       "--out", str(tmp_path / "both")]) == 0
+    both = json.loads((tmp_path / "both" / "cv_ablation.json").read_text())
+    assert list(both["models"]) == list(whole["models"])  # the table's order, ensembles after their model
+    for key in ("comparisons", "paired_by_fold"):
+        assert both[key] == json.loads(json.dumps(whole[key]))
+    for m in whole["models"]:
+        assert both["models"][m]["summary"] == json.loads(json.dumps(whole["models"][m]["summary"]))
+    md = (tmp_path / "both" / "cv_ablation.md").read_text()
+    assert "Combined from these parts" in md and "DOS + structure vector (late), mean of the seeds" in md
+    assert md.split("| model")[1] == (tmp_path / "whole" / "cv_ablation.md").read_text().split("| model")[1]
+    # refused: a model in two parts, another budget, other data, a file that is not a part
+    with pytest.raises(cv_ablation.TrainError, match="in both"):
+        cv_ablation.combine([tmp_path / "a", tmp_path / "whole"], tmp_path / "x")
+    run(["dos"], "c", params={**p, "epochs": p["epochs"] + 1, "patience": 2})
+    with pytest.raises(cv_ablation.TrainError, match="differ in params"):
+        cv_ablation.combine([tmp_path / "a", tmp_path / "c"], tmp_path / "x")
+    other = json.loads((tmp_path / "b" / "cv_ablation.json").read_text())
+    other["config"]["data"] = "0" * 16
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "cv_ablation.json").write_text(json.dumps(other))
+    with pytest.raises(cv_ablation.TrainError, match="the data"):
+        cv_ablation.combine([tmp_path / "a", tmp_path / "d"], tmp_path / "x")
+    (tmp_path / "e.json").write_text("{not json")
+    for bad, match in ((tmp_path / "e.json", "not a JSON file"), (tmp_path / "nowhere", "no such file")):
+        with pytest.raises(cv_ablation.TrainError, match=match):
+            cv_ablation.combine([tmp_path / "a", bad], tmp_path / "x")
+    assert train.main(["--combine", str(tmp_path / "a"), "--cv", "3", "--out", str(tmp_path / "x")]) == 1
+
+
+def test_the_content_fingerprint_sees_a_changed_target_or_spectrum(tiny):  # noqa: F811
+    from dosnet_bv.runs import content_fingerprint, data_fingerprint
+
+    h5, _, _ = tiny
+    data = load_data(h5, _params(h5, "runs"))
+    fp = content_fingerprint(data)
+    assert content_fingerprint(load_data(h5, _params(h5, "runs"))) == fp  # reproducible
+    data.targets["bvs_vu"][3] += 0.01
+    assert content_fingerprint(data) != fp
+    data.targets["bvs_vu"][3] -= 0.01
+    data.dos[2, 10, 0] += 1.0
+    assert content_fingerprint(data) != fp and data_fingerprint(data) == data_fingerprint(load_data(h5, _params(h5, "runs")))
