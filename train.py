@@ -70,7 +70,7 @@ def parse_args(argv=None):
                    help="with --ablation --cv K: run only these of the family-grouped ablation's models "
                         "(element_mean, element_cn_mean, gbt_dos, gbt_structure, gbt_dos_structure, dos, dos_shift, dos_point, dos_raw, vector, bonds, "
                         "dos_vector, "
-                        "dos_bonds; default all); more can be added later in the same --out")
+                        "dos_bonds, site_dos_bonds; default all); more can be added later in the same --out")
     p.add_argument("--combine", nargs="+", metavar="PART",
                    help="one report (cv_ablation.json/.md in --out) from --ablation --cv K runs of different "
                         "--models on the same data, folds and budget (their cv_ablation.json files or run folders)")

@@ -82,7 +82,8 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
     """Read a data_prep h5 into numpy arrays and check it against ``params``.
 
     The one place that reads the data file. Checks the input width (``length``, ``channels``,
-    ``n_neighbours``) and that every sample is finite; applies ``zero_tail``; with ``resplit`` and
+    ``n_neighbours``: a file with more neighbours than params ask for gives the site's and its first
+    neighbours' channels) and that every sample is finite; applies ``zero_tail``; with ``resplit`` and
     ``split`` = [fractions], re-splits grouped by ``split_by`` (``split_seed``), else keeps the stored
     split (grouped as the file was built: by family unless built with ``split_by: material``).
     The DOS is loaded unless ``data.in_memory`` (``streaming.decide_in_memory``) says to stream it:
@@ -100,19 +101,21 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
         raise TrainError(f"{exc} (params key 'data_file' or --data)") from None
     try:
         with h:
-            n, length, width = h.dos.shape
-            atoms = 1 + params["n_neighbours"]
+            n, length, file_width = h.dos.shape
+            atoms, c = 1 + params["n_neighbours"], params["channels"]
             if length != params["length"]:
                 raise TrainError(f"params: 'length' is {params['length']} but {path} has {length} grid points per DOS")
-            if width != atoms * params["channels"]:
-                key = "n_neighbours" if width % params["channels"] == 0 else "channels"
-                raise TrainError(f"params: {key!r} does not match {path}: its DOS has {width} channels, params give "
-                                 f"{atoms} atoms (1 + n_neighbours) x {params['channels']} channels")
+            if file_width % c or file_width < atoms * c:
+                key = "n_neighbours" if file_width % c == 0 else "channels"
+                raise TrainError(f"params: {key!r} does not match {path}: its DOS has {file_width} channels, params "
+                                 f"give {atoms} atoms (1 + n_neighbours) x {c} channels")
+            # a file with more neighbours serves a run with fewer: the site's and its first n_neighbours' channels
+            width = atoms * c
             in_memory, reading = stream.decide_in_memory(params["data"]["in_memory"], n * length * width * 4)
             dos = np.empty((n, length, width), dtype=np.float32) if in_memory else None
             step = 256
             for i in range(0, n if in_memory else 0, step):  # chunk by chunk: bounded memory beyond the result
-                dos[i:i + step] = h.dos[i:i + step]
+                dos[i:i + step] = h.dos[i:i + step, :, :width]
                 if not np.all(np.isfinite(dos[i:i + step])):
                     raise TrainError(f"{path}: DOS of samples {i}..{min(i + step, n) - 1} contains NaN or infinite values")
             bond_settings = h.bond_settings() or {}
@@ -146,9 +149,10 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
     if len(data.structure_labels) != f or len(data.structure_families) != f:
         raise TrainError(f"{path}: the structure vector has {f} columns but {len(data.structure_labels)} labels and "
                          f"{len(data.structure_families)} families")
-    if len(data.channel_labels) != width:
-        raise TrainError(f"{path}: channel_labels has {len(data.channel_labels)} names but the DOS has {width} "
+    if len(data.channel_labels) != file_width:
+        raise TrainError(f"{path}: channel_labels has {len(data.channel_labels)} names but the DOS has {file_width} "
                          f"channels")
+    data.channel_labels = list(data.channel_labels)[:width]
     if not np.all(np.isfinite(data.structure)):
         raise TrainError(f"{path}: the structure vector contains NaN or infinite values")
     if uses_bonds(params):
@@ -182,7 +186,7 @@ def load_data(path, params: dict, resplit: bool = True, labelled: bool = True) -
         if not data.streaming:
             data.dos[:, lo:hi, :] = 0.0
     if data.streaming:
-        data.dos = stream.H5DOS(path, params["zero_tail"])
+        data.dos = stream.H5DOS(path, params["zero_tail"], width)
     if resplit and params["split"] != "stored":
         group_of = dict(zip(data.material_id, data.groups(params["split_by"])))
         of = grouped_split(data.material_id, tuple(params["split"]), params["split_seed"], group_of=group_of)

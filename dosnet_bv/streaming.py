@@ -94,12 +94,16 @@ class H5DOS:
     The file stays open (read-only) until ``close()``; h5py serialises reads from several threads.
     """
 
-    def __init__(self, path, zero_tail=None):
+    def __init__(self, path, zero_tail=None, width=None):
         from data_prep.h5schema import open_dos
 
         self.path = str(path)
         self._h5, self._dset = open_dos(self.path)
-        self.shape = tuple(self._dset.shape)
+        n, length, file_width = self._dset.shape
+        self.width = file_width if width is None else int(width)  # the first ``width`` channels (fewer neighbours)
+        if not 0 < self.width <= file_width:
+            raise ValueError(f"width {width} outside 1..{file_width}")
+        self.shape = (n, length, self.width)
         self.dtype = np.dtype(np.float32)
         self.ndim = 3
         self.zero_tail = None if zero_tail is None else (int(zero_tail[0]), int(zero_tail[1]))
@@ -119,7 +123,7 @@ class H5DOS:
         uniq, inverse = np.unique(rows, return_inverse=True)
         out = np.empty((uniq.size,) + self.shape[1:], dtype=np.float32)
         for start, stop, pos in runs_of(uniq):
-            self._dset.read_direct(out, np.s_[start:stop], np.s_[pos:pos + stop - start])
+            self._dset.read_direct(out, np.s_[start:stop, :, :self.width], np.s_[pos:pos + stop - start])
         if not np.isfinite(out.sum(dtype=np.float64)):  # NaN and inf survive a sum; one pass, no copy
             bad = uniq[~np.isfinite(out).reshape(len(uniq), -1).all(axis=1)]
             raise StreamError(f"{self.path}: DOS of sample {int(bad[0])} contains NaN or infinite values")

@@ -318,6 +318,26 @@ def test_same_seed_same_metrics(small_h5, tmp_path):
     assert (tmp_path / "a" / "predictions.csv").read_text() == (tmp_path / "b" / "predictions.csv").read_text()
 
 
+def test_a_run_reads_fewer_neighbours_than_the_file_holds(small_h5, tmp_path):
+    """n_neighbours below the file's: the site's and its first neighbours' channels, the same in
+    memory and streamed, and a bond model on the site DOS alone trains."""
+    p = _params(data_file=str(small_h5))
+    full = load_data(small_h5, p)
+    assert full.dos.shape[2] == 27
+    for in_memory in (True, False):
+        q = {**p, "n_neighbours": 0, "data": {**p["data"], "in_memory": in_memory}}
+        d = load_data(small_h5, q)
+        assert d.dos.shape == (full.n, L, 9) and d.channel_labels == list(full.channel_labels)[:9]
+        np.testing.assert_array_equal(np.asarray(d.dos[np.arange(d.n)]), full.dos[:, :, :9])
+    one = load_data(small_h5, {**p, "n_neighbours": 1})
+    np.testing.assert_array_equal(one.dos, full.dos[:, :, :18])
+    q = {**p, "n_neighbours": 0, "epochs": 1, "fusion": "late", "structure_input": "bonds"}
+    res = run_experiment(q, load_data(small_h5, q), tmp_path / "site", _quiet())
+    assert np.isfinite(res["splits"]["test"]["bvs_vu"]["mae"])
+    from net import build_model
+    assert [i.name for i in build_model(q).inputs if i.name.endswith("_dos")] == ["atom1_dos"]
+
+
 # ------------------------------------------------------------------ leakage and learning
 def test_scalers_see_train_rows_only(learnable, learned):
     _, poisoned, d = learnable
