@@ -66,7 +66,7 @@ def _parser():
                    help="pbe: GPAW PBE + CHGNet relaxation (needs the 'compute' extra); xtb: GFN1-xTB")
     c.add_argument("--out", help=f"record folder (default {EMBEDDED_SPECTRA_PBE} for pbe, {EMBEDDED_SPECTRA} for xtb)")
     c.add_argument("--procs", type=int, default=2)
-    c.add_argument("--time-limit", type=float, default=600.0, help="seconds per material")
+    c.add_argument("--time-limit", type=float, default=600.0, help="CPU seconds per material (the worker's own: other work on the cores does not count; wall clock at most 4x)")
     c.add_argument("--limit", type=int, help="compute at most this many materials")
     c.add_argument("--n-substituted", type=int, default=1000)
     c.add_argument("--structures", metavar="JSON",

@@ -244,6 +244,32 @@ def test_compute_embedded_timeout_kills_and_records(tmp_path):
     assert read_failures(tmp_path)["mgo-big"]["reason"].startswith("timeout")
 
 
+def test_the_time_limit_counts_the_workers_cpu_time_not_a_busy_machines_clock():
+    """A worker waiting for the CPU (other work on the cores) is not timed out by the wall clock;
+    CPU time counts, and the wall clock only at WALL_LIMIT_FACTOR times the limit."""
+    import os
+    import time
+    from types import SimpleNamespace
+
+    from data_prep.embedded import compute
+
+    me = compute._Worker.__new__(compute._Worker)  # this process stands in for a worker
+    me.proc = SimpleNamespace(pid=os.getpid())
+    me.started, me.cpu0 = time.monotonic(), compute._cpu_seconds(os.getpid())
+    assert me.cpu0 is not None and me.cpu0 > 0
+    t = time.monotonic()
+    while time.monotonic() - t < 0.3:  # busy: CPU time advances with the clock
+        pass
+    busy = me.used()
+    time.sleep(0.4)  # idle: the clock advances, the CPU time does not
+    idle = me.used()
+    assert 0.2 < busy < 0.5 and idle - busy < 0.1, (busy, idle)
+    assert me.over(0.1) and not me.over(0.6)  # 0.3 s of CPU, 0.7 s on the clock < 4 x 0.6
+    me.started -= 10.0  # 10 s on the clock: past 4 x 0.6 whatever the CPU time
+    assert me.over(0.6)
+    assert compute._cpu_seconds(2 ** 30) is None  # no such process: the caller falls back to the clock
+
+
 def test_progress_file_names_what_is_in_flight(tmp_path):
     import time
     from types import SimpleNamespace

@@ -4,7 +4,8 @@
 entry in a pool of worker processes (``spawn`` context, one BLAS/OpenMP thread each: the
 variables are set in the environment the workers start with, so they hold before numpy or tblite
 load). Each worker is a long-lived process fed one task at a time through a pipe; the parent
-keeps the clock, and a task that runs past ``time_limit_s`` gets its worker killed (tblite
+keeps the clock, and a task that runs past ``time_limit_s`` of its worker's CPU time (or
+``WALL_LIMIT_FACTOR`` times that on the wall clock) gets its worker killed (tblite
 cannot be interrupted from inside) and replaced, and the material is recorded as failed with
 reason ``timeout``. A worker that dies (segfault, out of memory) is replaced the same way.
 
@@ -167,6 +168,22 @@ def _environment(extra: dict):
                 os.environ[k] = v
 
 
+#: a task's wall-clock limit, in multiples of its CPU-time limit: a worker that stops using the CPU
+#: (blocked, swapping) is still stopped
+WALL_LIMIT_FACTOR = 4.0
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/<pid>/stat``, Linux); None
+    where that cannot be read (then the limit falls back to the wall clock)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()  # the name may hold spaces; fields 3.. follow it
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class _Worker:
     def __init__(self, ctx, settings: dict):
         self.conn, child = ctx.Pipe(duplex=True)
@@ -182,6 +199,20 @@ class _Worker:
     def assign(self, entry: StructureEntry, path: Path) -> None:
         self.conn.send((entry, str(path)))
         self.task, self.started, self.started_wall = entry, time.monotonic(), time.time()
+        self.cpu0 = _cpu_seconds(self.proc.pid)
+
+    def used(self) -> float:
+        """Seconds the task has used against its limit: the worker's CPU time since the task was
+        assigned (one thread per worker: as fast as the wall clock on a free core, slower when
+        other work shares the cores, so a busy machine does not turn into timeouts), or the wall
+        clock where the CPU time cannot be read."""
+        now = _cpu_seconds(self.proc.pid)
+        if now is None or self.cpu0 is None:
+            return time.monotonic() - self.started
+        return now - self.cpu0
+
+    def over(self, limit_s: float) -> bool:
+        return self.used() > limit_s or time.monotonic() - self.started > WALL_LIMIT_FACTOR * limit_s
 
     def stop(self, kill: bool = False) -> None:
         if self.proc.is_alive():
@@ -500,8 +531,7 @@ def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, r
                     assigned = True
             if assigned:
                 _write_progress(out_dir, summary, workers, queue, recent, t_wall0)
-            now = time.monotonic()
-            deadlines = [w.started + time_limit_s - now for w in workers if w.task is not None]
+            deadlines = [time_limit_s - w.used() for w in workers if w.task is not None]
             timeout = max(0.0, min(deadlines)) + 0.01 if deadlines else 1.0
             handles = [w.conn for w in workers] + [w.proc.sentinel for w in workers]
             ready = set(wait(handles, timeout=min(timeout, 1.0)))
@@ -525,8 +555,8 @@ def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, r
                     if w.task is not None:  # died mid-task (crash, out of memory)
                         mid, w.task = w.task.material_id, None
                         finish(mid, False, {"reason": f"worker died (exit code {w.proc.exitcode})"})
-                elif w.task is not None and time.monotonic() - w.started > time_limit_s:
-                    mid, elapsed = w.task.material_id, time.monotonic() - w.started
+                elif w.task is not None and w.over(time_limit_s):
+                    mid, elapsed, cpu = w.task.material_id, time.monotonic() - w.started, w.used()
                     w.task = None
                     w.stop(kill=True)
                     path = out_dir / f"{mid}.npz"
@@ -535,8 +565,9 @@ def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, r
                     if path.exists() and path.stat().st_mtime >= w.started_wall - 1.0:
                         finish(mid, True, {"seconds": round(elapsed, 3), "bytes": path.stat().st_size})
                     else:
-                        finish(mid, False, {"reason": f"timeout: exceeded the time limit of {time_limit_s:g} s",
-                                            "seconds": round(elapsed, 3)})
+                        finish(mid, False, {"reason": f"timeout: exceeded the time limit of {time_limit_s:g} s "
+                                                      f"(CPU {cpu:.0f} s, wall clock {elapsed:.0f} s)",
+                                            "seconds": round(elapsed, 3), "cpu_seconds": round(cpu, 3)})
                     dead = True
                 if dead:
                     if not w.ready:
