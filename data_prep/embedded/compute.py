@@ -360,6 +360,18 @@ def pbe_record_outdated(path) -> bool:
     return pbe.outdated_recipe(record.provenance, record.structure) is not None
 
 
+def pbe_order(entries: list[StructureEntry], todo: list[StructureEntry], out_dir: Path,
+              costs: dict | None = None) -> list[StructureEntry]:
+    """``todo`` in the order a PBE run computes it (``family_balanced_order``, counting the
+    substituted records each parent already has in ``out_dir``)."""
+    costs = costs if costs is not None else {e.material_id: estimated_cost_pbe(e) for e in todo}
+    queued = {e.material_id for e in todo}
+    done_per_parent = Counter(str(e.provenance.get("parent_id", e.material_id)) for e in entries
+                              if e.origin == "substituted" and e.material_id not in queued
+                              and (out_dir / f"{e.material_id}.npz").exists())
+    return family_balanced_order(todo, costs, done_per_parent)
+
+
 def select_todo(entries: list[StructureEntry], out_dir: Path, failures: dict, retry_failed: bool = False,
                 method: str = "xtb") -> tuple[list[StructureEntry], int, int, int]:
     """(entries to compute, n cached, n skipped as failed before, n outdated PBE records among the
@@ -463,11 +475,7 @@ def _compute_embedded(entries, out_dir: Path, n_procs, time_limit_s, progress, r
         raise ValueError(f"unknown method {method!r}; expected 'pbe' or 'xtb'")
     if method == "pbe":
         costs = {e.material_id: estimated_cost_pbe(e) for e in todo}
-        queued = {e.material_id for e in todo}
-        done_per_parent = Counter(str(e.provenance.get("parent_id", e.material_id)) for e in entries
-                                  if e.origin == "substituted" and e.material_id not in queued
-                                  and (out_dir / f"{e.material_id}.npz").exists())
-        todo = family_balanced_order(todo, costs, done_per_parent)
+        todo = pbe_order(entries, todo, out_dir, costs)
     else:
         costs = {e.material_id: estimated_cost(e, min_length_ang, max_atoms, max_ao) for e in todo}
         todo.sort(key=lambda e: (costs[e.material_id], e.material_id))
