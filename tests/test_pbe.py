@@ -619,3 +619,41 @@ def test_gpaw_refuses_the_near_hexagonal_grid_and_the_snapped_one_is_taken():
     assert info["angles_after_deg"] == [90.0, 90.0, 120.0] and info["max_site_shift_ang"] < 0.01
     cubic = Structure(Lattice.cubic(4.21), ["Mg", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     assert pbe.gpaw_ready(cubic) == (cubic, None)
+
+
+def _bi2te3_rhombohedral() -> Structure:
+    """Bi2Te3 (R-3m) in its primitive rhombohedral cell: a Niggli cell whose long axis a symmetry
+    operation relates to the short ones."""
+    conv = Structure.from_spacegroup("R-3m", Lattice.hexagonal(4.38, 30.5), ["Bi", "Te", "Te"],
+                                     [[0, 0, 0.4], [0, 0, 0], [0, 0, 0.21]])
+    return conv.get_primitive_structure()
+
+
+def test_grid_points_see_the_grid_gpaw_enlarges_to_fit_the_point_group():
+    pytest.importorskip("gpaw")
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    rhombohedral, _ = pbe.calculation_cell(_bi2te3_rhombohedral())
+    atoms = AseAtomsAdaptor.get_atoms(rhombohedral)
+    plain, fitted = pbe.grid_points(atoms, pbe.gpaw_h(atoms.cell[:]))
+    assert fitted > pbe.MAX_GRID_INFLATION * plain
+    atoms = AseAtomsAdaptor.get_atoms(rocksalt(4.21))  # cubic: nothing to enlarge
+    plain, fitted = pbe.grid_points(atoms, pbe.gpaw_h(atoms.cell[:]))
+    assert fitted == plain
+
+
+@pytest.mark.skipif(not HAVE_GPAW, reason="GPAW (the 'compute' extra) is not installed")
+def test_dropping_the_point_group_where_it_enlarges_the_grid_keeps_the_spectrum(monkeypatch):
+    """The SCF without point-group symmetry on the recipe's grid gives the DOS of the SCF with it
+    on GPAW's enlarged grid (Bi2Te3 at the recipe's settings: per-site L1 0.0024, the same gap)."""
+    s = _bi2te3_rhombohedral()
+    settings = pbe.PBESettings(scf_kdensity=1.0, dos_kdensity=2.0)
+    plain = pbe.run_pbe(s, [3, 3, -2, -2, -2], settings)
+    factor = pbe.MAX_GRID_INFLATION
+    monkeypatch.setattr(pbe, "MAX_GRID_INFLATION", 1e9)
+    fitted = pbe.run_pbe(s, [3, 3, -2, -2, -2], settings)
+    assert plain.info["scf_point_group"] is False and "scf_point_group" not in fitted.info
+    assert plain.info["grid_points_with_point_group"] > factor * plain.info["grid_points"]
+    assert pbe.per_site_l1(pbe.site_dos(plain.spectrum), pbe.site_dos(fitted.spectrum)).max() < 0.02
+    assert plain.info["lumo_ev"] - plain.info["homo_ev"] == pytest.approx(
+        fitted.info["lumo_ev"] - fitted.info["homo_ev"], abs=0.01)

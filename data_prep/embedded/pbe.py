@@ -384,6 +384,33 @@ def gpaw_h(cell, h: float = GRID_SPACING_ANG) -> float:
     return hh
 
 
+#: The SCF drops point-group symmetry when keeping it would enlarge the real-space grid by more than
+#: this factor (:func:`grid_points`): GPAW makes axes that a symmetry operation relates equally fine, so
+#: in a Niggli cell of a rhombohedral crystal (3.0, 3.0, 24.3 Å for R-3m Zn3Ni7O10) the 12 x 12 x 112
+#: points of the recipe became 112³, 87 times as many, and the run timed out.
+MAX_GRID_INFLATION = 1.5
+
+
+def grid_points(atoms, h_gpaw: float, magmoms=None) -> tuple[int, int]:
+    """(points of the real-space grid ``h_gpaw`` gives, points of the grid GPAW makes of it to fit
+    the crystal's point group), by GPAW's own rules (``gpaw.utilities.gpts``)."""
+    import warnings
+    from types import SimpleNamespace
+
+    from ase.units import Bohr
+    from gpaw.new.symmetry import create_symmetries_object
+    from gpaw.utilities.gpts import get_number_of_grid_points
+
+    cell = atoms.cell.complete() / Bohr
+    mode = SimpleNamespace(name="lcao", ecut=None)
+    plain = get_number_of_grid_points(cell, h_gpaw / Bohr, mode, True, None)
+    with warnings.catch_warnings():  # "inconsistent with symmetries" / "using symmetrized grid": the point here
+        warnings.simplefilter("ignore")
+        sym = create_symmetries_object(atoms, magmoms=magmoms)
+        fitted = get_number_of_grid_points(cell, h_gpaw / Bohr, mode, True, sym)
+    return int(np.prod(plain)), int(np.prod(fitted))
+
+
 def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings, txt: str | None):
     """Self-consistent PBE(+U) run: (calculator, atoms, info) or PBEError."""
     try:
@@ -406,9 +433,12 @@ def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings
         if start is not None:
             atoms.set_initial_magnetic_moments(start)
         h_gpaw = gpaw_h(atoms.cell[:], settings.h_ang)
+        n_plain, n_fitted = grid_points(atoms, h_gpaw, start)
+        point_group = n_fitted <= MAX_GRID_INFLATION * n_plain
         calc = GPAW(mode="lcao", basis=settings.basis, xc="PBE", h=h_gpaw, setups=setups,
                     kpts={"density": settings.scf_kdensity, "gamma": True}, occupations=occupations,
-                    spinpol=spin, maxiter=settings.max_scf_iter, txt=txt or os.devnull)
+                    spinpol=spin, maxiter=settings.max_scf_iter, txt=txt or os.devnull,
+                    **({} if point_group else {"symmetry": {"point_group": False, "time_reversal": True}}))
         atoms.calc = calc
         try:
             runs.append((float(atoms.get_potential_energy()), calc, atoms, start))
@@ -421,6 +451,9 @@ def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings
             "grid_spacing_max_ang": round(gpaw_h_grid_spacing(atoms.cell[:], h_gpaw), 4),
             "magmom_total": float(calc.get_magnetic_moment()) if spin else 0.0,
             "kpts_scf": _mesh(atoms, settings.scf_kdensity), "seconds_scf": round(time.perf_counter() - t0, 2)}
+    if not point_group:
+        info["scf_point_group"] = False  # see MAX_GRID_INFLATION
+        info["grid_points"], info["grid_points_with_point_group"] = n_plain, n_fitted
     if spin:
         info["spin_starts"] = [{"start_magmoms": s_, "energy_ev": round(e_, 5), "magmom_total": round(float(c_.get_magnetic_moment()), 4)}
                                for e_, c_, _, s_ in runs]
