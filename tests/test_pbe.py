@@ -549,6 +549,35 @@ def test_a_far_too_small_volume_guess_is_not_a_reason_to_drop():
     assert 40.0 < r.structure.volume < 47.0
 
 
+@pytest.mark.skipif(not HAVE_CHGNET, reason="CHGNet (the 'compute' extra) is not installed")
+def test_relaxation_keeps_the_start_symmetry_and_the_valences_follow_their_sites():
+    """A cubic perovskite listed anions first: the rattle does not survive (Pm-3m, 48 operations,
+    all of them symmorphic in the standard cell) and each valence stays with its element after the
+    standard cell reorders the sites."""
+    from data_prep.embedded.relax import relax
+
+    a = 4.0
+    s = Structure(Lattice.cubic(a), ["O", "O", "O", "Ti", "Sr"],
+                  [[0.5, 0, 0.5], [0.5, 0.5, 0], [0, 0.5, 0.5], [0.5, 0.5, 0.5], [0, 0, 0]])
+    valence_of = {"Sr": 2, "Ti": 4, "O": -2}
+    r = relax(s, "test-SrTiO3", valences=[valence_of[site.specie.symbol] for site in s])
+    sym = r.info["symmetry"]
+    assert sym["space_group"] == "Pm-3m" and sym["n_operations"] == 48 and sym["kept"] == "start's symmetry"
+    assert [site.specie.symbol for site in r.structure] != [site.specie.symbol for site in s]  # reordered
+    assert r.valences == [valence_of[site.specie.symbol] for site in r.structure]
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+    assert len(SpacegroupAnalyzer(r.structure, symprec=1e-5).get_symmetry_operations()) == 48
+
+
+def test_a_substituted_record_relaxed_without_the_symmetric_relaxation_is_outdated():
+    calc = {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION], "h_gpaw_ang": 0.2}
+    old = {"calculation": calc, "relaxation": {"model": "CHGNet", "converged": True}}
+    assert "symmetric relaxation" in pbe.outdated_recipe(old)
+    new = {"calculation": calc, "relaxation": {"model": "CHGNet", "converged": True, "symmetry": {"kept": "x"}}}
+    assert pbe.outdated_recipe(new) is None
+    assert pbe.outdated_recipe({"calculation": calc}) is None  # real structures are never relaxed
+
+
 def test_isotropic_start_finds_the_minimum_inside_the_scan_and_refuses_one_at_its_edge():
     from data_prep.embedded.relax import PRESCALE_FACTORS, RelaxError, isotropic_minimum
 

@@ -90,8 +90,11 @@ def make_record_pbe(entry: StructureEntry, compact_kwargs: dict | None = None) -
     if entry.origin == "substituted":
         from data_prep.embedded.relax import relax
 
-        relaxed = relax(structure, entry.material_id)
+        relaxed = relax(structure, entry.material_id, valences=provenance.get("bv_valences"))
         structure = relaxed.structure
+        if relaxed.valences is not None:  # symmetrising may reorder (or reduce) the sites
+            provenance["bv_valences"] = relaxed.valences
+        provenance["n_sites"] = len(structure)
         provenance["relaxation"] = relaxed.info
         provenance["relaxed"] = True
         provenance["note"] = "hypothetical, relaxed with CHGNet"

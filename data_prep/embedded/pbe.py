@@ -106,8 +106,8 @@ RECIPE_KEYS = ("basis", "h_ang", "scf_kdensity", "dos_kdensity", "dos_method")
 
 
 def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str | None:
-    """Why a record of this recipe (GPAW, ``provenance["calculation"]``) is outdated: projected by
-    another scheme than :data:`PROJECTION`, made with another value of a :data:`RECIPE_KEYS`
+    """Why a record of this recipe (GPAW, ``provenance["calculation"]``) is outdated: relaxed before
+    the symmetric relaxation (``relax.symmetrise``), projected by another scheme than :data:`PROJECTION`, made with another value of a :data:`RECIPE_KEYS`
     setting than :class:`PBESettings`, or (given the record's ``structure``) computed in another cell
     than :func:`calculation_cell`'s or on a grid coarser than :data:`MAX_OLD_GRID_SPACING_ANG`
     along a lattice vector (records before :func:`gpaw_h`); None when current, or when not a GPAW
@@ -116,6 +116,10 @@ def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str
     if not isinstance(calc, dict) or calc.get("code") != "GPAW":
         return None
     fix = "python -m data_prep compute-embedded --method pbe recomputes it"
+    relaxation = provenance.get("relaxation")
+    if isinstance(relaxation, dict) and "symmetry" not in relaxation:
+        return ("relaxed without the symmetric relaxation beside the free one (the 0.02 Å rattle stayed in "
+                f"and the cell had no symmetry; now relax.symmetrise): {fix}")
     if calc.get("projection") != PROJECTION_LABELS[PROJECTION]:
         return (f"DOS projected by an outdated scheme ({calc.get('projection')!r}, the recipe now uses "
                 f"{PROJECTION_LABELS[PROJECTION]!r}): {fix}")

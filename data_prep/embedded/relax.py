@@ -13,6 +13,17 @@ and the DOS describe. Recipe:
 2. A small random displacement (:data:`RATTLE_ANG`, seeded per material) so that cells sitting
    on a high-symmetry saddle can move, then FIRE on positions and cell to ``fmax``
    :data:`FMAX_EV_ANG`.
+3. **Symmetry** (since 2026-12-06, :func:`symmetrise`): the isotropic start is also relaxed with
+   its own space group held (found at :data:`SYMPREC_ANG`, in its primitive standard cell, no rattle;
+   ASE's ``FixSymmetry``), and that structure is kept unless the free relaxation ends more than
+   :data:`SYMMETRY_BREAK_EV_PER_ATOM` lower: then the free one is kept, made exact under the space
+   group it has within :data:`SYMPREC_ANG` and relaxed again holding it. Without this the rattle
+   stayed in the structure wherever its forces were already below ``fmax`` (rock-salt RbCl: 0 FIRE
+   steps, sites up to 0.05 Å off), so all 130 substituted records of that time had no symmetry at
+   all: GPAW ran their SCF on the full k-point mesh, and the h5 counted 6.4 symmetry-distinct sites
+   per substituted material (3.2 when the same structures are classified at 0.1 Å): near-duplicate
+   samples, with bond valence sums moved by the noise. A real instability of the parent's symmetry (a tilt that lowers the
+   energy) is still found by the free relaxation and kept.
 
 A relaxation that does not converge within :data:`MAX_STEPS`, or whose FIRE step changes the
 volume by more than :data:`MAX_VOLUME_CHANGE` from the isotropic start (the framework does not
@@ -35,6 +46,11 @@ from pymatgen.core import Structure
 
 FMAX_EV_ANG = 0.1
 RATTLE_ANG = 0.02
+#: tolerance (Å) of the space group found and held (that of data_prep build's site classes)
+SYMPREC_ANG = 0.01
+#: the free relaxation must end this much lower than the symmetric one to be kept (eV/atom): above
+#: what relaxing to FMAX_EV_ANG leaves unrelaxed, below the gain of a real tilt or distortion
+SYMMETRY_BREAK_EV_PER_ATOM = 0.001
 MAX_STEPS = 500
 MAX_VOLUME_CHANGE = 0.30
 #: volumes tried for the isotropic start, as multiples of the guessed volume
@@ -49,6 +65,7 @@ class RelaxError(RuntimeError):
 class RelaxResult:
     structure: Structure
     info: dict
+    valences: list[int] | None = None  # the input's per-site valences, in the relaxed structure's site order
 
 
 @lru_cache(maxsize=1)
@@ -92,9 +109,58 @@ def isotropic_minimum(energy, factors=PRESCALE_FACTORS) -> float:
     return float(np.exp(np.clip(best, x[0], x[2])))
 
 
+def symmetrise(atoms, fmax: float, max_steps: int, symprec_ang: float = SYMPREC_ANG, valences=None):
+    """``atoms`` (with its calculator) made exactly symmetric under the space group it has within
+    ``symprec_ang``, in its primitive standard cell (spglib's origin: the point operations GPAW
+    uses, which carry no translation, are then symmetries of the cell), and relaxed to ``fmax``
+    holding that symmetry. ``valences`` (per site of ``atoms``) follow their sites into the new
+    cell. Returns (new atoms, provenance, valences); :class:`RelaxError` when the constrained
+    relaxation does not converge."""
+    from ase.constraints import FixSymmetry
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import FIRE
+    from ase.spacegroup.symmetrize import check_symmetry
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    before = AseAtomsAdaptor.get_structure(atoms)
+    before = Structure(before.lattice, [site.specie for site in before], before.frac_coords,
+                       site_properties={"bv_valence": list(valences)} if valences is not None else None)
+    try:
+        standard = SpacegroupAnalyzer(before, symprec=symprec_ang).get_primitive_standard_structure(
+            keep_site_properties=valences is not None)
+    except Exception as exc:  # noqa: BLE001 - spglib found no cell
+        raise RelaxError(f"symmetrising the relaxed cell failed: {type(exc).__name__}: {exc}") from exc
+    if standard.composition.reduced_formula != before.composition.reduced_formula:  # checked, not assumed
+        raise RelaxError(f"symmetrising changed the formula ({before.formula} -> {standard.formula})")
+    new = AseAtomsAdaptor.get_atoms(Structure(standard.lattice, [site.specie for site in standard],
+                                              standard.frac_coords))
+    new.calc = atoms.calc
+    new.set_constraint(FixSymmetry(new, symprec=1e-4))
+    opt = FIRE(FrechetCellFilter(new), logfile=None)
+    try:
+        converged = bool(opt.run(fmax=fmax, steps=max_steps))
+    except Exception as exc:  # noqa: BLE001 - as in relax()
+        raise RelaxError(f"CHGNet relaxation with symmetry held failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        new.set_constraint()
+    if not converged:
+        raise RelaxError(f"CHGNet relaxation with symmetry held did not reach fmax {fmax} eV/Å in {max_steps} steps")
+    ds = check_symmetry(new, symprec=1e-4)
+    new_valences = [int(v) for v in standard.site_properties["bv_valence"]] if valences is not None else None
+    return new, {"symprec_ang": symprec_ang, "space_group": str(ds.international),
+                 "space_group_number": int(ds.number), "n_operations": int(len(ds.rotations)),
+                 "cell": "primitive standard (SpacegroupAnalyzer)", "n_sites_before": len(before),
+                 "steps": int(opt.nsteps)}, new_valences
+
+
 def relax(structure: Structure, material_id: str, fmax: float = FMAX_EV_ANG, max_steps: int = MAX_STEPS,
-          rattle_ang: float = RATTLE_ANG, max_volume_change: float = MAX_VOLUME_CHANGE) -> RelaxResult:
-    """CHGNet relaxation of positions and cell (FIRE), after a seeded random displacement."""
+          rattle_ang: float = RATTLE_ANG, max_volume_change: float = MAX_VOLUME_CHANGE,
+          symprec_ang: float | None = SYMPREC_ANG, valences: list[int] | None = None) -> RelaxResult:
+    """CHGNet relaxation of positions and cell (FIRE), after a seeded random displacement, against
+    the relaxation that holds the start's symmetry (module docstring, step 3; ``symprec_ang`` None
+    skips that). ``valences``: per-site oxidation states of ``structure``, returned in the relaxed
+    structure's site order (``RelaxResult.valences``; symmetrising may reorder the sites)."""
     from ase.filters import FrechetCellFilter
     from ase.optimize import FIRE
     from chgnet.model.dynamics import CHGNetCalculator
@@ -120,6 +186,7 @@ def relax(structure: Structure, material_id: str, fmax: float = FMAX_EV_ANG, max
     except Exception as exc:  # noqa: BLE001 - e.g. a graph without neighbours in a stretched cell
         raise RelaxError(f"CHGNet volume scan failed: {type(exc).__name__}: {exc}") from exc
     atoms.set_cell(cell0 * prescale ** (1 / 3), scale_atoms=True)
+    start = atoms.copy()
     rng = np.random.default_rng(_seed(material_id))
     atoms.positions += rng.normal(0.0, rattle_ang, atoms.positions.shape)
     atoms.calc = calc
@@ -129,19 +196,32 @@ def relax(structure: Structure, material_id: str, fmax: float = FMAX_EV_ANG, max
         converged = bool(opt.run(fmax=fmax, steps=max_steps))
     except Exception as exc:  # noqa: BLE001 - a bad geometry can break the graph
         raise RelaxError(f"CHGNet relaxation failed: {type(exc).__name__}: {exc}") from exc
-    relaxed = AseAtomsAdaptor.get_structure(atoms)
-    relaxed = Structure(relaxed.lattice, [s.specie for s in relaxed], relaxed.frac_coords)
-    dv = relaxed.volume / v0 - 1.0
     info = {"model": "CHGNet", "chgnet_version": chgnet_version(),
             "optimizer": "isotropic volume scan, then FIRE + FrechetCellFilter", "fmax_ev_ang": fmax,
             "rattle_ang": rattle_ang, "converged": converged, "steps": int(opt.nsteps),
-            "isotropic_prescale": round(float(prescale), 5),
-            "volume_change_from_guess": round(float(relaxed.volume / v_guess - 1.0), 5),
-            "volume_change": round(float(dv), 5), "energy_ev_per_atom": round(float(
-                atoms.get_potential_energy()) / len(atoms), 5), "seconds": round(time.perf_counter() - t0, 2)}
+            "isotropic_prescale": round(float(prescale), 5)}
     if not converged:
         raise RelaxError(f"CHGNet relaxation did not reach fmax {fmax} eV/Å in {max_steps} steps")
+    if symprec_ang:
+        e_free = atoms.get_potential_energy() / len(atoms)
+        start.calc = calc
+        held, held_info, held_valences = symmetrise(start, fmax, max_steps, symprec_ang, valences)
+        e_held = held.get_potential_energy() / len(held)
+        broken = e_free < e_held - SYMMETRY_BREAK_EV_PER_ATOM
+        if broken:
+            atoms, held_info, valences = symmetrise(atoms, fmax, max_steps, symprec_ang, valences)
+        else:
+            atoms, valences = held, held_valences
+        info["symmetry"] = {**held_info, "kept": "free relaxation, symmetrised" if broken else "start's symmetry",
+                            "free_minus_held_ev_per_atom": round(float(e_free - e_held), 5)}
+    relaxed = AseAtomsAdaptor.get_structure(atoms)
+    relaxed = Structure(relaxed.lattice, [s.specie for s in relaxed], relaxed.frac_coords)
+    dv = relaxed.volume / v0 - 1.0
+    info.update({"volume_change_from_guess": round(float(relaxed.volume / v_guess - 1.0), 5),
+                 "volume_change": round(float(dv), 5),
+                 "energy_ev_per_atom": round(float(atoms.get_potential_energy()) / len(atoms), 5),
+                 "seconds": round(time.perf_counter() - t0, 2)})
     if abs(dv) > max_volume_change:
         raise RelaxError(f"CHGNet relaxation changed the volume by {dv:+.0%} from its isotropic start "
                          f"(limit ±{max_volume_change:.0%})")
-    return RelaxResult(relaxed, info)
+    return RelaxResult(relaxed, info, list(valences) if valences is not None else None)
