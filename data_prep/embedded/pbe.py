@@ -107,8 +107,8 @@ RECIPE_KEYS = ("basis", "h_ang", "scf_kdensity", "dos_kdensity", "dos_method")
 
 def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str | None:
     """Why a record of this recipe (GPAW, ``provenance["calculation"]``) is outdated: relaxed before
-    the symmetric relaxation (``relax.symmetrise``), projected by another scheme than :data:`PROJECTION`, made with another value of a :data:`RECIPE_KEYS`
-    setting than :class:`PBESettings`, or (given the record's ``structure``) computed in another cell
+    the symmetric relaxation (``relax.symmetrise``), projected by another scheme than
+    :data:`PROJECTION`, made with another value of a :data:`RECIPE_KEYS` setting than :class:`PBESettings`, or (given the record's ``structure``) computed in another cell
     than :func:`calculation_cell`'s or on a grid coarser than :data:`MAX_OLD_GRID_SPACING_ANG`
     along a lattice vector (records before :func:`gpaw_h`); None when current, or when not a GPAW
     record at all."""

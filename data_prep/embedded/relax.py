@@ -22,8 +22,8 @@ and the DOS describe. Recipe:
    steps, sites up to 0.05 Å off), so all 130 substituted records of that time had no symmetry at
    all: GPAW ran their SCF on the full k-point mesh, and the h5 counted 6.4 symmetry-distinct sites
    per substituted material (3.2 when the same structures are classified at 0.1 Å): near-duplicate
-   samples, with bond valence sums moved by the noise. A real instability of the parent's symmetry (a tilt that lowers the
-   energy) is still found by the free relaxation and kept.
+   samples, with bond valence sums moved by the noise. A real instability of the parent's
+   symmetry (a tilt that lowers the energy) is still found by the free relaxation and kept.
 
 A relaxation that does not converge within :data:`MAX_STEPS`, or whose FIRE step changes the
 volume by more than :data:`MAX_VOLUME_CHANGE` from the isotropic start (the framework does not
@@ -216,8 +216,9 @@ def relax(structure: Structure, material_id: str, fmax: float = FMAX_EV_ANG, max
                             "free_minus_held_ev_per_atom": round(float(e_free - e_held), 5)}
     relaxed = AseAtomsAdaptor.get_structure(atoms)
     relaxed = Structure(relaxed.lattice, [s.specie for s in relaxed], relaxed.frac_coords)
-    dv = relaxed.volume / v0 - 1.0
-    info.update({"volume_change_from_guess": round(float(relaxed.volume / v_guess - 1.0), 5),
+    v_site = relaxed.volume / len(relaxed)  # per site: the standard cell may be smaller than the start's
+    dv = v_site / (v0 / len(structure)) - 1.0
+    info.update({"volume_change_from_guess": round(float(v_site / (v_guess / len(structure)) - 1.0), 5),
                  "volume_change": round(float(dv), 5),
                  "energy_ev_per_atom": round(float(atoms.get_potential_energy()) / len(atoms), 5),
                  "seconds": round(time.perf_counter() - t0, 2)})
