@@ -452,30 +452,30 @@ def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings
         if start is not None:
             atoms.set_initial_magnetic_moments(start)
         h_gpaw = gpaw_h(atoms.cell[:], settings.h_ang)
-        symmetry, n_plain, n_fitted = scf_symmetry(atoms, h_gpaw, start)
+        symmetry, n_plain, n_fitted = scf_symmetry(atoms, h_gpaw, start)  # per start: the moments can break it
+        sym_info = {"scf_symmorphic_only": bool(symmetry.get("symmorphic", True))}
+        if not symmetry.get("point_group", True):  # see MAX_GRID_INFLATION
+            sym_info.update(scf_point_group=False, grid_points=n_plain, grid_points_with_point_group=n_fitted)
         calc = GPAW(mode="lcao", basis=settings.basis, xc="PBE", h=h_gpaw, setups=setups,
                     kpts={"density": settings.scf_kdensity, "gamma": True}, occupations=occupations,
                     spinpol=spin, maxiter=settings.max_scf_iter, txt=txt or os.devnull,
                     symmetry=symmetry)
         atoms.calc = calc
         try:
-            runs.append((float(atoms.get_potential_energy()), calc, atoms, start))
+            runs.append((float(atoms.get_potential_energy()), calc, atoms, start, sym_info))
         except Exception as exc:  # SCF not converged and friends
             errors.append(f"{type(exc).__name__}: {exc}")
     if not runs:
         raise PBEError(f"SCF failed: {'; '.join(errors)}")
-    energy, calc, atoms, start = min(runs, key=lambda r: r[0])
+    energy, calc, atoms, start, sym_info = min(runs, key=lambda r: r[0])
     info = {"spin_polarised": spin, "hubbard_u_ev": u, "energy_ev": energy, "h_gpaw_ang": round(h_gpaw, 5),
             "grid_spacing_max_ang": round(gpaw_h_grid_spacing(atoms.cell[:], h_gpaw), 4),
             "magmom_total": float(calc.get_magnetic_moment()) if spin else 0.0,
-            "kpts_scf": _mesh(atoms, settings.scf_kdensity), "seconds_scf": round(time.perf_counter() - t0, 2)}
-    if not symmetry.get("point_group", True):
-        info["scf_point_group"] = False  # see MAX_GRID_INFLATION
-        info["grid_points"], info["grid_points_with_point_group"] = n_plain, n_fitted
-    info["scf_symmorphic_only"] = bool(symmetry.get("symmorphic", True))
+            "kpts_scf": _mesh(atoms, settings.scf_kdensity), "seconds_scf": round(time.perf_counter() - t0, 2),
+            **sym_info}
     if spin:
         info["spin_starts"] = [{"start_magmoms": s_, "energy_ev": round(e_, 5), "magmom_total": round(float(c_.get_magnetic_moment()), 4)}
-                               for e_, c_, _, s_ in runs]
+                               for e_, c_, _, s_, _ in runs]
         info["spin_start_failures"] = errors
     return calc, atoms, info
 
