@@ -68,3 +68,29 @@ def test_recomputed_from_scratch_matches_committed(rank):
     rel = np.abs(a - b).sum() / np.abs(b).sum()
     assert rel < 0.01, (ref.material_id, rel)
     assert json.dumps(calc["supercell"]) == json.dumps(new.provenance["calculation"]["supercell"])
+
+
+def test_compute_run_says_how_to_stop_it_when_sigint_is_ignored(capsys):
+    """A job started with `&` by a non-interactive shell ignores SIGINT (POSIX): the run says so
+    and names the command that stops it; SIGTERM then raises KeyboardInterrupt like Ctrl-C."""
+    import os
+    import signal
+
+    from data_prep.embedded import compute
+
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous_term = compute._stop_on_sigterm()
+    try:
+        assert f"kill {os.getpid()}" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        previous_term = compute._stop_on_sigterm()
+        signal.signal(signal.SIGTERM, previous_term)
+        assert "kill" not in capsys.readouterr().out
+    finally:
+        signal.signal(signal.SIGINT, previous_int)

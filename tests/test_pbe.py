@@ -576,6 +576,47 @@ def test_a_substituted_record_relaxed_without_the_symmetric_relaxation_is_outdat
     new = {"calculation": calc, "relaxation": {"model": "CHGNet", "converged": True, "symmetry": {"kept": "x"}}}
     assert pbe.outdated_recipe(new) is None
     assert pbe.outdated_recipe({"calculation": calc}) is None  # real structures are never relaxed
+    # a broken symmetry made exact at 0.01 A only (the P1 ones) is outdated; one from the tolerance ladder is not
+    broken = {"kept": "free relaxation, symmetrised", "symprec_ang": 0.01}
+    assert "0.01" in pbe.outdated_recipe({**new, "relaxation": {**new["relaxation"], "symmetry": broken}})
+    ladder = {**broken, "tolerances_tried": [{"symprec_ang": 0.1, "space_group": "Pnma"}]}
+    assert pbe.outdated_recipe({**new, "relaxation": {**new["relaxation"], "symmetry": ladder}}) is None
+
+
+def test_a_broken_symmetry_is_held_at_the_largest_tolerance_that_keeps_the_energy_gain(monkeypatch):
+    """The tolerance ladder without CHGNet: symmetrise() is replaced by energies per tolerance."""
+    from data_prep.embedded import relax as relax_mod
+
+    class Fake:
+        def __init__(self, e):
+            self.e = e
+
+        def __len__(self):
+            return 2
+
+        def get_potential_energy(self):
+            return 2 * self.e
+
+    def run(energies, failing=()):
+        def fake_symmetrise(atoms, fmax, max_steps, tol, valences):
+            if tol in failing:
+                raise relax_mod.RelaxError("did not converge")
+            return Fake(energies[tol]), {"space_group": f"G{tol}", "symprec_ang": tol}, valences
+        monkeypatch.setattr(relax_mod, "symmetrise", fake_symmetrise)
+        return relax_mod._symmetrise_broken(object(), -1.0, 0.1, 10, 0.01, [2, -2])
+
+    assert relax_mod.SYMPREC_TRIES_ANG == (0.1, 0.05, 0.01)
+    # 0.1 A finds the start's group again (no gain): 0.05 A keeps the distortion and its gain
+    atoms, info, valences, tries = run({0.1: -1.0, 0.05: -1.02, 0.01: -1.03})
+    assert info["symprec_ang"] == 0.05 and valences == [2, -2] and [t["symprec_ang"] for t in tries] == [0.1, 0.05]
+    assert tries[0]["minus_held_ev_per_atom"] == pytest.approx(0.0)
+    # the largest tolerance wins when it keeps the gain; a failure there moves on down
+    assert run({0.1: -1.01, 0.05: -1.02, 0.01: -1.03})[1]["symprec_ang"] == 0.1
+    assert run({0.1: -1.01, 0.05: -1.02, 0.01: -1.03}, failing=(0.1,))[1]["symprec_ang"] == 0.05
+    # none keeps the gain: the finest tolerance is taken anyway (it is the free relaxation)
+    assert run({0.1: -1.0, 0.05: -1.0, 0.01: -1.0005})[1]["symprec_ang"] == 0.01
+    with pytest.raises(relax_mod.RelaxError):
+        run({0.1: -1.0, 0.05: -1.0, 0.01: -1.0}, failing=(0.01,))
 
 
 def test_isotropic_start_finds_the_minimum_inside_the_scan_and_refuses_one_at_its_edge():

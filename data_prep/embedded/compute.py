@@ -346,6 +346,11 @@ def _stop_on_sigterm():
     def handler(signum, frame):
         raise KeyboardInterrupt
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # POSIX: a job put in the background (`cmd &`) by a shell without job control, e.g. inside
+        # a script or `bash -c`, starts with SIGINT ignored, and Python then installs no handler
+        print(f"note: this run ignores Ctrl-C/SIGINT (started in the background by a non-interactive shell);"
+              f" stop it with `kill {os.getpid()}`", flush=True)
     return signal.signal(signal.SIGTERM, handler)
 
 

@@ -120,6 +120,11 @@ def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str
     if isinstance(relaxation, dict) and "symmetry" not in relaxation:
         return ("relaxed without the symmetric relaxation beside the free one (the 0.02 Å rattle stayed in "
                 f"and the cell had no symmetry; now relax.symmetrise): {fix}")
+    symmetry = relaxation.get("symmetry") if isinstance(relaxation, dict) else None
+    if (isinstance(symmetry, dict) and symmetry.get("kept") == "free relaxation, symmetrised"
+            and "tolerances_tried" not in symmetry):
+        return ("a relaxation that broke the start's symmetry was symmetrised at 0.01 Å only (most came out P1; "
+                f"now the largest of relax.SYMPREC_TRIES_ANG that keeps the energy gain): {fix}")
     if calc.get("projection") != PROJECTION_LABELS[PROJECTION]:
         return (f"DOS projected by an outdated scheme ({calc.get('projection')!r}, the recipe now uses "
                 f"{PROJECTION_LABELS[PROJECTION]!r}): {fix}")
