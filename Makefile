@@ -25,11 +25,15 @@ data: $(DATA)
 train: $(STAMP) $(DATA)
 	$(PY) train.py --params params.json
 
+# Two pytest-xdist workers, one test file each at a time (--dist loadfile: a module's trained
+# fixtures are built once): 9.6 instead of 17.9 minutes on 2 cores (2026-12-06, a nice-19 job beside).
+XDIST := -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow"
+	$(PY) -m pytest -q $(XDIST) -m "slow or not slow"
 
 patches: $(STAMP)
 	$(PY) patches/patchtool.py refresh

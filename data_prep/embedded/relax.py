@@ -19,7 +19,7 @@ and the DOS describe. Recipe:
    :data:`SYMMETRY_BREAK_EV_PER_ATOM` lower: then the free one is kept, made exact under the space
    group it has within the largest tolerance of :data:`SYMPREC_TRIES_ANG` (0.1, 0.05, then
    :data:`SYMPREC_ANG`) whose relaxation holding it still ends that much below the symmetric start,
-   and relaxed again holding it (until 2026-12-07 only at :data:`SYMPREC_ANG`, which left 8 of the
+   and relaxed again holding it (until late on 2026-12-06 only at :data:`SYMPREC_ANG`, which left 8 of the
    first 9 such structures in P1: the rattle's noise stays in the soft degrees of freedom). Without this the rattle
    stayed in the structure wherever its forces were already below ``fmax`` (rock-salt RbCl: 0 FIRE
    steps, sites up to 0.05 Å off), so all 130 substituted records of that time had no symmetry at
