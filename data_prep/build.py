@@ -330,7 +330,7 @@ def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progr
         raise BuildError(f"no material could be featurised ({len(skipped)} skipped; first: "
                          f"{next(iter(skipped.items()), None)})")
     results.sort(key=lambda r: r.material_id)
-    assign_family_ids(results)
+    families = assign_family_ids(results)
     group_of = {r.material_id: r.family_id for r in results} if cfg.split_by == "family" else None
     split_of = grouped_split(ids, cfg.split_fractions, cfg.split_seed, group_of=group_of)
     from data_prep.migration import build_targets
@@ -393,7 +393,7 @@ def _build_locked(record_paths, out_path: Path, cfg: BuildConfig, n_procs, progr
         raise
     manifest = {"n_records": len(paths), "n_materials": len(results), "n_samples": n, "skipped": skipped,
                 "migration": {"counts": mig["info"]["counts"], "missing": mig["reasons"]},
-                "bonds": bond_summary(results, cfg),
+                "bonds": bond_summary(results, cfg), "families": families,
                 **({"shard": f"{shard[0]}/{shard[1]}"} if shard is not None else {})}
     manifest_path = out_path.with_suffix(".manifest.json")
     from data_prep.records import atomic_write_bytes
@@ -413,21 +413,25 @@ def bond_summary(results: list[MaterialSamples], cfg: BuildConfig) -> dict:
             "samples_truncated": int(sum(truncated.values())), "truncated_by_material": truncated}
 
 
-def assign_family_ids(results: list[MaterialSamples]) -> None:
+def assign_family_ids(results: list[MaterialSamples]) -> dict:
     """Set ``family_id`` and ``prototype_group`` of every result (``data_prep.families``): a real
-    structure is its own parent; real parents of one prototype share a family."""
+    structure is its own parent; real parents of one prototype share a family, and a derived
+    material whose (relaxed) structure left its parent's prototype joins the families it matches.
+    Returns what the manifest records: ``family_statistics`` and the displaced materials' families."""
     from pymatgen.core import Structure
 
-    from data_prep.families import assign_families
+    from data_prep.families import assign_families, family_statistics
 
     items = []
     for r in results:
         real = r.parent_id == r.material_id
-        structure = Structure.from_dict(json.loads(r.structure_json)) if real else None
+        structure = Structure.from_dict(json.loads(r.structure_json))
         items.append((r.material_id, r.origin, None if real else r.parent_id, structure))
     fams = assign_families(items)
     for r in results:
         r.family_id, r.prototype_group = fams[r.material_id].family_id, fams[r.material_id].prototype_group
+    return {**family_statistics(fams),
+            "displaced": {m: a.family_id for m, a in sorted(fams.items()) if a.displaced}}
 
 
 @dataclass

@@ -5,7 +5,20 @@ parent, a substituted one names its parent (``provenance["parent_id"]``). Two re
 *prototype group* when pymatgen's ``StructureMatcher.fit_anonymous`` matches them (same structure
 type up to a relabelling of the elements and a volume change, e.g. two rock-salt oxides); groups
 are closed under that relation (union-find). A *family* is a prototype group together with every
-material whose parent is in it.
+material whose parent is in it, merged with every other family whose prototype a member's own
+structure matches.
+
+That last rule matters for relaxed substituted structures: a relaxation can carry a substituted
+cell out of its parent's framework into another real family's (on the PBE records: BaO made from
+massicot PbO and RbF from TlF-II relaxed into rock salt, the family of the real BaO; TiO2 made from
+baddeleyite-type VO2 into rutile, the family of real rutile), and a partial substitution can turn a
+binary parent into a ternary of another family's type (Sc2CoO4 from the Co3O4 spinel: the
+MgAl2O4 spinel family). Such a material is *displaced*: its own structure does not match its
+parent's (``fit_anonymous``, which needs the same anonymised formula), or its parent is not among
+the items (a parent whose record failed: nothing says where its derived structures belong). It is
+compared with every real parent and every earlier displaced material of its anonymised formula,
+and each match merges the two families. A substituted material given without a structure keeps
+its parent's family.
 
 ``assign_families`` is a pure function of its input: it sorts what it gets, so the result does not
 depend on the order of the items, and the ids are names of members (``fam-<smallest parent id of
@@ -31,6 +44,7 @@ class FamilyAssignment:
     parent_id: str
     prototype_group: str
     family_id: str
+    displaced: bool = False  # its structure does not match its parent's, or the parent is unknown (above)
 
 
 class _UnionFind:
@@ -92,17 +106,20 @@ def prototype_groups(parents: dict[str, Structure], matcher=None) -> dict[str, s
     return {mid: PROTOTYPE_GROUP_PREFIX + uf.find(mid) for mid in ids}
 
 
-def assign_families(items: Iterable[tuple[str, str, str | None, Structure]], matcher=None
+def assign_families(items: Iterable[tuple[str, str, str | None, Structure | None]], matcher=None
                     ) -> dict[str, FamilyAssignment]:
     """Family of every item ``(material_id, origin, parent_id, structure)``.
 
     The parent of an item is ``parent_id`` when given and different from the item itself, else the
     item (a real structure is its own parent; ``origin`` is only used to insist that a
     ``"substituted"`` item names its parent). Real parents that match by prototype
-    (``prototype_groups``) are merged into one family; a parent id that is not among the items is
-    a family of its own (grouped with nothing: its structure is unknown). Deterministic and
+    (``prototype_groups``) are merged into one family; a derived item whose own ``structure`` does
+    not match its parent's is compared with the real parents and earlier displaced items of its
+    anonymised formula and merges the families it matches (module docstring); a parent id that is
+    not among the items is a family of its own unless such a match merges it. Deterministic and
     independent of the order of ``items``; material ids must be unique.
     """
+    matcher = matcher or _matcher()
     items = sorted(items, key=lambda t: t[0])
     ids = [t[0] for t in items]
     if len(set(ids)) != len(ids):
@@ -118,13 +135,53 @@ def assign_families(items: Iterable[tuple[str, str, str | None, Structure]], mat
         if parent == mid:
             roots[mid] = structure
     groups = prototype_groups(roots, matcher)
+    group_of = {mid: groups.get(parent_of[mid], PROTOTYPE_GROUP_PREFIX + parent_of[mid]) for mid in ids}
+    families = _UnionFind(sorted(set(group_of.values())))
+    displaced = _merge_displaced(items, parent_of, roots, group_of, families, matcher)
     out = {}
     for mid in ids:
-        parent = parent_of[mid]
-        group = groups.get(parent, PROTOTYPE_GROUP_PREFIX + parent)
-        family = FAMILY_PREFIX + group[len(PROTOTYPE_GROUP_PREFIX):]
-        out[mid] = FamilyAssignment(mid, parent, group, family)
+        family = FAMILY_PREFIX + families.find(group_of[mid])[len(PROTOTYPE_GROUP_PREFIX):]
+        out[mid] = FamilyAssignment(mid, parent_of[mid], group_of[mid], family, mid in displaced)
     return out
+
+
+def _matches(matcher, a: Structure, b: Structure) -> bool:
+    if _bucket_key(a) != _bucket_key(b):
+        return False
+    try:
+        return bool(matcher.fit_anonymous(a, b))
+    except Exception:  # an odd cell the matcher cannot reduce: no match
+        return False
+
+
+def _merge_displaced(items, parent_of, roots, group_of, families: _UnionFind, matcher) -> set[str]:
+    """Merge the family of every displaced derived item with the families it matches; returns the
+    displaced ids. Items are visited in sorted order, so the result is order-independent."""
+    roots_by_bucket: dict[tuple, list[str]] = defaultdict(list)
+    for mid in sorted(roots):
+        if roots[mid] is not None:
+            roots_by_bucket[_bucket_key(roots[mid])].append(mid)
+    displaced_by_bucket: dict[tuple, list[tuple[str, Structure]]] = defaultdict(list)
+    displaced: set[str] = set()
+    for mid, _, _, structure in items:
+        parent = parent_of[mid]
+        if parent == mid or structure is None:
+            continue
+        parent_structure = roots.get(parent)
+        if parent_structure is not None and _matches(matcher, structure, parent_structure):
+            continue
+        displaced.add(mid)
+        key = _bucket_key(structure)
+        for other in roots_by_bucket[key]:
+            if families.find(group_of[other]) != families.find(group_of[mid]) \
+                    and _matches(matcher, structure, roots[other]):
+                families.union(group_of[mid], group_of[other])
+        for other, other_structure in displaced_by_bucket[key]:
+            if families.find(group_of[other]) != families.find(group_of[mid]) \
+                    and _matches(matcher, structure, other_structure):
+                families.union(group_of[mid], group_of[other])
+        displaced_by_bucket[key].append((mid, structure))
+    return displaced
 
 
 def family_statistics(assignments: dict[str, FamilyAssignment]) -> dict:
@@ -145,4 +202,7 @@ def family_statistics(assignments: dict[str, FamilyAssignment]) -> dict:
         "n_prototype_groups_merged": len(multi),
         "n_parents_merged_by_prototype": int(sum(len(p) for p in multi.values())),
         "largest_prototype_group_parents": max((len(p) for p in group_parents.values()), default=0),
+        "n_displaced": sum(a.displaced for a in assignments.values()),
+        "n_families_holding_several_prototype_groups": sum(
+            len({a.prototype_group for a in assignments.values() if a.family_id == f}) > 1 for f in fam_size),
     }

@@ -40,7 +40,7 @@ def _families_of_union(files, entries) -> dict:
         parent = h[sch.material("parent_id")].asstr()[j]
         origin = h[sch.material("origin")].asstr()[j]
         real = parent == mid
-        s = Structure.from_dict(json.loads(h[sch.material("structure_json")].asstr()[j])) if real else None
+        s = Structure.from_dict(json.loads(h[sch.material("structure_json")].asstr()[j]))
         items.append((str(mid), str(origin), None if real else str(parent), s))
     return assign_families(items)
 

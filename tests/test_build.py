@@ -100,6 +100,28 @@ def test_split_keeps_every_family_on_one_side(tmp_path):
     assert any(len(set(split[fam == f])) > 1 for f in set(fam))
 
 
+def test_substituted_record_that_relaxed_into_another_prototype_joins_its_family(tmp_path):
+    """A record derived from zinc-blende ZnS whose (relaxed) structure is a rock salt is kept on the
+    rock salts' side of every split: its family and ZnS's merge with the rock salts', and the
+    manifest names it."""
+    d = tmp_path / "records"
+    paths = write_records(d)
+    bao = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.52), ["Ba", "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    rec = make_record("BaO", bao.get_primitive_structure(), seed=31, origin="substituted")
+    rec.provenance["parent_id"] = "test-ZnS"
+    paths.append(rec.save(d / "test-BaO.npz"))
+    out = tmp_path / "family.h5"
+    summary = build_h5(paths, out, BuildConfig(split_fractions=(0.5, 0.25, 0.25)), n_procs=1, progress=False)
+    with h5py.File(out) as h:
+        mfam = dict(zip(h["materials/material_id"].asstr()[...], h["materials/family_id"].asstr()[...]))
+        msplit = dict(zip(h["materials/material_id"].asstr()[...], h["materials/split"].asstr()[...]))
+    rocksalt = {f"test-{n}" for n in ("NaCl", "MgO", "KBr", "CaO", "LiF", "BaO", "ZnS")}
+    assert len({mfam[m] for m in rocksalt}) == 1 and len({msplit[m] for m in rocksalt}) == 1
+    assert mfam["test-TiO2"] not in {mfam[m] for m in rocksalt}
+    assert summary["families"]["displaced"] == {"test-BaO": mfam["test-NaCl"]}
+    assert summary["families"]["n_families"] == len(set(mfam.values())) == 3
+
+
 def test_family_split_balances_materials_and_is_deterministic():
     ids = [f"m{i:03d}" for i in range(300)]
     group_of = {m: f"fam{i % 40}" for i, m in enumerate(ids)}  # 40 families of 7-8 materials
