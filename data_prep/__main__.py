@@ -196,8 +196,11 @@ def main(argv=None) -> int:
                          dos_compression=None if args.dos_compression == "none" else "lzf",
                          migration_cache=migration_cache_path(args.source), migration_time_limit_s=args.migration_time_limit)
             part = f" (shard {args.shard})" if shard else ""
+            fam = s["families"]
             print(f"wrote {s['out']}{part}: {s['n_materials']} materials, {s['n_samples']} samples "
-                  f"({len(s['skipped'])} skipped, listed in {s['manifest']}) in {time.time() - t0:.0f} s")
+                  f"in {fam['n_families']} families ({len(s['skipped'])} skipped, {fam['n_displaced']} derived "
+                  f"materials placed by their own structure; both listed in {s['manifest']}) "
+                  f"in {time.time() - t0:.0f} s")
         elif args.cmd == "merge" and _is_h5_merge(args):
             from data_prep.shards import merge_h5
 

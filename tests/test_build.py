@@ -226,3 +226,11 @@ def test_inspect_cli_and_plot(built, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "8 materials" in r.stdout and "bvs_vu" in r.stdout and "skipped materials: 0" in r.stdout
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_build_cli_says_how_many_families(built, tmp_path):
+    _, _, d = built
+    r = run_cli("-m", "data_prep", "build", "--source", "records", d / "records", "--out", tmp_path / "cli.h5",
+                "--procs", "1")
+    assert r.returncode == 0, r.stderr
+    assert "8 materials" in r.stdout and "in 4 families" in r.stdout and "0 derived materials placed" in r.stdout
