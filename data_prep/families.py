@@ -185,7 +185,8 @@ def _merge_displaced(items, parent_of, roots, group_of, families: _UnionFind, ma
 
 
 def family_statistics(assignments: dict[str, FamilyAssignment]) -> dict:
-    """Number of families, largest family size, parents merged by prototype, groups of > 1 parent."""
+    """Number of families, largest family size, parents merged by prototype, groups of > 1 parent,
+    displaced materials and the families they merged (more than one prototype group)."""
     fam_size: dict[str, int] = defaultdict(int)
     group_parents: dict[str, set] = defaultdict(set)
     for a in assignments.values():
