@@ -137,8 +137,9 @@ def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int =
                  {"data_file": data.path, "n_samples": data.n, "k": k, "split_by": params["split_by"],
                   "split_seed": params["split_seed"], "params": run_params}, log)
     write_json(out / "params.json", params)
-    log(f"family-grouped ablation on {data.path}: {data.n} samples, {k} folds grouped by {params['split_by']} "
-        f"({len(np.unique(data.groups(params['split_by'])))} groups); models {', '.join(models)}; network seeds "
+    by = params["split_by"]
+    log(f"{by}-grouped ablation on {data.path}: {data.n} samples, {k} folds grouped by {by} "
+        f"({len(np.unique(data.groups(by)))} groups); models {', '.join(models)}; network seeds "
         f"{', '.join(map(str, seeds))}; {budget}")
     log(f"run folder {out}; if interrupted, the same command with --out {out} resumes after the finished runs")
     store = ResultStore(out / "results", log)
@@ -200,7 +201,8 @@ def write_report(out: Path, head: dict, summaries: dict, results: dict, models: 
     table = markdown(summaries, models_out, targets)
     k, split_by = head["k"], head["split_by"]
     parts = "".join(f"- {p}\n" for p in head.get("parts", []))
-    write_text(out / "cv_ablation.md", f"# Ablation on unseen families ({k}-fold CV by {split_by})\n\n"
+    title = "unseen families" if split_by == "family" else f"unseen {split_by}s (related materials may sit in train)"
+    write_text(out / "cv_ablation.md", f"# Ablation on {title} ({k}-fold CV by {split_by})\n\n"
                                        f"{head['budget']}\n\n"
                                        + (f"Combined from these parts (one data file, folds and budget):\n\n{parts}\n"
                                           if parts else "")
