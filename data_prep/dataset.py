@@ -17,6 +17,10 @@ def summary(path) -> dict:
         origin = h.meta_strings("origin")
         m_origin = h.material_strings("origin")
         m_split = h.material_strings("split")
+        try:
+            m_family = h.material_strings("family_id")
+        except KeyError:  # a file without families: every material its own
+            m_family = h.material_strings("material_id")
         elements = h.meta_strings("element")
         out = {
             "file": str(path),
@@ -28,6 +32,8 @@ def summary(path) -> dict:
             "samples_per_origin": dict(sorted(Counter(origin).items())),
             "materials_per_split": {s: int(np.sum(m_split == s)) for s in SPLITS},
             "samples_per_split": {s: int(np.sum(split == s)) for s in SPLITS},
+            "n_families": int(len(set(m_family))),
+            "families_per_split": {s: int(len(set(np.asarray(m_family)[np.asarray(m_split) == s]))) for s in SPLITS},
             "n_elements": int(len(set(elements))),
             "targets": {},
             "skipped": h.attr_json("skipped", {}),
@@ -51,8 +57,9 @@ def format_summary(s: dict) -> str:
              f"{s['n_structure_features']} structure features, {s['n_elements']} elements at sites",
              "materials per origin: " + ", ".join(f"{k} {v}" for k, v in s["materials_per_origin"].items()),
              "samples per origin:   " + ", ".join(f"{k} {v}" for k, v in s["samples_per_origin"].items()),
-             "split (materials / samples): " + ", ".join(
-                 f"{k} {s['materials_per_split'][k]}/{s['samples_per_split'][k]}" for k in SPLITS),
+             f"split (materials / samples / families of {s['n_families']}): " + ", ".join(
+                 f"{k} {s['materials_per_split'][k]}/{s['samples_per_split'][k]}/{s['families_per_split'][k]}"
+                 for k in SPLITS),
              "", f"{'target':18s} {'split':5s} {'n':>6s} {'mean':>8s} {'std':>7s} {'min':>8s} {'max':>8s}"]
     for t, per in s["targets"].items():
         for sp, st in per.items():

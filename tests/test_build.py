@@ -225,6 +225,7 @@ def test_inspect_cli_and_plot(built, tmp_path):
     r = run_cli("-m", "data_prep", "inspect", out, "--plot")
     assert r.returncode == 0, r.stderr
     assert "8 materials" in r.stdout and "bvs_vu" in r.stdout and "skipped materials: 0" in r.stdout
+    assert "families of 4" in r.stdout  # the five rock salts are one family
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
