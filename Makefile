@@ -14,10 +14,12 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 DATA := data/embedded.h5
-# the committed spectra it is built from: a pull that changes them rebuilds the file
+# the committed spectra it is built from and the code that builds it (families, targets, features):
+# a pull that changes either rebuilds the file
 SPECTRA := $(wildcard data_prep/embedded/spectra/*.npz)
+BUILD_CODE := $(wildcard data_prep/*.py)
 
-$(DATA): $(SPECTRA) | $(STAMP)
+$(DATA): $(SPECTRA) $(BUILD_CODE) | $(STAMP)
 	$(PY) -m data_prep build --source embedded --out $(DATA) --overwrite
 
 data: $(DATA)
