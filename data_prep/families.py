@@ -97,11 +97,7 @@ def prototype_groups(parents: dict[str, Structure], matcher=None) -> dict[str, s
             for b in members[i + 1:]:
                 if uf.find(a) == uf.find(b):
                     continue
-                try:
-                    same = matcher.fit_anonymous(parents[a], parents[b])
-                except Exception:  # an odd cell the matcher cannot reduce: no merge
-                    same = False
-                if same:
+                if _matches(matcher, parents[a], parents[b]):
                     uf.union(a, b)
     return {mid: PROTOTYPE_GROUP_PREFIX + uf.find(mid) for mid in ids}
 
