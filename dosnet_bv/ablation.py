@@ -39,7 +39,13 @@ BASELINES = {
     "gbt_dos": "GBT on DOS descriptors",
     "gbt_structure": "GBT on structure vector",
     "gbt_dos_structure": "GBT on DOS descriptors + structure",
+    "bv_fitted": "bond valence form, fitted radii",
+    "bv_gbt_dos": "bond valence form + GBT on DOS descriptors (residual)",
+    "bv_gbt_structure": "bond valence form + GBT on structure (residual)",
 }
+#: targets the fitted bond valence form predicts (a sum of bond valences approximates both); the
+#: others fall back to the per-element mean
+BV_FORM_TARGETS = ("bvs_vu", "valence")
 #: Relative cost of one run for the time-left estimate (epoch times measured on 2 busy CPU cores).
 RUN_COST = {"none": 0.65, "late": 1.0, "early": 1.9, "structure_only": 0.2, "baseline": 0.1}
 
@@ -132,9 +138,10 @@ def cn_column(data: Dataset) -> int | None:
 
 
 def baseline_predictions(name: str, data: Dataset, targets, train_rows, val_rows, predict_rows: dict,
-                         seed: int, features: Features) -> dict:
+                         seed: int, features: Features, groups=None) -> dict:
     """Fit baseline ``name`` (a key of ``BASELINES``) on ``train_rows`` (GBT: iterations chosen on
-    ``val_rows``); returns ``{name: (len(rows), T) predictions}`` for ``predict_rows``."""
+    ``val_rows``); returns ``{name: (len(rows), T) predictions}`` for ``predict_rows``. ``groups``
+    (n,): what must stay together in the inner folds of ``bv_gbt_*`` (the material by default)."""
     from dosnet_bv.baselines import GBT, GroupMean, mean_predictor
 
     y = target_matrix(data, targets)
@@ -149,11 +156,100 @@ def baseline_predictions(name: str, data: Dataset, targets, train_rows, val_rows
             keys = np.column_stack([keys, np.rint(data.structure[:, j]).astype(int).astype(object)])
         model = GroupMean().fit(keys[train_rows], y[train_rows])
         return {k: model.predict(keys[r]) for k, r in predict_rows.items()}
+    if name == "bv_fitted":
+        form = BondValenceForm(data, targets, train_rows, val_rows)
+        return {k: form.predict(r) for k, r in predict_rows.items()}
+    if name.startswith("bv_gbt_"):
+        return bond_valence_residual_trees(name, data, targets, train_rows, val_rows, predict_rows, seed, features,
+                                           groups)
     if name.startswith("gbt_"):
         x = features(name[len("gbt_"):])
         model = GBT(seed=seed).fit(x[train_rows], y[train_rows], x[val_rows], y[val_rows])
         return {k: model.predict(x[r]) for k, r in predict_rows.items()}
     raise TrainError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
+
+
+def electronegativities() -> dict:
+    """{Z: Pauling electronegativity} of the elements pymatgen gives one for (not the noble gases
+    He, Ne, Ar)."""
+    import warnings
+
+    from pymatgen.core import Element
+
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pymatgen warns for elements without a value
+        for z in range(1, 104):
+            x = Element.from_Z(z).X
+            if np.isfinite(x):
+                out[z] = float(x)
+    return out
+
+
+class BondValenceForm:
+    """``baselines.FittedBondValence`` on ``data``'s bond table, fitted to ``bvs_vu`` (else
+    ``valence``) of ``fit_rows`` (the ridge penalty chosen on ``val_rows``). ``predict(rows)``:
+    (len(rows), T) for ``targets``: the fitted sum for ``BV_FORM_TARGETS``, the per-element mean of
+    ``fit_rows`` for the other targets and for sites whose polarity is unknown (an element without
+    an electronegativity)."""
+
+    def __init__(self, data: Dataset, targets, fit_rows, val_rows):
+        from dosnet_bv.baselines import FittedBondValence, GroupMean
+
+        if data.bonds is None:
+            raise TrainError(f"{data.path} has no bond table (schema < 3): the bond valence baselines need one")
+        fit_on = next((t for t in BV_FORM_TARGETS if t in data.targets), None)
+        if fit_on is None:
+            raise TrainError(f"the bond valence baselines fit bvs_vu or valence; {data.path} has neither")
+        b = data.bonds
+        self.table = (b.distance_ang, b.neighbour_z, b.mask, b.centre_z)
+        self.targets = list(targets)
+        y_fit = np.asarray(data.targets[fit_on], np.float64)
+        self.model = FittedBondValence(chi=electronegativities()).fit(
+            self._take(fit_rows), y_fit[fit_rows], self._take(val_rows), y_fit[val_rows])
+        self.keys = data.element.astype(object).reshape(-1, 1)
+        self.fallback = GroupMean().fit(self.keys[fit_rows], target_matrix(data, targets)[fit_rows])
+
+    def _take(self, rows):
+        return tuple(np.asarray(a)[rows] for a in self.table)
+
+    def predict(self, rows) -> np.ndarray:
+        pred = self.fallback.predict(self.keys[rows])
+        form = self.model.predict(self._take(rows))
+        for j, t in enumerate(self.targets):
+            if t in BV_FORM_TARGETS:
+                pred[:, j] = np.where(np.isnan(form), pred[:, j], form)
+        return pred
+
+
+#: inner folds of the cross-fitted bond valence form under the residual trees (``bv_gbt_*``)
+BV_INNER_FOLDS = 5
+
+
+def bond_valence_residual_trees(name: str, data: Dataset, targets, train_rows, val_rows, predict_rows: dict,
+                                seed: int, features: Features, groups=None) -> dict:
+    """``bv_gbt_<features>``: the bond valence form plus boosted trees on ``<features>`` fitted to
+    what the form leaves (target minus form). The form's values under the trees' training rows are
+    cross-fitted (``BV_INNER_FOLDS`` folds of ``train_rows`` grouped by ``groups``, the form fitted
+    without the fold), so the trees learn the residual as it is on unseen materials, not the
+    smaller in-sample one; validation and predicted rows get the form fitted on all ``train_rows``."""
+    from sklearn.model_selection import GroupKFold
+
+    from dosnet_bv.baselines import GBT
+
+    train_rows, val_rows = np.asarray(train_rows), np.asarray(val_rows)
+    y = target_matrix(data, targets)
+    g = np.asarray(data.material_id if groups is None else groups)[train_rows]
+    k = min(BV_INNER_FOLDS, len(np.unique(g)))
+    form_train = np.empty((len(train_rows), len(targets)))
+    for inner_fit, inner_out in GroupKFold(k).split(train_rows, groups=g):
+        inner = BondValenceForm(data, targets, train_rows[inner_fit], val_rows)
+        form_train[inner_out] = inner.predict(train_rows[inner_out])
+    form = BondValenceForm(data, targets, train_rows, val_rows)
+    x = features(name[len("bv_gbt_"):])
+    trees = GBT(seed=seed).fit(x[train_rows], y[train_rows] - form_train, x[val_rows],
+                               y[val_rows] - form.predict(val_rows))
+    return {key: form.predict(r) + trees.predict(x[r]) for key, r in predict_rows.items()}
 
 
 def score_splits(data: Dataset, targets, rows: dict, preds: dict) -> dict:
@@ -230,7 +326,7 @@ def run_model(spec: ModelSpec, seed: int, params: dict, data: Dataset, train_row
     predict_rows = {s: r for s, r in rows.items() if s != "train"}
     if spec.kind == "baseline":
         preds = baseline_predictions(spec.model, data, targets, train_rows, rows["val"], predict_rows, seed,
-                                     features)
+                                     features, data.groups(params["split_by"]))
         info = {}
     else:
         p = {**params, "fusion": spec.fusion, "structure_families": spec.structure_families, "seed": seed}
@@ -337,6 +433,9 @@ def run_ablation(params: dict, data: Dataset, out_dir, n_seeds: int = 3, full: b
     for name in BASELINES:
         if name == "element_cn_mean" and cn_column(data) is None:
             log(f"no 'cn' column in the structure vector of {data.path}: per element + CN mean left out")
+            continue
+        if name.startswith("bv_") and data.bonds is None:
+            log(f"no bond table in {data.path}: {BASELINES[name]} left out")
             continue
         specs.append(ModelSpec(name, "baseline", None, []))
     for fusion in FUSIONS:

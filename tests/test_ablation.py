@@ -102,6 +102,69 @@ def test_gbt_learns_a_threshold_and_picks_iterations_on_validation():
     assert np.mean(np.abs(m.predict(x[250:])[:, 0] - y[250:])) < 0.3 * np.mean(np.abs(y[250:] - y[:200].mean()))
 
 
+def _bond_sites(rng, n, radii, b=0.37):
+    """n random sites of cations (Z 12, 20, 22) and anions (8, 9): 3-8 counter-ion bonds at 1.7-2.6 A
+    and 2-6 like-charged neighbours at 2.8-3.8 A; targets = the bond valence form with ``radii``."""
+    cations, anions = [12, 20, 22], [8, 9]
+    k = 16
+    d, z, mask, zc, y = np.zeros((n, k)), np.zeros((n, k), int), np.zeros((n, k)), np.zeros(n, int), np.zeros(n)
+    for i in range(n):
+        cat = rng.random() < 0.5
+        zc[i] = rng.choice(cations if cat else anions)
+        nb, nl = rng.integers(3, 9), rng.integers(2, 7)
+        zs = list(rng.choice(anions if cat else cations, nb)) + list(rng.choice(cations if cat else anions, nl))
+        ds = list(rng.uniform(1.7, 2.6, nb)) + list(rng.uniform(2.8, 3.8, nl))
+        d[i, :nb + nl], z[i, :nb + nl], mask[i, :nb + nl] = ds, zs, 1
+        y[i] = (1 if cat else -1) * np.exp((radii[zc[i]] + np.array([radii[t] for t in zs[:nb]]) - ds[:nb]) / b).sum()
+    return (d, z, mask, zc), y
+
+
+def test_fitted_bond_valence_form_recovers_sums_of_unseen_sites_and_leaves_unknown_elements_out():
+    from dosnet_bv.baselines import FittedBondValence
+
+    rng = np.random.default_rng(1)
+    radii = {12: 0.75, 20: 1.05, 22: 0.95, 8: 1.0, 9: 0.85}
+    (d, z, mask, zc), y = _bond_sites(rng, 400, radii)
+    tr, va, te = slice(0, 250), slice(250, 300), slice(300, 400)
+    take = lambda s: (d[s], z[s], mask[s], zc[s])  # noqa: E731
+    chi = {12: 1.31, 20: 1.00, 22: 1.54, 8: 3.44, 9: 3.98}  # Pauling
+    m = FittedBondValence(chi=chi).fit(take(tr), y[tr], take(va), y[va])
+    sign, counter = m.polarity(take(te))
+    assert np.array_equal(sign, np.sign(y[te]))  # by bond polarity: the first shell is the counter-ions
+    assert m.lam in m.lams
+    pred = m.predict(take(te))
+    assert np.max(np.abs(pred - y[te])) < 0.05 * np.mean(np.abs(y[te]))  # the form fits the form
+    # R0 of each (cation, anion) pair (r_c + r_a + delta_ca) is identified, not the radii one by one
+    an = m.ANION_KEY
+    r0 = lambda c, a: m.radius[c] + m.radius[an + a] + m.delta.get((c, an + a), 0.0)  # noqa: E731
+    assert abs(r0(12, 8) - 1.75) < 0.02 and abs(r0(20, 9) - 1.90) < 0.02
+    # a like-charged neighbour contributes nothing: moving it closer (outside the first shell) changes nothing
+    moved = d[te].copy()
+    like = (mask[te] > 0) & (np.isin(z[te], [8, 9]) == np.isin(zc[te], [8, 9])[:, None])
+    shortest = np.where(mask[te] > 0, moved, np.inf).min(axis=1)
+    moved = np.where(like, 1.25 * shortest[:, None], moved)
+    assert np.allclose(m.predict((moved, z[te], mask[te], zc[te])), pred)
+    # a centre without an electronegativity: NaN (the caller backs off); neighbours without one: nothing
+    zc2, z2 = zc[te].copy(), z[te].copy()
+    zc2[0] = 2
+    z2[1][mask[te][1] > 0] = 2
+    p2 = m.predict((d[te], z2, mask[te], zc2))
+    assert np.isnan(p2[0]) and np.isnan(p2[1]) and np.allclose(p2[2:], pred[2:])
+
+
+def test_bond_polarity_makes_p_a_cation_in_a_phosphate_and_an_anion_in_a_phosphide():
+    from dosnet_bv.baselines import FittedBondValence
+
+    chi = {15: 2.19, 8: 3.44, 26: 1.83}
+    m = FittedBondValence(chi=chi)
+    d = np.array([[1.54, 1.54, 1.54, 1.54, 2.9, 0], [2.30, 2.30, 2.35, 2.9, 3.1, 0]])
+    z = np.array([[8, 8, 8, 8, 15, 0], [26, 26, 26, 15, 15, 0]])
+    mask = (z > 0).astype(float)
+    sign, counter = m.polarity((d, z, mask, np.array([15, 15])))
+    assert sign.tolist() == [1.0, -1.0]
+    assert counter.tolist() == [[True] * 4 + [False, False], [True] * 3 + [False] * 3]
+
+
 def test_scores_and_seed_summary():
     s = report.scores([1.0, 2.0, 3.0, 6.0], [1.0, 3.0, 3.0, 5.0], accuracy=True)
     assert s["mae"] == pytest.approx(0.5) and s["mad"] == pytest.approx(1.5) and s["nmae"] == pytest.approx(1 / 3)
@@ -223,7 +286,7 @@ def test_ablation_on_a_tiny_file_writes_table_json_and_plot(ablation_run):
     res = json.loads((out / "ablation.json").read_text())
     fused = res["best_fused"]
     assert fused in ("dosnet-late", "dosnet-early") and res["seeds"] == [88, 89] and res["epochs"] == 1
-    expected = list(BASELINES) + [f"dosnet-{f}" for f in FUSIONS] + [f"{fused}-no-site",
+    expected = [b for b in BASELINES if not b.startswith("bv_")] + [f"dosnet-{f}" for f in FUSIONS] + [f"{fused}-no-site",
                                                                                  f"{fused}-no-coordination"]
     assert list(res["models"]) == expected
     md = (out / "ablation.md").read_text()
@@ -387,6 +450,6 @@ def test_generic_modules_import_nothing_of_the_project(module):
     tree = ast.parse((ROOT / "dosnet_bv" / module).read_text())
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    allowed = ("__future__", "json", "math", "pathlib", "dataclasses", "numpy", "sklearn", "threadpoolctl", "matplotlib",
+    allowed = ("__future__", "json", "math", "pathlib", "dataclasses", "numpy", "scipy", "sklearn", "threadpoolctl", "matplotlib",
                "DOSnet")
     assert all(name.split(".")[0] in allowed or name == "data_prep.plotting" for name in names), names

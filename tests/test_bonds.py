@@ -286,3 +286,44 @@ def test_bond_inputs_stream_like_in_memory(tmp_path):
     for k in ("bond_distance_ang", "bond_neighbour_z", "bond_mask", "centre_z", "structure"):
         a = np.concatenate(got[k])
         assert a.dtype == want[k].dtype and np.array_equal(a, want[k]), k
+
+
+def test_bond_valence_baselines_back_off_and_cross_fit_the_form_under_the_trees(tmp_path, monkeypatch):
+    """bv_fitted predicts every row of every target (elements without a sign fall back to their
+    mean); bv_gbt_* fit the trees on the form's out-of-fold values: no inner fit sees the rows it
+    predicts, and a material's rows are never split between an inner fit and its prediction."""
+    from dosnet_bv import ablation
+    from dosnet_bv.data import load_data
+    from dosnet_bv.outputs import Log
+
+    n = 60
+    path = _tiny_h5(tmp_path / "b.h5", n, bonds=_random_bonds(n))
+    p = _params(data_file=str(path), structure_input="bonds", targets=["bvs_vu", "valence"], structure_families=["site"])
+    data = load_data(path, p)
+    train, val, test = (np.flatnonzero(data.split == s) for s in ("train", "val", "test"))
+    feats = ablation.Features(data, p, Log(quiet=True))
+    out = ablation.baseline_predictions("bv_fitted", data, p["targets"], train, val, {"test": test}, 0, feats)
+    assert out["test"].shape == (len(test), 2) and np.isfinite(out["test"]).all()
+    calls = []
+
+    class Recording(ablation.BondValenceForm):
+        def __init__(self, data, targets, fit_rows, val_rows):
+            super().__init__(data, targets, fit_rows, val_rows)
+            self.fit_rows = set(np.asarray(fit_rows).tolist())
+
+        def predict(self, rows):
+            calls.append((self.fit_rows, set(np.asarray(rows).tolist())))
+            return super().predict(rows)
+
+    monkeypatch.setattr(ablation, "BondValenceForm", Recording)
+    for name in ("bv_gbt_dos", "bv_gbt_structure"):
+        calls.clear()
+        out = ablation.baseline_predictions(name, data, p["targets"], train, val, {"test": test}, 0, feats,
+                                            data.material_id)
+        assert out["test"].shape == (len(test), 2) and np.isfinite(out["test"]).all()
+        inner = [(f, r) for f, r in calls if f != set(train.tolist())]
+        assert len(inner) == ablation.BV_INNER_FOLDS
+        assert set().union(*(r for _, r in inner)) == set(train.tolist())  # every training row, out of fold
+        for fit_rows, rows in inner:
+            assert not fit_rows & rows
+            assert not set(data.material_id[list(fit_rows)]) & set(data.material_id[list(rows)])
