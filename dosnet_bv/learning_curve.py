@@ -87,7 +87,8 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
     log(f"run folder {out}; if interrupted, the same command with --out {out} resumes after the finished runs")
     resumed = 0
     if baseline is None:
-        cand = [b for b in BASELINES if b != "element_cn_mean" or cn_column(data) is not None]
+        cand = [b for b in BASELINES if (b != "element_cn_mean" or cn_column(data) is not None)
+                and (not b.startswith("bv_") or data.bonds is not None)]
         summ = {}
         for b in cand:
             job = store.get(f"select__{b}__seed{params['seed']}",

@@ -378,6 +378,7 @@ def test_learning_curve_resumes_after_finished_points(tiny, tmp_path, monkeypatc
     first = run_learning_curve(p, data, out, n_seeds=2, log=Log(quiet=True))
     n_select = len(calls) - 5 * 2 * 2  # the baseline candidates, once each
     assert n_select >= 2 and first["runs_resumed"] == 0
+    assert not any(m.startswith("bv_") for m, *_ in calls)  # the tiny file has no bond table
     dosnet = first["dosnet"]["model"]
     for f in out.glob("results/lc50__*"):
         f.unlink()
