@@ -155,12 +155,14 @@ class GBT:
 class FittedBondValence:
     """The bond valence form with parameters fitted to the training targets, not taken from a table.
 
-    A site's sum is S = sign x sum over its counter-ions of exp((r_c + r_a + delta_ca - d) / b):
+    A site's sum is S = sign x sum over its counter-ions of exp((r_c + r_a + delta_ca - d) / b_c):
     one radius per element as a cation (r_c) and one as an anion (r_a: Cl- and Cl5+ differ), so
     R0 = r_c + r_a, an additive model that reaches pairs never seen together, plus a correction
     delta per (cation, anion) pair seen in training, pulled towards 0 by a ridge penalty ``lam``
-    (chosen on the validation rows from ``lams``); b = ``b_ang`` for every pair. ``radius``:
-    {Z: r_c, ANION_KEY + Z: r_a}; ``delta``: {(Z_c, ANION_KEY + Z_a): delta}. Which neighbours
+    (chosen on the validation rows from ``lams``); the softness b = ``b_ang`` x exp(beta_c) per
+    cation, beta pulled towards 0 by the same penalty (the table's H-O has b = 0.94 Å, nearly all
+    other pairs 0.37). ``radius``: {Z: r_c, ANION_KEY + Z: r_a}; ``delta``: {(Z_c, ANION_KEY + Z_a):
+    delta}; ``log_b``: {Z_c: beta_c}. Which neighbours
     count, and the sign, come from bond polarity, by the electronegativities ``chi``
     (Z -> Pauling chi): a site more electronegative than the mean of its first shell (the
     neighbours within ``shell`` x the shortest distance) is an anion (sign -1), any other site a
@@ -185,6 +187,7 @@ class FittedBondValence:
     max_nfev: int = 300
     radius: dict = field(default_factory=dict)
     delta: dict = field(default_factory=dict)
+    log_b: dict = field(default_factory=dict)
     lam: float | None = None
 
     def polarity(self, bonds) -> tuple[np.ndarray, np.ndarray]:
@@ -217,42 +220,48 @@ class FittedBondValence:
         an = self.ANION_KEY + np.where(cation, zn, zc[site])
         return zc, sign, site, cat, an, d[site, slot].astype(np.float64)
 
-    def _sum(self, x, nz, i, j, pair_ids, dist, site, n_sites):
-        """Bond valences (per bond) and their sums per site for parameters ``x`` (radii, corrections)."""
-        s = np.exp(np.minimum((x[i] + x[j] + x[nz + pair_ids] - dist) / self.b_ang, 5.0))
-        return s, np.bincount(site, s, n_sites)
-
     def _fit_one(self, bonds, y, lam):
+        """Radii, pair corrections and log-softness per cation fitted with ridge penalty ``lam``."""
         from scipy import sparse
         from scipy.optimize import least_squares
 
-        zc, s_c, site, zi, zj, dist = self._bonds(bonds)
-        elements = np.unique(np.concatenate([zi, zj]))
-        index = np.zeros(int(elements.max()) + 1, np.int64)
-        index[elements] = np.arange(len(elements))
+        _, s_c, site, zi, zj, dist = self._bonds(bonds)
+        keys = np.unique(np.concatenate([zi, zj]))
+        index = np.zeros(int(keys.max()) + 1, np.int64)
+        index[keys] = np.arange(len(keys))
         pairs, pair_ids = np.unique(np.stack([zi, zj], 1), axis=0, return_inverse=True)
-        pair_ids = pair_ids.reshape(-1)
-        nz, npair, n = len(elements), len(pairs), len(y)
+        cations, cat_ids = np.unique(zi, return_inverse=True)
+        pair_ids, cat_ids = pair_ids.reshape(-1), cat_ids.reshape(-1)
+        nz, npair, ncat, n = len(keys), len(pairs), len(cations), len(y)
         i, j = index[zi], index[zj]
-        rows = np.concatenate([site, site, site])
-        cols = np.concatenate([i, j, nz + pair_ids])
+        # x = [radii (nz), corrections (npair), log(b / b_ang) per cation (ncat)]
+        p_col, c_col = nz + pair_ids, nz + npair + cat_ids
+
+        def bond_valences(x):
+            t = x[i] + x[j] + x[p_col] - dist  # R0 - d
+            b = self.b_ang * np.exp(x[c_col])
+            return np.exp(np.minimum(t / b, 5.0)), t / b
 
         def residuals(x):
-            _, total = self._sum(x, nz, i, j, pair_ids, dist, site, n)
-            return np.concatenate([s_c * total - y, np.sqrt(lam) * x[nz:]])
+            s, _ = bond_valences(x)
+            return np.concatenate([s_c * np.bincount(site, s, n) - y, np.sqrt(lam) * x[nz:]])
 
         def jacobian(x):
-            s, _ = self._sum(x, nz, i, j, pair_ids, dist, site, n)
-            v = s * s_c[site] / self.b_ang
-            top = sparse.csr_matrix((np.concatenate([v, v, v]), (rows, cols)), shape=(n, nz + npair))
-            ridge = sparse.hstack([sparse.csr_matrix((npair, nz)), np.sqrt(lam) * sparse.identity(npair)])
+            s, tb = bond_valences(x)
+            b = self.b_ang * np.exp(x[c_col])
+            v = s * s_c[site] / b  # d s / d R0, signed like the site
+            w = -s * s_c[site] * tb  # d s / d log b
+            top = sparse.csr_matrix((np.concatenate([v, v, v, w]), (np.tile(site, 4), np.concatenate([i, j, p_col, c_col]))),
+                                    shape=(n, nz + npair + ncat))
+            ridge = sparse.hstack([sparse.csr_matrix((npair + ncat, nz)), np.sqrt(lam) * sparse.identity(npair + ncat)])
             return sparse.vstack([top, ridge]).tocsr()
 
-        x0 = np.concatenate([np.full(nz, 0.9), np.zeros(npair)])
+        x0 = np.concatenate([np.full(nz, 0.9), np.zeros(npair + ncat)])
         x = least_squares(residuals, x0, jac=jacobian, method="trf", loss="soft_l1", f_scale=0.3,
                           max_nfev=self.max_nfev).x
-        return ({int(e): float(v) for e, v in zip(elements, x[:nz])},
-                {(int(a), int(b)): float(v) for (a, b), v in zip(pairs, x[nz:])})
+        return ({int(k): float(v) for k, v in zip(keys, x[:nz])},
+                {(int(a), int(b)): float(v) for (a, b), v in zip(pairs, x[nz:nz + npair])},
+                {int(c): float(v) for c, v in zip(cations, x[nz + npair:])})
 
     def fit(self, bonds, y, val_bonds, y_val) -> "FittedBondValence":
         y = np.asarray(y, np.float64).reshape(-1)
@@ -261,11 +270,11 @@ class FittedBondValence:
         y = y[known]
         best = None
         for lam in self.lams:
-            self.radius, self.delta = self._fit_one(bonds, y, lam)
+            self.radius, self.delta, self.log_b = self._fit_one(bonds, y, lam)
             err = np.nanmean(np.abs(self.predict(val_bonds) - np.asarray(y_val, np.float64).reshape(-1)))
             if best is None or err < best[0]:
-                best = (err, lam, self.radius, self.delta)
-        _, self.lam, self.radius, self.delta = best
+                best = (err, lam, self.radius, self.delta, self.log_b)
+        _, self.lam, self.radius, self.delta, self.log_b = best
         return self
 
     def predict(self, bonds) -> np.ndarray:
@@ -275,7 +284,8 @@ class FittedBondValence:
         r_an = float(np.median([v for k, v in self.radius.items() if k >= self.ANION_KEY]))
         r0 = (np.array([self.radius.get(int(a), r_cat) for a in zi]) + np.array([self.radius.get(int(b), r_an) for b in zj])
               + np.array([self.delta.get((int(a), int(b)), 0.0) for a, b in zip(zi, zj)]))
-        total = np.bincount(site, np.exp(np.minimum((r0 - dist) / self.b_ang, 5.0)), len(zc))
+        b = self.b_ang * np.exp(np.array([self.log_b.get(int(a), 0.0) for a in zi]))
+        total = np.bincount(site, np.exp(np.minimum((r0 - dist) / b, 5.0)), len(zc))
         out = s_c * total
         out[s_c == 0] = np.nan
         return out

@@ -115,7 +115,9 @@ def _bond_sites(rng, n, radii, b=0.37):
         zs = list(rng.choice(anions if cat else cations, nb)) + list(rng.choice(cations if cat else anions, nl))
         ds = list(rng.uniform(1.7, 2.6, nb)) + list(rng.uniform(2.8, 3.8, nl))
         d[i, :nb + nl], z[i, :nb + nl], mask[i, :nb + nl] = ds, zs, 1
-        y[i] = (1 if cat else -1) * np.exp((radii[zc[i]] + np.array([radii[t] for t in zs[:nb]]) - ds[:nb]) / b).sum()
+        cation_z = [zc[i]] * nb if cat else zs[:nb]
+        soft = np.array([b.get(c, 0.37) for c in cation_z]) if isinstance(b, dict) else b
+        y[i] = (1 if cat else -1) * np.exp((radii[zc[i]] + np.array([radii[t] for t in zs[:nb]]) - ds[:nb]) / soft).sum()
     return (d, z, mask, zc), y
 
 
@@ -150,6 +152,20 @@ def test_fitted_bond_valence_form_recovers_sums_of_unseen_sites_and_leaves_unkno
     z2[1][mask[te][1] > 0] = 2
     p2 = m.predict((d[te], z2, mask[te], zc2))
     assert np.isnan(p2[0]) and np.isnan(p2[1]) and np.allclose(p2[2:], pred[2:])
+
+
+def test_fitted_bond_valence_form_learns_a_softer_cation():
+    """One cation with b = 0.74 A (as the table's H-O has 0.94): its softness is fitted, the others stay near 0.37."""
+    from dosnet_bv.baselines import FittedBondValence
+
+    rng = np.random.default_rng(2)
+    radii = {12: 0.75, 20: 1.05, 22: 0.95, 8: 1.0, 9: 0.85}
+    (d, z, mask, zc), y = _bond_sites(rng, 500, radii, b={22: 0.74})
+    take = lambda s: (d[s], z[s], mask[s], zc[s])  # noqa: E731
+    m = FittedBondValence(chi={12: 1.31, 20: 1.00, 22: 1.54, 8: 3.44, 9: 3.98}, lams=(0.01,))
+    m.fit(take(slice(0, 400)), y[:400], take(slice(400, 450)), y[400:450])
+    assert abs(m.log_b[22] - np.log(2.0)) < 0.1 and abs(m.log_b[12]) < 0.1 and abs(m.log_b[20]) < 0.1
+    assert np.max(np.abs(m.predict(take(slice(450, 500))) - y[450:])) < 0.05 * np.mean(np.abs(y[450:]))
 
 
 def test_bond_polarity_makes_p_a_cation_in_a_phosphate_and_an_anion_in_a_phosphide():
