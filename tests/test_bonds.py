@@ -289,8 +289,8 @@ def test_bond_inputs_stream_like_in_memory(tmp_path):
 
 
 def test_bond_valence_baselines_back_off_and_cross_fit_the_form_under_the_trees(tmp_path, monkeypatch):
-    """bv_fitted predicts every row of every target (elements without a sign fall back to their
-    mean); bv_gbt_* fit the trees on the form's out-of-fold values: no inner fit sees the rows it
+    """bv_fitted predicts every row of every target (sites of unknown polarity fall back to their
+    element's mean); bv_gbt_* fit the trees on the form's out-of-fold values: no inner fit sees the rows it
     predicts, and a material's rows are never split between an inner fit and its prediction."""
     from dosnet_bv import ablation
     from dosnet_bv.data import load_data
