@@ -282,10 +282,20 @@ class FittedBondValence:
         zc, s_c, site, zi, zj, dist = self._bonds(bonds)
         r_cat = float(np.median([v for k, v in self.radius.items() if k < self.ANION_KEY]))
         r_an = float(np.median([v for k, v in self.radius.items() if k >= self.ANION_KEY]))
-        r0 = (np.array([self.radius.get(int(a), r_cat) for a in zi]) + np.array([self.radius.get(int(b), r_an) for b in zj])
-              + np.array([self.delta.get((int(a), int(b)), 0.0) for a, b in zip(zi, zj)]))
-        b = self.b_ang * np.exp(np.array([self.log_b.get(int(a), 0.0) for a in zi]))
+        r0 = (_lookup(self.radius, zi, r_cat) + _lookup(self.radius, zj, r_an)
+              + _lookup(self.delta, np.stack([zi, zj], 1), 0.0))
+        b = self.b_ang * np.exp(_lookup(self.log_b, zi, 0.0))
         total = np.bincount(site, np.exp(np.minimum((r0 - dist) / b, 5.0)), len(zc))
         out = s_c * total
         out[s_c == 0] = np.nan
         return out
+
+
+def _lookup(table: dict, keys: np.ndarray, default: float) -> np.ndarray:
+    """``table[k]`` (``default`` when absent) for each key: ints (n,) or int pairs (n, 2), one
+    dictionary look-up per distinct key."""
+    if not len(keys):
+        return np.zeros(0)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    as_key = (lambda u: (int(u[0]), int(u[1]))) if uniq.ndim == 2 else int
+    return np.array([table.get(as_key(u), default) for u in uniq], np.float64)[inv.reshape(-1)]
