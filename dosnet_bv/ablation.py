@@ -7,9 +7,11 @@ which model runs on which rows. ``run_model`` and the quick budget are shared wi
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
@@ -169,9 +171,10 @@ def baseline_predictions(name: str, data: Dataset, targets, train_rows, val_rows
     raise TrainError(f"unknown baseline {name!r}; expected one of {', '.join(BASELINES)}")
 
 
-def electronegativities() -> dict:
-    """{Z: Pauling electronegativity} of the elements pymatgen gives one for (not the noble gases
-    He, Ne, Ar)."""
+@functools.lru_cache(maxsize=1)
+def electronegativities() -> MappingProxyType:
+    """{Z: Pauling electronegativity} (read-only, built once) of the elements pymatgen gives one
+    for (not the noble gases He, Ne, Ar)."""
     import warnings
 
     from pymatgen.core import Element
@@ -183,7 +186,7 @@ def electronegativities() -> dict:
             x = Element.from_Z(z).X
             if np.isfinite(x):
                 out[z] = float(x)
-    return out
+    return MappingProxyType(out)
 
 
 class BondValenceForm:
@@ -226,30 +229,75 @@ class BondValenceForm:
 BV_INNER_FOLDS = 5
 
 
-def bond_valence_residual_trees(name: str, data: Dataset, targets, train_rows, val_rows, predict_rows: dict,
-                                seed: int, features: Features, groups=None) -> dict:
-    """``bv_gbt_<features>``: the bond valence form plus boosted trees on ``<features>`` fitted to
-    what the form leaves (target minus form). The form's values under the trees' training rows are
-    cross-fitted (``BV_INNER_FOLDS`` folds of ``train_rows`` grouped by ``groups``, the form fitted
-    without the fold), so the trees learn the residual as it is on unseen materials, not the
-    smaller in-sample one; validation and predicted rows get the form fitted on all ``train_rows``."""
+def cross_fitted_form(data: Dataset, targets, train_rows, val_rows, groups=None) -> tuple:
+    """The bond valence form for a model of what it leaves: ``(form_train, form)``. ``form_train``
+    (len(train_rows), T) holds the form's values under the training rows cross-fitted
+    (``BV_INNER_FOLDS`` folds of ``train_rows`` grouped by ``groups``, the material by default; the
+    form fitted without the fold), so a residual model learns the residual as it is on unseen
+    materials, not the smaller in-sample one; ``form`` is fitted on all ``train_rows`` and predicts
+    every other row."""
+    import hashlib
+    import weakref
+
     from sklearn.model_selection import GroupKFold
 
-    from dosnet_bv.baselines import GBT
-
-    train_rows, val_rows = np.asarray(train_rows), np.asarray(val_rows)
-    y = target_matrix(data, targets)
+    train_rows = np.asarray(train_rows)
     g = np.asarray(data.material_id if groups is None else groups)[train_rows]
+    key = (id(data), tuple(targets), hashlib.sha1(train_rows.tobytes() + np.asarray(val_rows).tobytes()
+                                                  + "|".join(map(str, g)).encode()).hexdigest())
+    ref, hit = _FORMS.get(key, (None, None))
+    if ref is not None and ref() is data:  # the seeds and models of one fold share it (10-60 s to fit)
+        return hit
     k = min(BV_INNER_FOLDS, len(np.unique(g)))
     form_train = np.empty((len(train_rows), len(targets)))
     for inner_fit, inner_out in GroupKFold(k).split(train_rows, groups=g):
         inner = BondValenceForm(data, targets, train_rows[inner_fit], val_rows)
         form_train[inner_out] = inner.predict(train_rows[inner_out])
-    form = BondValenceForm(data, targets, train_rows, val_rows)
+    if len(_FORMS) >= 16:
+        _FORMS.pop(next(iter(_FORMS)))
+    result = form_train, BondValenceForm(data, targets, train_rows, val_rows)
+    _FORMS[key] = weakref.ref(data), result
+    return result
+
+
+#: ``cross_fitted_form``'s recent results by (dataset, targets, rows), each with a weak reference
+#: to its dataset (an id can be reused once a dataset is gone)
+_FORMS: dict = {}
+
+
+def bond_valence_residual_trees(name: str, data: Dataset, targets, train_rows, val_rows, predict_rows: dict,
+                                seed: int, features: Features, groups=None) -> dict:
+    """``bv_gbt_<features>``: the bond valence form plus boosted trees on ``<features>`` fitted to
+    what the form leaves (target minus form; the form cross-fitted under the training rows,
+    ``cross_fitted_form``)."""
+    from dosnet_bv.baselines import GBT
+
+    train_rows, val_rows = np.asarray(train_rows), np.asarray(val_rows)
+    y = target_matrix(data, targets)
+    form_train, form = cross_fitted_form(data, targets, train_rows, val_rows, groups)
     x = features(name[len("bv_gbt_"):])
     trees = GBT(seed=seed).fit(x[train_rows], y[train_rows] - form_train, x[val_rows],
                                y[val_rows] - form.predict(val_rows))
     return {key: form.predict(r) + trees.predict(x[r]) for key, r in predict_rows.items()}
+
+
+def on_form(data: Dataset, targets, train_rows, val_rows, predict_rows: dict, groups=None) -> tuple:
+    """What a network stacked on the bond valence form trains on: ``(residual, offsets)``, where
+    ``residual`` is ``data`` with each of ``targets`` minus the form (cross-fitted under
+    ``train_rows``, ``cross_fitted_form``) and ``offsets[split]`` (len(rows), T) is the form to add
+    back to the network's predictions of ``predict_rows[split]``."""
+    import dataclasses
+
+    train_rows = np.asarray(train_rows)
+    form_train, form = cross_fitted_form(data, targets, train_rows, val_rows, groups)
+    offset = np.zeros((data.n, len(targets)))
+    rest = np.setdiff1d(np.arange(data.n), train_rows)
+    offset[rest] = form.predict(rest)
+    offset[train_rows] = form_train
+    y = target_matrix(data, targets)
+    residual = dataclasses.replace(data, targets={**data.targets,
+                                                  **{t: y[:, j] - offset[:, j] for j, t in enumerate(targets)}})
+    return residual, {key: offset[np.asarray(r)] for key, r in predict_rows.items()}
 
 
 def score_splits(data: Dataset, targets, rows: dict, preds: dict) -> dict:
@@ -315,6 +363,7 @@ class ModelSpec:
     structure_families: list = field(default_factory=list)
     structure_input: str | None = None
     overrides: dict = field(default_factory=dict)  # further params of this model (e.g. augment_shift_ev)
+    on_form: bool = False  # the network learns what the fitted bond valence form leaves (``on_form``)
 
 
 def run_model(spec: ModelSpec, seed: int, params: dict, data: Dataset, train_rows, rows: dict, features: Features,
@@ -334,8 +383,12 @@ def run_model(spec: ModelSpec, seed: int, params: dict, data: Dataset, train_row
             p["structure_input"] = spec.structure_input
         p.update(spec.overrides)
         epoch_log(f"--- {spec.model} seed {seed}")
-        res = fit_predict(p, data, train_rows, rows["val"], predict_rows, epoch_log)
-        preds = res.predictions
+        fit_data, offsets = data, None
+        if spec.on_form:
+            fit_data, offsets = on_form(data, targets, train_rows, rows["val"], predict_rows,
+                                        data.groups(params["split_by"]))
+        res = fit_predict(p, fit_data, train_rows, rows["val"], predict_rows, epoch_log)
+        preds = res.predictions if offsets is None else {k: v + offsets[k] for k, v in res.predictions.items()}
         info = {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch, "train_seconds": round(res.seconds, 1)}
         del res
     out = {"scores": score_splits(data, targets, predict_rows, preds), "info": info,

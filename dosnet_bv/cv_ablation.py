@@ -41,12 +41,18 @@ class CVModel:
     fusion: str | None = None
     structure_input: str = "vector"
     overrides: tuple = ()  # (params key, value) pairs of this model
+    on_form: bool = False  # the network learns what the fitted bond valence form leaves
 
     def spec(self, families: list) -> ModelSpec:
         if self.kind == "baseline":
             return ModelSpec(self.name, "baseline")
         fams = list(families) if self.structure_input != "bonds" and self.fusion != "none" else []
-        return ModelSpec(self.name, "dosnet", self.fusion, fams, self.structure_input, dict(self.overrides))
+        return ModelSpec(self.name, "dosnet", self.fusion, fams, self.structure_input, dict(self.overrides),
+                         self.on_form)
+
+    @property
+    def needs_bonds(self) -> bool:
+        return self.on_form or self.structure_input in ("bonds", "both") or self.name.startswith("bv_")
 
 
 CV_MODELS = {m.name: m for m in (
@@ -71,6 +77,12 @@ CV_MODELS = {m.name: m for m in (
     # the site's DOS alone (no neighbour DOS; the bond table names the neighbours): one featurizer
     # pass per sample instead of three
     CVModel("site_dos_bonds", "site DOS + bonds (late)", "dosnet", "late", "bonds", overrides=(("n_neighbours", 0),)),
+    # stacked on the bond valence form: the network learns target minus form (ablation.on_form)
+    CVModel("form_dos", "bond valence form + DOS only network (residual)", "dosnet", "none", on_form=True),
+    CVModel("form_bonds", "bond valence form + bonds only network (residual)", "dosnet", "structure_only", "bonds",
+            on_form=True),
+    CVModel("form_dos_bonds", "bond valence form + DOS + bonds network (residual)", "dosnet", "late", "bonds",
+            on_form=True),
 )}
 #: the subsets every test fold is also scored on: by site
 SUBSETS = ("test", "test_cation", "test_anion")
@@ -133,7 +145,7 @@ def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int =
     run_params, budget = ablation_budget(params, full)
     seeds = [params["seed"] + i for i in range(n_seeds)]
     folds = cv_splits(data.groups(params["split_by"]), k, params["cv_val_fraction"], params["split_seed"])
-    if any(CV_MODELS[m].structure_input in ("bonds", "both") for m in models) and data.bonds is None:
+    if any(CV_MODELS[m].needs_bonds for m in models) and data.bonds is None:
         raise TrainError(f"{data.path} has no bond table (schema < 3): rebuild it (make data) or leave out the bond "
                          f"models (--models)")
     check_resume(out / "cv_ablation_config.json",

@@ -318,6 +318,7 @@ def test_bond_valence_baselines_back_off_and_cross_fit_the_form_under_the_trees(
     monkeypatch.setattr(ablation, "BondValenceForm", Recording)
     for name in ("bv_gbt_dos", "bv_gbt_structure"):
         calls.clear()
+        monkeypatch.setattr(ablation, "_FORMS", {})  # fit afresh, not from the first model's cache
         out = ablation.baseline_predictions(name, data, p["targets"], train, val, {"test": test}, 0, feats,
                                             data.material_id)
         assert out["test"].shape == (len(test), 2) and np.isfinite(out["test"]).all()
@@ -327,3 +328,61 @@ def test_bond_valence_baselines_back_off_and_cross_fit_the_form_under_the_trees(
         for fit_rows, rows in inner:
             assert not fit_rows & rows
             assert not set(data.material_id[list(fit_rows)]) & set(data.material_id[list(rows)])
+
+
+def test_network_on_the_form_trains_on_the_cross_fitted_residual_and_adds_the_form_back(tmp_path, monkeypatch):
+    """form_* models: the network's training targets are the target minus the form fitted without
+    the row's inner fold (not the in-sample form), its validation and test targets the target minus
+    the form fitted on all training rows, and the form is added back to what it predicts."""
+    from dosnet_bv import ablation
+    from dosnet_bv.cv_ablation import CV_MODELS
+    from dosnet_bv.data import load_data, target_matrix
+    from dosnet_bv.outputs import Log
+
+    n = 60
+    path = _tiny_h5(tmp_path / "b.h5", n, bonds=_random_bonds(n))
+    p = _params(data_file=str(path), targets=["bvs_vu", "valence"], structure_families=["site"])
+    data = load_data(path, p)
+    train, val, test = (np.flatnonzero(data.split == s) for s in ("train", "val", "test"))
+    y = target_matrix(data, p["targets"])
+    full = ablation.BondValenceForm(data, p["targets"], train, val)
+    seen = {}
+
+    class Result:
+        predictions = {"val": np.full((len(val), 2), 0.25), "test": np.full((len(test), 2), 0.25)}
+        epochs_run = best_epoch = 1
+        seconds = 0.0
+
+    def fake_fit(params, fit_data, train_rows, val_rows, predict_rows, log):
+        seen["y"] = target_matrix(fit_data, params["targets"])
+        return Result()
+
+    monkeypatch.setattr(ablation, "fit_predict", fake_fit)
+    spec = CV_MODELS["form_dos_bonds"].spec(["site"])
+    assert spec.on_form
+    out = ablation.run_model(spec, 0, p, data, train, {"train": train, "val": val, "test": test},
+                             ablation.Features(data, p, Log(quiet=True)), Log(quiet=True), keep="test")
+    assert np.allclose(out["predictions"], full.predict(test) + 0.25, atol=1e-5)
+    assert np.allclose(seen["y"][test], y[test] - full.predict(test))
+    assert np.allclose(seen["y"][val], y[val] - full.predict(val))
+    resid_train = y[train] - seen["y"][train]  # the form under the training rows as the network saw it
+    assert not np.allclose(resid_train, full.predict(train))  # out of fold, not the in-sample form
+    form_train, _ = ablation.cross_fitted_form(data, p["targets"], train, val, data.groups(p["split_by"]))
+    assert np.allclose(resid_train, form_train)
+    assert np.array_equal(target_matrix(data, p["targets"]), y)  # the caller's dataset is untouched
+
+
+def test_cross_fitted_form_is_shared_by_one_fold_and_never_by_another_dataset(tmp_path):
+    from dosnet_bv import ablation
+    from dosnet_bv.data import load_data
+
+    n = 40
+    path = _tiny_h5(tmp_path / "b.h5", n, bonds=_random_bonds(n))
+    p = _params(data_file=str(path), targets=["bvs_vu"], structure_families=["site"])
+    data = load_data(path, p)
+    train, val = (np.flatnonzero(data.split == s) for s in ("train", "val"))
+    first = ablation.cross_fitted_form(data, ["bvs_vu"], train, val)
+    assert ablation.cross_fitted_form(data, ["bvs_vu"], train, val) is first
+    assert ablation.cross_fitted_form(data, ["bvs_vu"], train[:-2], val) is not first
+    other = load_data(path, p)
+    assert ablation.cross_fitted_form(other, ["bvs_vu"], train, val) is not first
