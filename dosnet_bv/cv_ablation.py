@@ -352,9 +352,10 @@ def compare(summaries: dict, models: list, targets: list) -> list[dict]:
 
 
 #: network pairs compared fold by fold when both ran: what the DOS adds to a structure input, and
-#: what a structure input adds to the DOS
+#: what a structure input adds to the DOS; on the bond valence form, what the DOS adds to it
 PAIRED_NETWORKS = (("dos_bonds", "bonds"), ("dos_vector", "vector"), ("dos_bonds", "dos"), ("dos_vector", "dos"),
-                   ("site_dos_bonds", "dos_bonds"), ("site_dos_bonds", "bonds"))
+                   ("site_dos_bonds", "dos_bonds"), ("site_dos_bonds", "bonds"),
+                   ("form_dos_bonds", "form_bonds"), ("form_dos_bonds", "dos_bonds"))
 
 
 def fold_maes(runs: list, subset: str, target: str) -> dict:
