@@ -8,6 +8,7 @@
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
     python train.py --params params.json --ablation --cv 5 [--models dos_bonds,gbt_structure]  # on unseen families
     python train.py --combine RUN_A RUN_B [...] --out DIR   # one report from --ablation --cv K parts
+    python train.py --side-by-side xTB=RUN_A PBE=RUN_B --out FILE.md   # finished studies in one table
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
     python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
     python train.py --params params.json --tune [--trials N] [--study NAME] [--storage URL]  # hyperparameter search
@@ -74,6 +75,9 @@ def parse_args(argv=None):
     p.add_argument("--combine", nargs="+", metavar="PART",
                    help="one report (cv_ablation.json/.md in --out) from --ablation --cv K runs of different "
                         "--models on the same data, folds and budget (their cv_ablation.json files or run folders)")
+    p.add_argument("--side-by-side", nargs="+", metavar="LABEL=RUN",
+                   help="one table of finished --ablation --cv runs (e.g. material- vs family-grouped, xTB vs PBE); "
+                        "needs --out FILE.md")
     p.add_argument("--learning-curve", action="store_true",
                    help="best DOSnet model and best baseline on 5-100 %% of the training materials")
     p.add_argument("--from-ablation", metavar="ABLATION_JSON",
@@ -170,6 +174,19 @@ def dispatch(args) -> None:
             raise TrainError("--combine needs --out DIR (where the combined cv_ablation.json and .md go)")
         res = combine(args.combine, args.out)
         print(f"{len(res['models'])} models from {len(args.combine)} parts -> {Path(args.out) / 'cv_ablation.md'}")
+        return
+    if args.side_by_side:
+        from dosnet_bv.cv_ablation import parse_models, side_by_side
+
+        others = [f for f, v in (("--predict", args.predict), ("--importance", args.importance), ("--cv", args.cv is not None),
+                                 ("--ablation", args.ablation), ("--learning-curve", args.learning_curve),
+                                 ("--tune", args.tune), ("--data", args.data)) if v]
+        if others:
+            raise TrainError(f"--side-by-side reads finished runs only; it cannot be combined with {others[0]}")
+        if not args.out:
+            raise TrainError("--side-by-side needs --out FILE.md (where the table goes)")
+        side_by_side(args.side_by_side, args.out, parse_models(args.models) if args.models else None)
+        print(f"{len(args.side_by_side)} studies side by side -> {args.out}")
         return
     if args.predict:
         if not args.data:

@@ -424,3 +424,68 @@ def markdown(summaries: dict, models: list, targets: list) -> str:
         out += ("\n\nThe same test sites by material: real (experimental) structures and substituted ones.\n\n"
                 + table(ORIGIN_SUBSETS, ["real", "substituted"]))
     return out
+
+
+#: what ``side_by_side`` shows of each study: (target, subset, metric, heading)
+SIDE_BY_SIDE_COLUMNS = (("bvs_vu", "test", "mae", "bvs_vu MAE"), ("bvs_vu", "test_cation", "mae", "cation"),
+                        ("valence", "test", "accuracy", "valence right"),
+                        ("valence", "test_cation", "accuracy", "cation"))
+
+
+@dataclass(frozen=True)
+class FinishedStudy:
+    """One finished ``--ablation --cv K`` study for ``side_by_side``: its label and JSON."""
+
+    label: str
+    path: Path
+    raw: dict
+
+    @classmethod
+    def read(cls, spec: str) -> "FinishedStudy":
+        """``LABEL=RUN`` (RUN: a run folder or its cv_ablation.json); without ``LABEL=`` the folder name."""
+        label, sep, where = spec.partition("=")
+        if not sep:
+            label, where = "", spec
+        raw = _read_part(Path(where))
+        path = Path(where)
+        return cls(label or (path.name if path.is_dir() else path.parent.name), path, raw)
+
+    def describe(self) -> str:
+        r = self.raw
+        return (f"{self.label}: {r['data_file']} ({r['config']['n_samples']} samples), {r['k']} folds by "
+                f"{r['split_by']}, split_seed {r['config']['split_seed']}, network seeds "
+                f"{', '.join(map(str, r['seeds']))}")
+
+
+def side_by_side(specs: list, out_file, models: list | None = None) -> str:
+    """One markdown table of several finished studies (``LABEL=RUN``, e.g. material- against
+    family-grouped, xTB against PBE spectra): a row per model that any of them ran, per study its
+    test ``bvs_vu`` MAE and share of valences right, on all and on cation sites, mean ± std over
+    its (fold, seed) runs as in its own report ("–" where a study did not run the model or the
+    target). ``models``: only these rows (and their ``_ensemble`` rows), in this order. Written to
+    ``out_file`` and returned."""
+    studies = [FinishedStudy.read(s) for s in specs]
+    if not studies:
+        raise TrainError("--side-by-side needs at least one LABEL=RUN")
+    ran = list(dict.fromkeys(m for s in studies for m in s.raw["models"]))
+    if models:
+        ran = [m for want in models for m in ran if m.removesuffix("_ensemble") == want]
+        if not ran:
+            raise TrainError(f"--models: none of {', '.join(models)} is in these studies")
+    models = ran
+    head = ["model"] + [f"{s.label}: {h}" for s in studies for *_, h in SIDE_BY_SIDE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for m in models:
+        row = [label(m)]
+        for s in studies:
+            summary = s.raw["models"].get(m, {}).get("summary", {})
+            for target, subset, metric, _ in SIDE_BY_SIDE_COLUMNS:
+                entry = summary.get(subset, {}).get(target, {}).get(metric)
+                row.append(report.pm(entry, 3) if metric == "mae" else
+                           (f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f} %" if entry else "–"))
+        lines.append("| " + " | ".join(row) + " |")
+    text = ("# Studies side by side\n\nTest-site figures, mean ± std over each study's (fold, seed) runs "
+            "(bvs_vu in v.u.; valence right: rounded oxidation state equal to the stored one).\n\n"
+            + "".join(f"- {s.describe()}\n" for s in studies) + "\n" + "\n".join(lines) + "\n")
+    write_text(Path(out_file), text)
+    return text

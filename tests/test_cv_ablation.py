@@ -234,3 +234,35 @@ def test_the_content_fingerprint_sees_a_changed_target_or_spectrum(tiny):  # noq
     data.targets["bvs_vu"][3] -= 0.01
     data.dos[2, 10, 0] += 1.0
     assert content_fingerprint(data) != fp and data_fingerprint(data) == data_fingerprint(load_data(h5, _params(h5, "runs")))
+
+
+def test_side_by_side_puts_finished_studies_in_one_table(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """--side-by-side: a row per model any study ran, each study's own mean ± std (the fake scores:
+    MAE 0.5 + 0.01 x seed for the per-element mean), '–' where a study lacks the model; --models
+    picks rows; mistakes are one line."""
+    h5, _, _ = tiny
+    p = _params(h5, tmp_path)
+    data = load_data(h5, p)
+    monkeypatch.setattr(cv_ablation, "run_model", _fake([]))
+    fam = cv_ablation.run_cv_ablation(p, data, tmp_path / "fam", k=3, n_seeds=2, models=["element_mean", "vector"],
+                                      log=Log(quiet=True))
+    cv_ablation.run_cv_ablation({**p, "split_by": "material"}, data, tmp_path / "mat", k=3, n_seeds=1,
+                                models=["element_mean"], log=Log(quiet=True))
+    out = tmp_path / "sbs.md"
+    assert train.main(["--side-by-side", f"family={tmp_path / 'fam'}", f"material={tmp_path / 'mat'}",
+                       "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = {r.split(" | ")[0].lstrip("| "): r for r in text.splitlines() if r.startswith("| ") and "---" not in r}
+    assert "family: bvs_vu MAE" in rows["model"] and "material: cation" in rows["model"]
+    mae = fam["models"]["element_mean"]["summary"]["test"]["bvs_vu"]["mae"]
+    assert f"{mae['mean']:.3f} ± {mae['std']:.3f}" in rows["per-element mean"]
+    cells = rows["structure vector only"].strip(" |").split(" | ")
+    assert cells[1] != "–" and cells[-4:] == ["–"] * 4  # the material study did not run it
+    assert "5 folds" not in text and "3 folds by material" in text and "3 folds by family" in text
+    cv_ablation.side_by_side([f"a={tmp_path / 'fam'}"], out, models=["vector"])
+    assert "per-element mean" not in out.read_text() and "structure vector only, mean of the seeds" in out.read_text()
+    with pytest.raises(cv_ablation.TrainError, match="none of"):
+        cv_ablation.side_by_side([str(tmp_path / "mat")], out, models=["vector"])
+    assert train.main(["--side-by-side", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
+    assert train.main(["--side-by-side", str(tmp_path / "fam")]) == 1
+    assert train.main(["--side-by-side", str(tmp_path / "fam"), "--ablation", "--out", str(out)]) == 1
