@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pymatgen.core import Lattice, Structure
+from pymatgen.core import Composition, Lattice, Structure
 
 from data_prep.embedded import pbe
 from data_prep.embedded.compute import bv_scope_reason, family_balanced_order
@@ -412,6 +412,23 @@ def test_a_record_computed_in_a_skewed_cell_is_outdated():
     assert pbe.outdated_recipe({"calculation": {**calc, "h_gpaw_ang": 0.204}}, fcc) is None
 
 
+def test_cs_takes_its_basis_override_and_older_cs_records_are_outdated():
+    """Cs's dzp basis left S(k) singular in CsCl (pbe.BASIS_OVERRIDES): a cell with Cs gets
+    GPAW's per-element basis dict with dzp as the default, others keep the plain string; a Cs
+    record made without the override is recomputed, a Cs-free one is not."""
+    lat = Lattice.cubic(4.12)
+    cscl = Structure(lat, ["Cs", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    kcl = Structure(lat, ["K", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert pbe.basis_for(cscl) == ({"default": pbe.BASIS, "Cs": "szp(dzp)"}, {"Cs": "szp(dzp)"})
+    assert pbe.basis_for(kcl) == (pbe.BASIS, {})
+    assert pbe.basis_for(cscl, pbe.PBESettings(basis_overrides={})) == (pbe.BASIS, {})
+    calc = {"code": "GPAW", "projection": pbe.PROJECTION_LABELS[pbe.PROJECTION], "h_gpaw_ang": 0.2}
+    assert "basis overrides" in pbe.outdated_recipe({"calculation": calc}, cscl)
+    assert pbe.outdated_recipe({"calculation": {**calc, "basis_overrides": {"Cs": "szp(dzp)"}}}, cscl) is None
+    assert pbe.outdated_recipe({"calculation": calc}, kcl) is None
+    assert "basis overrides" in pbe.outdated_recipe({"calculation": {**calc, "basis_overrides": {"Cs": "sz"}}}, cscl)
+
+
 def test_anions_outside_bond_valence_theory_are_dropped_with_a_reason():
     nias = StructureEntry("x", "NiAs", "prototype", rocksalt(5.0, "Ni", "As"), {"bv_valences": [3, -3]})
     nio = StructureEntry("y", "NiO", "prototype", rocksalt(4.2, "Ni", "O"), {"bv_valences": [2, -2]})
@@ -444,7 +461,15 @@ def test_order_is_real_first_then_round_robin_over_parents():
 def _checks() -> dict:
     assert CHECKS.exists(), "run python bench/pbe_convergence.py (needs the 'compute' extra)"
     data = json.loads(CHECKS.read_text())
-    assert data["settings"] == pbe.PBESettings().as_dict(), "pbe.py settings changed: rerun bench/pbe_convergence.py"
+    current = pbe.PBESettings().as_dict()
+    # the per-element basis overrides (pbe.BASIS_OVERRIDES) came later; they leave a check unchanged
+    # while none of its materials holds an overridden element
+    overrides = current.pop("basis_overrides")
+    checked = {el.symbol for key in ("convergence", "gaps", "grid", "cell") for row in data.get(key, [])
+               if isinstance(row, dict) and "formula" in row for el in Composition(row["formula"]).elements}
+    assert checked and not checked & set(overrides), "a checked material takes a basis override: rerun the checks"
+    assert {k: v for k, v in data["settings"].items() if k != "basis_overrides"} == current, \
+        "pbe.py settings changed: rerun bench/pbe_convergence.py"
     assert data.get("grid_rule") == pbe.GRID_RULE, "the grid rule changed: rerun bench/pbe_convergence.py"
     return data
 

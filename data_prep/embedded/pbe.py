@@ -5,7 +5,7 @@ not converge and collapsed the gaps of oxides). The recipe follows the Materials
 matters for comparing with MP's DOS:
 
 - **Functional**: PBE (MP's GGA), PAW setups and double-zeta-polarised (dzp) LCAO basis sets of
-  the ``gpaw-data`` package; real-space grid points at most ``h`` = 0.25 Å apart along every lattice
+  the ``gpaw-data`` package (Cs: szp(dzp), :data:`BASIS_OVERRIDES`); real-space grid points at most ``h`` = 0.25 Å apart along every lattice
   vector (:func:`gpaw_h`; GPAW's own rule from ``h`` left them up to 0.4-0.65 Å apart in
   non-orthogonal cells, which made calcite's and Bi2Te3's spectra wrong), in the Niggli cell when
   that is more orthogonal than the given one (:func:`calculation_cell`).
@@ -108,7 +108,7 @@ RECIPE_KEYS = ("basis", "h_ang", "scf_kdensity", "dos_kdensity", "dos_method")
 def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str | None:
     """Why a record of this recipe (GPAW, ``provenance["calculation"]``) is outdated: relaxed before
     the symmetric relaxation (``relax.symmetrise``), projected by another scheme than
-    :data:`PROJECTION`, made with another value of a :data:`RECIPE_KEYS` setting than :class:`PBESettings`, or (given the record's ``structure``) computed in another cell
+    :data:`PROJECTION`, made with another value of a :data:`RECIPE_KEYS` setting than :class:`PBESettings`, or (given the record's ``structure``) with other basis overrides than :func:`basis_for`'s, computed in another cell
     than :func:`calculation_cell`'s or on a grid coarser than :data:`MAX_OLD_GRID_SPACING_ANG`
     along a lattice vector (records before :func:`gpaw_h`); None when current, or when not a GPAW
     record at all."""
@@ -132,6 +132,9 @@ def outdated_recipe(provenance: dict, structure: Structure | None = None) -> str
     changed = [f"{k} {calc[k]!r} (now {current[k]!r})" for k in RECIPE_KEYS if k in calc and calc[k] != current[k]]
     if changed:
         return f"made with outdated settings: {', '.join(changed)}: {fix}"
+    if structure is not None and calc.get("basis_overrides", {}) != basis_for(structure)[1]:
+        return (f"made with the basis overrides {calc.get('basis_overrides', {})} (now {basis_for(structure)[1]}: "
+                f"pbe.BASIS_OVERRIDES): {fix}")
     if structure is not None and not calc.get("niggli_reduced") and calculation_cell(structure)[1]:
         angles = ", ".join(f"{a:.0f}" for a in structure.lattice.angles)
         return f"computed in a cell with angles {angles}°, not in its more orthogonal Niggli cell: {fix}"
@@ -179,6 +182,16 @@ class PBEError(RuntimeError):
     """The calculation cannot run or did not give a usable spectrum (message says why)."""
 
 
+#: elements that take another basis than :data:`BASIS` (derived from the same dzp file). Cs's
+#: dzp basis leaves the LCAO overlap matrix S(k) numerically singular in dense packings: GPAW
+#: 26.7 on the real CsCl (CsCl cell, SCF mesh, 36 k-points) gave a smallest eigenvalue of
+#: -3.0e-6 (7 k-points below 1e-6) and its Cholesky step failed, as for CsF in the CsCl cell,
+#: CsBr in the KBr cell and CsOH, while rock-salt CsCl passed at 5.7e-6; with szp(dzp) on Cs
+#: alone the minimum is 2.2e-5. Other elements sit near 1e-6 too (SrTiO3 4.9e-7, BaO 2.4e-6)
+#: and pass: the Löwdin weights use S^(1/2), which amplifies nothing.
+BASIS_OVERRIDES = {"Cs": "szp(dzp)"}
+
+
 @dataclass
 class PBESettings:
     h_ang: float = GRID_SPACING_ANG
@@ -186,6 +199,7 @@ class PBESettings:
     dos_kdensity: float = DOS_KDENSITY
     smearing_ev: float = SMEARING_EV
     basis: str = BASIS
+    basis_overrides: dict = field(default_factory=lambda: dict(BASIS_OVERRIDES))
     max_scf_iter: int = 300
     dos_method: str = DOS_METHOD
     projection: str = PROJECTION
@@ -203,6 +217,15 @@ class PBEResult:
 
 # --------------------------------------------------------------------------------------------
 # what GPAW can do (no calculator needed)
+def basis_for(structure: Structure, settings: PBESettings | None = None) -> tuple[str | dict, dict]:
+    """(GPAW's ``basis`` argument for ``structure``, the overrides it uses: {element: basis}):
+    ``settings.basis`` for every element but those of ``settings.basis_overrides`` present."""
+    settings = settings or PBESettings()
+    present = {e.symbol for e in structure.composition.elements}
+    used = {el: b for el, b in sorted(settings.basis_overrides.items()) if el in present}
+    return ({"default": settings.basis, **used} if used else settings.basis), used
+
+
 def setups_dir() -> Path | None:
     """Folder of the PAW setups of the ``gpaw-data`` package (None if it is not installed)."""
     try:
@@ -461,7 +484,7 @@ def _scf(structure: Structure, valences: list[int] | None, settings: PBESettings
         sym_info = {"scf_symmorphic_only": bool(symmetry.get("symmorphic", True))}
         if not symmetry.get("point_group", True):  # see MAX_GRID_INFLATION
             sym_info.update(scf_point_group=False, grid_points=n_plain, grid_points_with_point_group=n_fitted)
-        calc = GPAW(mode="lcao", basis=settings.basis, xc="PBE", h=h_gpaw, setups=setups,
+        calc = GPAW(mode="lcao", basis=basis_for(structure, settings)[0], xc="PBE", h=h_gpaw, setups=setups,
                     kpts={"density": settings.scf_kdensity, "gamma": True}, occupations=occupations,
                     spinpol=spin, maxiter=settings.max_scf_iter, txt=txt or os.devnull,
                     symmetry=symmetry)
@@ -906,6 +929,7 @@ def run_pbe(structure: Structure, valences: list[int] | None = None, settings: P
                                         settings.time_reversal)
     info = {
         "code": "GPAW", "gpaw_version": gpaw_version(), "mode": "lcao", "xc": "PBE", "basis": settings.basis,
+        "basis_overrides": basis_for(structure, settings)[1],
         "h_ang": settings.h_ang, "scf_kdensity": settings.scf_kdensity,
         "smearing": f"fermi-dirac {settings.smearing_ev} eV", **scf_info, **dos_info,
         "seconds": round(time.perf_counter() - t0, 2), "projection": PROJECTION_LABELS[settings.projection],
