@@ -158,6 +158,16 @@ def resume(args) -> None:
         run_experiment(params, data, run, tensorboard=args.tensorboard, resume=True)
 
 
+def _reads_finished_runs(flag: str, args, models_allowed: bool) -> None:
+    """``flag`` only reads finished runs: refuse the flags that would start work (one line)."""
+    others = [f for f, v in (("--predict", args.predict), ("--importance", args.importance), ("--cv", args.cv is not None),
+                             ("--ablation", args.ablation), ("--learning-curve", args.learning_curve),
+                             ("--tune", args.tune), ("--data", args.data),
+                             ("--models", args.models and not models_allowed)) if v]
+    if others:
+        raise TrainError(f"{flag} reads finished runs only; it cannot be combined with {others[0]}")
+
+
 def dispatch(args) -> None:
     if args.resume:
         resume(args)
@@ -165,11 +175,7 @@ def dispatch(args) -> None:
     if args.combine:
         from dosnet_bv.cv_ablation import combine
 
-        others = [f for f, v in (("--predict", args.predict), ("--importance", args.importance), ("--cv", args.cv is not None),
-                                 ("--ablation", args.ablation), ("--learning-curve", args.learning_curve),
-                                 ("--tune", args.tune), ("--data", args.data), ("--models", args.models)) if v]
-        if others:
-            raise TrainError(f"--combine reads finished runs only; it cannot be combined with {others[0]}")
+        _reads_finished_runs("--combine", args, models_allowed=False)
         if not args.out:
             raise TrainError("--combine needs --out DIR (where the combined cv_ablation.json and .md go)")
         res = combine(args.combine, args.out)
@@ -178,11 +184,7 @@ def dispatch(args) -> None:
     if args.side_by_side:
         from dosnet_bv.cv_ablation import parse_models, side_by_side
 
-        others = [f for f, v in (("--predict", args.predict), ("--importance", args.importance), ("--cv", args.cv is not None),
-                                 ("--ablation", args.ablation), ("--learning-curve", args.learning_curve),
-                                 ("--tune", args.tune), ("--data", args.data)) if v]
-        if others:
-            raise TrainError(f"--side-by-side reads finished runs only; it cannot be combined with {others[0]}")
+        _reads_finished_runs("--side-by-side", args, models_allowed=True)
         if not args.out:
             raise TrainError("--side-by-side needs --out FILE.md (where the table goes)")
         side_by_side(args.side_by_side, args.out, parse_models(args.models) if args.models else None)
