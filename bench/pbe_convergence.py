@@ -1,7 +1,7 @@
 """Convergence and accuracy check of the embedded PBE recipe (writes data_prep/embedded/pbe_checks.json).
 
-For MgO, rutile TiO2 and the ternaries SrTiO3 and spinel MgAl2O4 (the embedded dataset's own
-real structures; MgO an experimental rock-salt cell) the DOS at the
+For MgO, rutile TiO2, the ternaries SrTiO3 and spinel MgAl2O4 and CsCl (the embedded dataset's own
+real structures; MgO an experimental rock-salt cell; CsCl for Cs's basis override) the DOS at the
 recipe's k-point density d is compared with 2d (same SCF): per-site L1 distance of the unit-area
 site DOS (0-2) at sigma 0.1 eV must stay below ``pbe.L1_TOLERANCE``. The PBE gaps of MgO, rutile,
 SrTiO3 and spinel MgAl2O4 must lie within ``pbe.GAP_TOLERANCE_EV`` of ``pbe.REFERENCE_GAPS_EV``.
@@ -39,7 +39,7 @@ from data_prep.embedded.structures import collect_structures  # noqa: E402
 from data_prep.records import atomic_write_bytes  # noqa: E402
 
 #: which real structure stands for each formula (ids of the embedded collection)
-CONVERGENCE = ("SrTiO3", "MgO", "TiO2", "MgAl2O4")
+CONVERGENCE = ("SrTiO3", "MgO", "TiO2", "MgAl2O4", "CsCl")
 GAPS = ("MgO", "TiO2", "SrTiO3", "MgAl2O4")
 GRID = ("MgO", "TiO2", "CaCO3")
 CELL = ("CaCO3", "Bi2Te3")
@@ -72,6 +72,10 @@ def _pick(entries, formula):
 
 def _job(kind: str, formula: str, save_dir: str | None = None) -> dict:
     e = _pick(collect_structures(n_substituted=0, progress=False), formula)
+    return {**_check(kind, formula, e, save_dir), "basis_overrides": pbe.basis_for(e.structure)[1]}
+
+
+def _check(kind: str, formula: str, e, save_dir: str | None) -> dict:
     valences = e.provenance.get("bv_valences")
     if kind == "convergence":
         save = str(Path(save_dir) / f"{formula}.npz") if save_dir else None
@@ -87,18 +91,24 @@ def _job(kind: str, formula: str, save_dir: str | None = None) -> dict:
             "seconds": r.info["seconds"]}
 
 
-def _same_recipe(old: dict, new: dict) -> bool:
-    """Whether an existing checks file was computed with the recipe of ``new``: the same settings,
-    grid rule and GPAW; basis overrides (``pbe.BASIS_OVERRIDES``) count only when a checked
-    material holds an overridden element (tests/test_pbe.py reads the file the same way)."""
+def _row_is_current(row: dict) -> bool:
+    """Whether a row was computed with today's basis overrides (``pbe.BASIS_OVERRIDES``) for its
+    elements (rows written before the overrides existed carry none: valid while none applies)."""
     from pymatgen.core import Composition
 
-    checked = {el.symbol for fs in KINDS.values() for f in fs for el in Composition(f).elements}
+    elements = {el.symbol for el in Composition(row["formula"]).elements}
+    want = {el: b for el, b in sorted(pbe.BASIS_OVERRIDES.items()) if el in elements}
+    return (row.get("basis_overrides") or {}) == want
+
+
+def _same_recipe(old: dict, new: dict, kept: list[dict]) -> bool:
+    """Whether the rows ``kept`` of an existing checks file hold for the recipe of ``new``: the same
+    settings (basis overrides compared per row), grid rule and GPAW (tests/test_pbe.py reads the
+    file the same way)."""
     def settings(d):
-        s = dict(d.get("settings") or {})
-        over = {el: b for el, b in (s.pop("basis_overrides", None) or {}).items() if el in checked}
-        return s, over
-    return settings(old) == settings(new) and all(old.get(k) == new[k] for k in ("grid_rule", "gpaw_version"))
+        return {k: v for k, v in (d.get("settings") or {}).items() if k != "basis_overrides"}
+    return (settings(old) == settings(new) and all(old.get(k) == new[k] for k in ("grid_rule", "gpaw_version"))
+            and all(_row_is_current(row) for row in kept))
 
 
 def main(argv=None) -> int:
@@ -121,12 +131,12 @@ def main(argv=None) -> int:
     jobs = [(kind, f) for kind in ("cell", "convergence", "grid", "gaps") for f in KINDS[kind]]
     if args.only:
         old = json.loads(Path(args.out).read_text())
-        if not _same_recipe(old, result):
-            raise SystemExit(f"{args.out} was computed with other settings or GPAW: rerun every check (no --only)")
         kinds = args.kinds or list(KINDS)
         jobs = [(kind, f) for kind, f in jobs if f in args.only and kind in kinds]
         for kind in KINDS:
             result[kind] = [row for row in old.get(kind, []) if row["formula"] not in args.only or kind not in kinds]
+        if not _same_recipe(old, result, [row for kind in KINDS for row in result[kind]]):
+            raise SystemExit(f"{args.out} was computed with other settings or GPAW: rerun every check (no --only)")
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.procs) as pool:
         if args.save_dos:
