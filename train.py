@@ -2,7 +2,7 @@
 
     python train.py --params params.json [--data FILE] [--epochs N] [--out RUN]
                     [--fusion F] [--targets T [T ...]] [--seed S] [--tensorboard]
-    python train.py --params params.json --cv [K]            # grouped K-fold CV by material
+    python train.py --params params.json --cv [K]            # grouped K-fold CV (by family)
     python train.py --predict RUN_DIR --data FILE [--out DIR] # predictions with a saved model
     python train.py --resume RUN_DIR                         # continue an interrupted single run or --cv
     python train.py --params params.json --ablation [--seeds 3] [--full]   # baselines + ablation table
@@ -10,6 +10,7 @@
     python train.py --combine RUN_A RUN_B [...] --out DIR   # one report from --ablation --cv K parts
     python train.py --side-by-side xTB=RUN_A PBE=RUN_B --out FILE.md   # finished studies in one table
     python train.py --params params.json --learning-curve [--from-ablation RUN/ablation.json]
+    python train.py --params params.json --learning-curve --cv 5 [--models dos_bonds,bv_fitted]  # on unseen families
     python train.py --params params.json --importance RUN_DIR [--data FILE]  # feature importance on the test split
     python train.py --params params.json --tune [--trials N] [--study NAME] [--storage URL]  # hyperparameter search
 
@@ -35,7 +36,8 @@ from pathlib import Path
 from dosnet_bv.ablation import QUICK_EPOCHS, QUICK_PATIENCE, run_ablation
 from dosnet_bv.cli import OneLineParser, run_command
 from dosnet_bv.data import load_data, structure_columns
-from dosnet_bv.learning_curve import run_learning_curve
+from dosnet_bv.cv_ablation import CV_MODELS, parse_models
+from dosnet_bv.learning_curve import CV_CURVE_MODELS, run_cv_learning_curve, run_learning_curve
 from dosnet_bv.outputs import prepare_run_folder
 from dosnet_bv.params import BV_TARGETS, FUSIONS, TrainError, load_params, resolve_data_file, validate_params
 from dosnet_bv.runs import check_resumable, cv_resumable, predict_run, run_cv, run_experiment, run_importance
@@ -68,10 +70,9 @@ def parse_args(argv=None):
                    help="baselines, DOSnet fusions and structure families off one at a time, over --seeds seeds "
                         "(default run folder <out_dir>/ablation-<time>; an existing one resumes)")
     p.add_argument("--models", metavar="A,B",
-                   help="with --ablation --cv K: run only these of the family-grouped ablation's models "
-                        "(element_mean, element_cn_mean, gbt_dos, gbt_structure, gbt_dos_structure, dos, dos_shift, dos_point, dos_raw, vector, bonds, "
-                        "dos_vector, "
-                        "dos_bonds, site_dos_bonds; default all); more can be added later in the same --out")
+                   help=f"with --ablation --cv K: run only these of the family-grouped ablation's models "
+                        f"({', '.join(CV_MODELS)}; default all); more can be added later in the same --out. "
+                        f"With --learning-curve --cv K: the curve's models (default {','.join(CV_CURVE_MODELS)})")
     p.add_argument("--combine", nargs="+", metavar="PART",
                    help="one report (cv_ablation.json/.md in --out) from --ablation --cv K runs of different "
                         "--models on the same data, folds and budget (their cv_ablation.json files or run folders)")
@@ -79,7 +80,8 @@ def parse_args(argv=None):
                    help="one table of finished --ablation --cv runs (e.g. material- vs family-grouped, xTB vs PBE); "
                         "needs --out FILE.md")
     p.add_argument("--learning-curve", action="store_true",
-                   help="best DOSnet model and best baseline on 5-100 %% of the training materials")
+                   help="best DOSnet model and best baseline on 5-100 %% of the training materials; with --cv K "
+                        "on every fold of the family-grouped split, for --models")
     p.add_argument("--from-ablation", metavar="ABLATION_JSON",
                    help="with --learning-curve: take the models chosen in this ablation.json")
     p.add_argument("--importance", metavar="RUN_DIR",
@@ -117,12 +119,12 @@ def check_flags(args) -> str | None:
     if args.ablation and args.learning_curve:
         raise TrainError("--ablation and --learning-curve: run one at a time (--learning-curve --from-ablation "
                          "RUN/ablation.json uses the ablation's choices)")
-    if args.learning_curve and args.cv is not None:
-        raise TrainError("--learning-curve cannot be combined with --cv")
-    if args.models and not (args.ablation and args.cv is not None):
-        raise TrainError("--models goes with --ablation --cv K (the family-grouped ablation)")
+    if args.models and not ((args.ablation or args.learning_curve) and args.cv is not None):
+        raise TrainError("--models goes with --ablation --cv K or --learning-curve --cv K (on unseen families)")
     if args.from_ablation and not args.learning_curve:
         raise TrainError("--from-ablation needs --learning-curve")
+    if args.from_ablation and args.cv is not None:
+        raise TrainError("--learning-curve --cv K takes its models from --models, not --from-ablation")
     if (args.full or args.seeds != 3) and not (study or (args.tune and args.cv is not None)):
         raise TrainError("--full and --seeds go with --ablation, --learning-curve or --tune --cv K")
     if args.seeds < 1:
@@ -182,7 +184,7 @@ def dispatch(args) -> None:
         print(f"{len(res['models'])} models from {len(args.combine)} parts -> {Path(args.out) / 'cv_ablation.md'}")
         return
     if args.side_by_side:
-        from dosnet_bv.cv_ablation import parse_models, side_by_side
+        from dosnet_bv.cv_ablation import side_by_side
 
         _reads_finished_runs("--side-by-side", args, models_allowed=True)
         if not args.out:
@@ -227,11 +229,14 @@ def dispatch(args) -> None:
     if not study and not (cv and cv_resumable(out) and not args.overwrite):  # an interrupted --cv resumes
         prepare_run_folder(out, args.overwrite)
     if args.ablation and cv:
-        from dosnet_bv.cv_ablation import parse_models, run_cv_ablation
+        from dosnet_bv.cv_ablation import run_cv_ablation
 
         run_cv_ablation(params, data, out, cv, args.seeds, parse_models(args.models), args.full)
     elif args.ablation:
         run_ablation(params, data, out, args.seeds, args.full)
+    elif args.learning_curve and cv:
+        run_cv_learning_curve(params, data, out, cv, args.seeds, parse_models(args.models, CV_CURVE_MODELS),
+                              args.full)
     elif args.learning_curve:
         run_learning_curve(params, data, out, args.seeds, args.full, args.from_ablation)
     elif cv:

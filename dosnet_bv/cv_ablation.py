@@ -90,10 +90,10 @@ SUBSETS = ("test", "test_cation", "test_anion")
 ORIGIN_SUBSETS = ("test_real", "test_substituted")
 
 
-def parse_models(text: str | None) -> list[str]:
-    """``--models a,b``: the names, checked; None means every model."""
+def parse_models(text: str | None, default=None) -> list[str]:
+    """``--models a,b``: the names, checked; None means ``default`` (every model when None)."""
     if not text:
-        return list(CV_MODELS)
+        return list(default or CV_MODELS)
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in CV_MODELS]
     if bad or not names:
@@ -123,6 +123,57 @@ def site_subsets(data: Dataset, test_rows: np.ndarray) -> dict:
     return out
 
 
+@dataclass
+class CVStudy:
+    """What every study on the folds of a grouped K-fold split starts with (``run_cv_ablation``,
+    ``learning_curve.run_cv_learning_curve``): the run folder and its log, the study budget, the
+    network seeds, the folds, the store of finished runs and the baselines' features."""
+
+    out: Path
+    log: Log
+    epoch_log: Log
+    models: list
+    params: dict  # params with the study budget
+    budget: str
+    seeds: list
+    folds: list
+    store: ResultStore
+    features: Features
+    families: list  # the structure vector's families (params)
+
+    @classmethod
+    def start(cls, params: dict, data: Dataset, out_dir, k: int, n_seeds: int, models: list, full: bool,
+              log: Log | None, name: str, config: dict, what: str = "") -> "CVStudy":
+        """Checks the models against the file, deals the folds, checks or writes
+        ``<name>_config.json`` (``config`` adds keys) and logs what runs; ``what`` adds to that line."""
+        from tqdm import tqdm
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        log = log or Log(out / f"{name}.log", printer=tqdm.write)
+        models = list(models)
+        if "element_cn_mean" in models and cn_column(data) is None:
+            models = [m for m in models if m != "element_cn_mean"]
+            log(f"no 'cn' column in the structure vector of {data.path}: per element + CN mean left out")
+        if any(CV_MODELS[m].needs_bonds for m in models) and data.bonds is None:
+            raise TrainError(f"{data.path} has no bond table (schema < 3): rebuild it (make data) or leave out the "
+                             f"bond models (--models)")
+        run_params, budget = ablation_budget(params, full)
+        by = params["split_by"]
+        seeds = [params["seed"] + i for i in range(n_seeds)]
+        folds = cv_splits(data.groups(by), k, params["cv_val_fraction"], params["split_seed"])
+        check_resume(out / f"{name}_config.json",
+                     {"data_file": data.path, "n_samples": data.n, "k": k, "split_by": by,
+                      "split_seed": params["split_seed"], **config, "params": run_params}, log)
+        write_json(out / "params.json", params)
+        log(f"{by}-grouped {name.replace('cv_', '').replace('_', ' ')} on {data.path}: {data.n} samples, {k} folds "
+            f"grouped by {by} ({len(np.unique(data.groups(by)))} groups); models {', '.join(models)}; {what}"
+            f"network seeds {', '.join(map(str, seeds))}; {budget}")
+        log(f"run folder {out}; if interrupted, the same command with --out {out} resumes after the finished runs")
+        return cls(out, log, Log(log.path, quiet=True), models, run_params, budget, seeds, folds,
+                   ResultStore(out / "results", log), Features(data, run_params, log), list(params["structure_families"]))
+
+
 def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int = 3, models: list | None = None,
                     full: bool = False, log: Log | None = None) -> dict:
     """Every model of ``models`` (default ``CV_MODELS``) on every fold of a family-grouped K-fold CV.
@@ -134,32 +185,9 @@ def run_cv_ablation(params: dict, data: Dataset, out_dir, k: int, n_seeds: int =
     from tqdm import tqdm
 
     t0 = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = log or Log(out / "cv_ablation.log", printer=tqdm.write)
-    epoch_log = Log(log.path, quiet=True)
-    models = models or list(CV_MODELS)
-    if "element_cn_mean" in models and cn_column(data) is None:
-        models = [m for m in models if m != "element_cn_mean"]
-        log(f"no 'cn' column in the structure vector of {data.path}: per element + CN mean left out")
-    run_params, budget = ablation_budget(params, full)
-    seeds = [params["seed"] + i for i in range(n_seeds)]
-    folds = cv_splits(data.groups(params["split_by"]), k, params["cv_val_fraction"], params["split_seed"])
-    if any(CV_MODELS[m].needs_bonds for m in models) and data.bonds is None:
-        raise TrainError(f"{data.path} has no bond table (schema < 3): rebuild it (make data) or leave out the bond "
-                         f"models (--models)")
-    check_resume(out / "cv_ablation_config.json",
-                 {"data_file": data.path, "n_samples": data.n, "k": k, "split_by": params["split_by"],
-                  "split_seed": params["split_seed"], "params": run_params}, log)
-    write_json(out / "params.json", params)
-    by = params["split_by"]
-    log(f"{by}-grouped ablation on {data.path}: {data.n} samples, {k} folds grouped by {by} "
-        f"({len(np.unique(data.groups(by)))} groups); models {', '.join(models)}; network seeds "
-        f"{', '.join(map(str, seeds))}; {budget}")
-    log(f"run folder {out}; if interrupted, the same command with --out {out} resumes after the finished runs")
-    store = ResultStore(out / "results", log)
-    features = Features(data, run_params, log)
-    families = list(params["structure_families"])
+    st = CVStudy.start(params, data, out_dir, k, n_seeds, models or list(CV_MODELS), full, log, "cv_ablation", {})
+    out, log, epoch_log, models, run_params, budget = st.out, st.log, st.epoch_log, st.models, st.params, st.budget
+    seeds, folds, store, features, families = st.seeds, st.folds, st.store, st.features, st.families
     jobs = [(m, f, s) for m in models for f in range(k)
             for s in (seeds[:1] if CV_MODELS[m].kind == "baseline" else seeds)]
     results: dict = {m: [] for m in models}

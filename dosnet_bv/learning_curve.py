@@ -1,6 +1,8 @@
 """``--learning-curve``: test MAE of the best DOSnet model and the best baseline against the number
 of training materials (nested subsets, several seeds), with power-law fits and the extrapolation
-to 10^4 materials (``run_learning_curve``)."""
+to 10^4 materials (``run_learning_curve``); ``--learning-curve --cv K``: the same on every fold of
+the family-grouped K-fold split, for the models of the family-grouped ablation
+(``run_cv_learning_curve``)."""
 from __future__ import annotations
 
 import csv
@@ -128,36 +130,14 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
     n_materials = len(set(data.material_id))
     per_material = data.n / n_materials
     n_10k = 1e4 * per_material
-    curves, fits, extrap = {}, {}, []
-    for spec in specs:
-        pts = [p for p in points if p["model"] == spec.model]
-        c = {"n": [p["train_samples"] for p in pts]}
-        for t in targets:
-            c[t] = {"mean": [p["summary"]["test"][t]["mae"]["mean"] for p in pts],
-                    "std": [p["summary"]["test"][t]["mae"]["std"] for p in pts]}
-            try:
-                a, b = report.fit_power_law(c["n"], c[t]["mean"])
-            except ValueError:  # fewer than two points with MAE > 0 (e.g. an exact baseline)
-                extrap.append({"model": spec.model, "target": t, "a": None, "b": None})
-                continue
-            fits[(spec.model, t)] = (a, b)
-            e = {"model": spec.model, "target": t, "a": a, "b": b, "mae_at_1e4_materials": a * n_10k ** (-b)}
-            try:  # the same from the three largest subsets only: less sensitive to under-trained small ones
-                a3, b3 = report.fit_power_law(c["n"][-3:], c[t]["mean"][-3:])
-                e.update(a_largest3=a3, b_largest3=b3, mae_at_1e4_materials_largest3=a3 * n_10k ** (-b3))
-            except ValueError:
-                pass
-            extrap.append(e)
-        curves[spec.model] = c
-    pub = report.published_learning_curve()
-    a_p, b_p = report.fit_power_law(np.asarray(pub["fraction"]) * pub["n_total"], pub["mae"])
+    curves, fits, extrap = power_laws(points, [spec.model for spec in specs], targets, n_10k)
+    pub = published_with_fit()
     elapsed = time.time() - t_start
     result = {"data_file": data.path, "targets": targets, "seeds": seeds, "budget": budget_text, "full": full,
               "dosnet": {"model": dosnet, "fusion": fusion, "structure_families": families}, "baseline": baseline,
               "chosen_by": chosen_by, "fractions": list(LC_FRACTIONS), "points": points,
               "samples_per_material": per_material, "samples_at_1e4_materials": n_10k, "power_laws": extrap,
-              "published": {**pub, "power_law": {"a": a_p, "b": b_p}}, "seconds": round(elapsed, 1),
-              "runs_resumed": resumed}
+              "published": pub, "seconds": round(elapsed, 1), "runs_resumed": resumed}
     write_json(out / "learning_curve.json", result)
     with atomic_path(out / "learning_curve.csv") as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
@@ -173,4 +153,131 @@ def run_learning_curve(params: dict, data: Dataset, out_dir, n_seeds: int = 3, f
     report.plot_learning_curves(out / "learning_curve.png", curves, targets, TARGET_UNITS, fits, pub, n_10k)
     write_text(out / "learning_curve.md", report.learning_curve_markdown(result, n_materials, TARGET_UNITS))
     log(f"learning curve finished in {report.duration(elapsed)}; table: {out / 'learning_curve.md'}")
+    return result
+
+
+def power_laws(points: list, models: list, targets, n_10k: float) -> tuple[dict, dict, list]:
+    """``MAE = a N^-b`` per model and target, fitted to the points' mean test MAE against their
+    training samples (all points, and the three largest subsets alone), extrapolated to ``n_10k``
+    samples. Returns (curves for ``report.plot_learning_curves``, {(model, target): (a, b)}, one
+    entry per model and target for the result file)."""
+    curves, fits, extrap = {}, {}, []
+    for model in models:
+        pts = [p for p in points if p["model"] == model]
+        c = {"n": [p["train_samples"] for p in pts]}
+        for t in targets:
+            c[t] = {"mean": [p["summary"]["test"][t]["mae"]["mean"] for p in pts],
+                    "std": [p["summary"]["test"][t]["mae"]["std"] for p in pts]}
+            try:
+                a, b = report.fit_power_law(c["n"], c[t]["mean"])
+            except ValueError:  # fewer than two points with MAE > 0 (e.g. an exact baseline)
+                extrap.append({"model": model, "target": t, "a": None, "b": None})
+                continue
+            fits[(model, t)] = (a, b)
+            e = {"model": model, "target": t, "a": a, "b": b, "mae_at_1e4_materials": a * n_10k ** (-b)}
+            try:  # the same from the three largest subsets only: less sensitive to under-trained small ones
+                a3, b3 = report.fit_power_law(c["n"][-3:], c[t]["mean"][-3:])
+                e.update(a_largest3=a3, b_largest3=b3, mae_at_1e4_materials_largest3=a3 * n_10k ** (-b3))
+            except ValueError:
+                pass
+            extrap.append(e)
+        curves[model] = c
+    return curves, fits, extrap
+
+
+def published_with_fit() -> dict:
+    """The published DOSnet adsorption learning curve with its power law (for shape)."""
+    pub = report.published_learning_curve()
+    a, b = report.fit_power_law(np.asarray(pub["fraction"]) * pub["n_total"], pub["mae"])
+    return {**pub, "power_law": {"a": a, "b": b}}
+
+
+#: ``--learning-curve --cv K`` without ``--models``: the bond-aware network, the tree that came
+#: closest to it in the family-grouped ablations and the fitted bond valence form
+CV_CURVE_MODELS = ("dos_bonds", "gbt_dos_structure", "bv_fitted")
+
+
+def run_cv_learning_curve(params: dict, data: Dataset, out_dir, k: int, n_seeds: int = 3,
+                          models: list | None = None, full: bool = False, log: Log | None = None) -> dict:
+    """The learning curve on unseen families: on every fold of the family-grouped K-fold split
+    (``runs.cv_splits`` with params' ``split_by``, ``cv_val_fraction`` and ``split_seed``: the
+    folds of ``--ablation --cv K``), each model of ``models`` (keys of ``cv_ablation.CV_MODELS``,
+    default ``CV_CURVE_MODELS``) trains on nested subsets of the fold's training materials
+    (``training_subsets``, 5-100 %) and is scored on the fold's whole test part, all sites and
+    cation and anion sites apart; validation rows stay whole. Baselines run once per fold,
+    networks per seed; each point is the mean ± std over its (fold, seed) runs, so the spread holds
+    both. Power laws as in ``run_learning_curve``. Writes ``learning_curve.md``, ``.csv``,
+    ``.json``, ``.png``, ``learning_curve.log`` and ``results/``
+    (``lc<percent>__<model>__fold<f>__seed<k>.json``): the same command resumes.
+    """
+    from tqdm import tqdm
+
+    from dosnet_bv.cv_ablation import CV_MODELS, CVStudy, site_subsets
+
+    t0 = time.time()
+    fractions = f"fractions {', '.join(f'{f * 100:g} %' for f in LC_FRACTIONS)} of each fold's training materials; "
+    st = CVStudy.start(params, data, out_dir, k, n_seeds, models or CV_CURVE_MODELS, full, log, "learning_curve",
+                       {"fractions": list(LC_FRACTIONS)}, fractions)
+    out, log, epoch_log, models, run_params, budget = st.out, st.log, st.epoch_log, st.models, st.params, st.budget
+    seeds, folds, store, features, families = st.seeds, st.folds, st.store, st.features, st.families
+    targets, by = params["targets"], params["split_by"]
+    subsets = [training_subsets(data.material_id, train, LC_FRACTIONS, params["seed"]) for train, _, _ in folds]
+    # the smallest subsets first: an interrupted curve has its cheap points
+    jobs = [(i, m, f, s) for i in range(len(LC_FRACTIONS)) for m in models for f in range(k)
+            for s in (seeds[:1] if CV_MODELS[m].kind == "baseline" else seeds)]
+    runs: dict = {}
+    resumed = 0
+    bar = tqdm(total=len(jobs), unit="run", desc="runs", disable=None, leave=False)
+    try:
+        for n, (i, m, f, s) in enumerate(jobs, 1):
+            frac, n_mat, tr = subsets[f][i]
+            _, val, test = folds[f]
+            rows = {"train": tr, "val": val, **site_subsets(data, test)}
+            job = store.get(f"lc{frac * 100:g}__{m}__fold{f}__seed{s}",
+                            lambda: run_model(CV_MODELS[m].spec(families), s, run_params, data, tr, rows, features,
+                                              epoch_log), model_result)
+            resumed += job.resumed
+            runs.setdefault((i, m), []).append({"fold": f, "seed": s, "train_materials": n_mat,
+                                                "train_samples": int(len(tr)), **job.value})
+            bar.update()
+            sc = job.value["scores"]["test"]
+            log(f"[{n}/{len(jobs)}] {frac * 100:g} % ({n_mat} materials) {CV_MODELS[m].label}, fold {f + 1}, seed {s}: "
+                f"test MAE " + ", ".join(f"{t} {sc[t]['mae']:.4f}" for t in targets)
+                + (" (resumed)" if job.resumed else f" ({job.value['seconds']:.0f} s)")
+                + f"; elapsed {report.duration(time.time() - t0)}")
+    finally:
+        bar.close()
+    points = []
+    for (i, m), rs in runs.items():
+        points.append({"fraction": LC_FRACTIONS[i], "model": m, "label": CV_MODELS[m].label,
+                       "train_materials": float(np.mean([r["train_materials"] for r in rs])),
+                       "train_samples": float(np.mean([r["train_samples"] for r in rs])), "runs": len(rs),
+                       "summary": report.summarise([r["scores"] for r in rs]),
+                       "per_run": [{key: r[key] for key in ("fold", "seed", "train_materials", "train_samples",
+                                                            "scores", "seconds")} for r in rs]})
+    n_materials = len(set(data.material_id))
+    per_material = data.n / n_materials
+    n_10k = 1e4 * per_material
+    curves, fits, extrap = power_laws(points, models, targets, n_10k)
+    pub = published_with_fit()
+    result = {"data_file": data.path, "targets": targets, "k": k, "split_by": by, "split_seed": params["split_seed"],
+              "seeds": seeds, "budget": budget, "full": full, "models": models, "fractions": list(LC_FRACTIONS),
+              "points": points, "samples_per_material": per_material, "samples_at_1e4_materials": n_10k,
+              "power_laws": extrap, "published": pub, "seconds": round(time.time() - t0, 1),
+              "runs_resumed": resumed}
+    write_json(out / "learning_curve.json", result)
+    with atomic_path(out / "learning_curve.csv") as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["fraction", "train_materials", "train_samples", "model", "target", "subset", "test_mae_mean",
+                    "test_mae_std", "runs"])
+        for p in points:
+            for subset, per_target in p["summary"].items():
+                if not subset.startswith("test"):
+                    continue
+                for t, e in per_target.items():
+                    w.writerow([p["fraction"], f"{p['train_materials']:.1f}", f"{p['train_samples']:.1f}", p["model"],
+                                t, subset, f"{e['mae']['mean']:.6g}", f"{e['mae']['std']:.6g}", e["n_seeds"]])
+    report.plot_learning_curves(out / "learning_curve.png", curves, targets, TARGET_UNITS, fits, pub, n_10k)
+    write_text(out / "learning_curve.md", report.cv_learning_curve_markdown(result, n_materials, TARGET_UNITS))
+    log(f"learning curve finished in {report.duration(time.time() - t0)}; table: {out / 'learning_curve.md'}")
     return result

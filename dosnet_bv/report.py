@@ -268,6 +268,23 @@ def learning_curve_markdown(res: dict, n_materials: int, units: dict | None = No
             table.append(f"| {p['train_materials']} | {p['fraction'] * 100:g} % | {p['train_samples']} | `{p['model']}` | "
                          f"{t} | {pm(s['val'][t]['mae'])} | {pm(s['test'][t]['mae'])} | "
                          f"{pm(s['test'][t].get('nmae'), 3)} |")
+    intro = (f"Data: `{res['data_file']}`. Models: `{res['dosnet']['model']}` (structure families "
+             f"{', '.join(res['dosnet']['structure_families']) or '-'}) and the baseline `{res['baseline']}`, chosen "
+             f"by {res['chosen_by']}. Training on nested subsets of the training materials (fixed seed); the validation "
+             f"and test rows are the same for every point. Seeds {', '.join(map(str, res['seeds']))} (mean ± std). "
+             f"Budget: {res['budget']}.")
+    return _curve_page("Learning curve", intro, table, res, n_materials, units)
+
+
+def _curve_page(title: str, intro: str, table: list, res: dict, n_materials: int, units: dict) -> str:
+    """A learning curve's markdown page: the table, the plot, the power laws and their assumptions."""
+    return "\n".join([f"# {title}", "", intro, "", *table, "", "![test MAE against training samples](learning_curve.png)",
+                      "", "## Power laws and extrapolation", "", *_power_law_lines(res, units), "",
+                      *_curve_notes(res, n_materials), f"Took {duration(res['seconds'])}.", ""])
+
+
+def _power_law_lines(res: dict, units: dict) -> list[str]:
+    """One markdown line per (model, target) power law of a learning-curve result."""
     fits = []
     n_10k = f"{res['samples_at_1e4_materials']:,.0f}"
     for e in res["power_laws"]:
@@ -284,25 +301,14 @@ def learning_curve_markdown(res: dict, n_materials: int, units: dict | None = No
             line += (f" (from the three largest subsets only: N^{-e['b_largest3']:.3f}, "
                      f"≈ {e['mae_at_1e4_materials_largest3']:.4f}{u})")
         fits.append(line)
+    return fits
+
+
+def _curve_notes(res: dict, n_materials: int) -> list[str]:
+    """The assumptions behind a learning curve's extrapolation and the published curve for shape."""
     pub = res["published"]
     pts = ", ".join(f"{m:.3f} eV at {f * 100:g} %" for f, m in zip(pub["fraction"], pub["mae"]))
-    lines = [
-        "# Learning curve",
-        "",
-        f"Data: `{res['data_file']}`. Models: `{res['dosnet']['model']}` (structure families "
-        f"{', '.join(res['dosnet']['structure_families']) or '-'}) and the baseline `{res['baseline']}`, chosen by "
-        f"{res['chosen_by']}. Training on nested subsets of the training materials (fixed seed); the validation and "
-        f"test rows are the same for every point. Seeds {', '.join(map(str, res['seeds']))} (mean ± std). Budget: "
-        f"{res['budget']}.",
-        "",
-        *table,
-        "",
-        "![test MAE against training samples](learning_curve.png)",
-        "",
-        "## Power laws and extrapolation",
-        "",
-        *fits,
-        "",
+    return [
         f"Assumptions: MAE = a · N^-b fitted by least squares in log-log space to the mean test MAE of the "
         f"{len(res['fractions'])} points; 10^4 materials taken as 10^4 × {res['samples_per_material']:.2f} samples "
         f"(the samples per material of this data set, {n_materials} materials); new materials drawn like these; "
@@ -315,10 +321,29 @@ def learning_curve_markdown(res: dict, n_materials: int, units: dict | None = No
         f"x = fraction × {pub['n_total']}): {pts}; power law b = {pub['power_law']['b']:.3f} "
         f"(right axis of the plot, eV). Source: {pub['source']}.",
         "",
-        f"Took {duration(res['seconds'])}.",
-        "",
     ]
-    return "\n".join(lines)
+
+
+def cv_learning_curve_markdown(res: dict, n_materials: int, units: dict | None = None) -> str:
+    """``learning_curve.md`` of ``--learning-curve --cv K`` (``learning_curve.run_cv_learning_curve``)."""
+    units = units or {}
+    targets = res["targets"]
+    table = ["| training materials | fraction | model | target | test MAE, all | cation | anion | runs |",
+             "|---:|---:|---|---|---:|---:|---:|---:|"]
+    for p in res["points"]:
+        s = p["summary"]
+        for t in targets:
+            sub = [pm(s.get(k, {}).get(t, {}).get("mae"), 3) for k in ("test", "test_cation", "test_anion")]
+            table.append(f"| {p['train_materials']:.0f} | {p['fraction'] * 100:g} % | {p['label']} | {t} | "
+                         + " | ".join(sub) + f" | {p['runs']} |")
+    intro = (f"Data: `{res['data_file']}`. {res['k']} folds grouped by {res['split_by']} (split_seed "
+             f"{res['split_seed']}: the folds of `--ablation --cv {res['k']}` with the same params). On each fold "
+             f"every model trains on nested subsets of the fold's training materials (fixed seed) and is scored on "
+             f"the fold's whole test part; the validation rows stay whole. Each point: mean ± std over its runs "
+             f"(folds × seeds; baselines one run per fold), training materials averaged over folds. Network seeds "
+             f"{', '.join(map(str, res['seeds']))}. Budget: {res['budget']}.")
+    groups = {"family": "families", "material": "materials"}.get(res["split_by"], f"{res['split_by']} groups")
+    return _curve_page(f"Learning curve on unseen {groups}", intro, table, res, n_materials, units)
 
 
 def published_learning_curve() -> dict:

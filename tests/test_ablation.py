@@ -451,8 +451,10 @@ def test_study_flags_give_one_line_errors(tiny, capsys):
     for argv, expect in ((["--from-ablation", "x.json"], "--learning-curve"),
                          (["--ablation", "--seeds", "0"], "--seeds"),
                          (["--ablation", "--learning-curve"], "one at a time"),
-                         (["--learning-curve", "--cv", "3"], "--cv"),
+                         (["--learning-curve", "--cv", "3", "--from-ablation", "x.json"], "not --from-ablation"),
                          (["--models", "dos"], "--models"),
+                         (["--learning-curve", "--models", "dos"], "--models goes with"),
+                         (["--learning-curve", "--cv", "3", "--models", "nope"], "unknown nope"),
                          (["--ablation", "--cv", "3", "--models", "dos,nonsense"], "nonsense"),
                          (["--learning-curve", "--from-ablation", "nowhere.json"], "not found")):
         assert train.main(["--params", str(params), *argv]) == 1

@@ -266,3 +266,59 @@ def test_side_by_side_puts_finished_studies_in_one_table(tiny, tmp_path, monkeyp
     assert train.main(["--side-by-side", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
     assert train.main(["--side-by-side", str(tmp_path / "fam")]) == 1
     assert train.main(["--side-by-side", str(tmp_path / "fam"), "--ablation", "--out", str(out)]) == 1
+
+
+# ------------------------------------------------------------------ --learning-curve --cv K
+def test_cv_learning_curve_nested_subsets_inside_each_folds_training_part(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """Every point trains on a nested subset of its fold's training materials, never on a family of
+    the fold's test part; baselines once per fold, networks per seed; the power law is the one the
+    (fake) errors follow; a rerun resumes without training."""
+    from dosnet_bv import learning_curve
+
+    h5, _, _ = tiny
+    p = _params(h5, tmp_path)
+    data = load_data(h5, p)
+    family = data.groups("family")
+    calls = []
+
+    def fake(spec, seed, params, data, train_rows, rows, features, epoch_log, keep=None):
+        calls.append((spec.model, seed, np.asarray(train_rows), np.asarray(rows["test"])))
+        assert not set(family[train_rows]) & set(family[rows["test"]])
+        assert set(rows["test_cation"]) | set(rows["test_anion"]) == set(rows["test"])
+        mae = (3.0 if spec.model == "element_mean" else 2.0) * len(train_rows) ** -0.5  # a known power law
+        sc = {"n": 5, "mae": mae, "nmae": mae, "rmse": mae, "r2": 0.5, "mad": 1.0}
+        return {"scores": {s: {t: dict(sc) for t in params["targets"]} for s in rows if s != "train"},
+                "info": {}, "seconds": 0.0}
+
+    monkeypatch.setattr(learning_curve, "run_model", fake)
+    k, fracs = 3, learning_curve.LC_FRACTIONS
+    res = learning_curve.run_cv_learning_curve(p, data, tmp_path / "lc", k=k, n_seeds=2,
+                                               models=["element_mean", "vector"], log=Log(quiet=True))
+    assert len(calls) == len(fracs) * k * (1 + 2)
+    assert len(res["points"]) == len(fracs) * 2
+    by_test = {}
+    for model, seed, tr, te in calls:
+        by_test.setdefault(te.tobytes(), []).append((model, seed, tr))
+    assert len(by_test) == k  # three test folds, the same test rows at every fraction
+    for runs in by_test.values():
+        nets = sorted((len(tr), tuple(tr)) for model, seed, tr in runs if model == "vector" and seed == p["seed"])
+        assert len(nets) == len(fracs)
+        for (_, small), (_, big) in zip(nets, nets[1:]):  # nested: every subset holds the smaller ones
+            assert set(small) < set(big)
+        # a subset keeps whole materials
+        small = np.asarray(nets[0][1])
+        assert set(np.flatnonzero(np.isin(data.material_id, data.material_id[small]))) - set(nets[-1][1]) == set()
+    pts = {(q["model"], q["fraction"]): q for q in res["points"]}
+    assert pts[("vector", 1.0)]["runs"] == k * 2 and pts[("element_mean", 1.0)]["runs"] == k
+    assert "test_cation" in pts[("vector", 0.5)]["summary"]
+    laws = {(e["model"], e["target"]): e for e in res["power_laws"]}
+    # per fold MAE = c N^-0.5; averaged over folds of different N the law holds to a few per cent
+    assert laws[("vector", "bvs_vu")]["b"] == pytest.approx(0.5, abs=0.05)
+    md = (tmp_path / "lc" / "learning_curve.md").read_text()
+    assert "cation" in md and "structure vector only" in md and "grouped by family" in md
+    assert (tmp_path / "lc" / "learning_curve.png").is_file() and (tmp_path / "lc" / "learning_curve.csv").is_file()
+    calls.clear()
+    learning_curve.run_cv_learning_curve(p, data, tmp_path / "lc", k=k, n_seeds=2, models=["element_mean", "vector"],
+                                         log=Log(quiet=True))
+    assert calls == []
+
