@@ -1,6 +1,6 @@
 """Feature importance of a trained Keras regressor whose inputs are projected DOS spectra and, optionally,
-a structure vector: energy-window occlusion, permutation importance and integrated gradients, written
-out as CSV tables, figures and a short Markdown report.
+a structure vector and inputs held fixed (e.g. a table of bonds): energy-window occlusion, permutation
+importance and integrated gradients, written out as CSV tables, figures and a short Markdown report.
 
 Generic: numpy, TensorFlow / Keras, matplotlib and tqdm, nothing else of the project. The caller
 passes the model, the standardised inputs of the samples to explain (e.g. a test split), their true
@@ -19,15 +19,16 @@ Methods (``analyse``; every one on the same n samples):
   x group (and for all channels at once). All windows and groups of a batch of samples are
   evaluated together in forward calls of ``batch_rows`` rows.
 - permutation: the values of one block (a DOS channel's whole spectrum, a group of channels, a
-  structure feature or family) are shuffled across the samples, jointly within the block (the
-  same permutation for all its columns, so correlations inside it stay); the rise of the MAE,
+  structure feature or family, all fixed inputs together) are shuffled across the samples, jointly
+  within the block (the same permutation for all its columns, so correlations inside it stay); the rise of the MAE,
   mean and sample standard deviation over ``repeats`` permutations (the same R permutations for
   every block, so blocks are compared on equal draws).
 - integrated gradients (Sundararajan, Taly & Yan, ICML 2017): attribution of input i =
   (x_i - x'_i) * integral over a in [0, 1] of dF/dx_i at x' + a (x - x'), by the trapezoid rule
   on ``steps`` equal intervals; baseline x' = (``dos_fill``, ``structure_fill``). Completeness:
   the attributions of one sample sum to F(x) - F(x') up to the quadrature error, which is
-  reported. Attributions are in the target's physical units.
+  reported. Attributions are in the target's physical units. Fixed inputs keep each sample's own
+  values along the path (they are not attributed).
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ class Problem:
     permuted one block at a time (e.g. kinds channel, atom, orbital group).
     structure: (n, F) float32 standardised structure vector, or None; structure_input: its input
     name; structure_labels, structure_families: (F,); structure_fill: (F,) baseline (zeros when None).
+    fixed_inputs: ``{input name: (n, ...) array}``, model inputs every method leaves at each sample's
+    own values (e.g. a padded bond table, whose entries are not separable features); permuted across
+    the samples as one block, named ``fixed_label``.
     sample_labels: (n,) str, e.g. the centre element: integrated gradients are also averaged per label.
     units: target -> unit text. reference_note: what E = 0 is (shown on the plots).
     """
@@ -81,6 +85,8 @@ class Problem:
     structure_labels: list = field(default_factory=list)
     structure_families: list = field(default_factory=list)
     structure_fill: np.ndarray | None = None
+    fixed_inputs: dict = field(default_factory=dict)
+    fixed_label: str = "fixed inputs"
     sample_labels: np.ndarray | None = None
     units: dict = field(default_factory=dict)
     reference_note: str = "E = 0: reference level"
@@ -111,9 +117,10 @@ class Settings:
 class Forward:
     """``Problem.model`` as a function of the (dos, structure) arrays, in chunks of ``batch_rows``.
 
-    ``__call__(dos (m, L, K), structure (m, F))`` -> (m, T) physical predictions;
-    ``gradients(...)`` -> predictions and their gradients per target. ``rows`` counts the rows
-    evaluated (forward) and ``gradient_rows`` those differentiated.
+    ``__call__(dos (m, L, K), structure (m, F), rows (m,))`` -> (m, T) physical predictions;
+    ``gradients(...)`` -> predictions and their gradients per target. ``rows``: the sample each
+    row stands for, whose fixed inputs it gets (needed only when the problem has fixed inputs).
+    ``rows`` counts the rows evaluated (forward) and ``gradient_rows`` those differentiated.
     """
 
     def __init__(self, problem: Problem, batch_rows: int = 256):
@@ -129,16 +136,25 @@ class Forward:
                 out = {targets[0]: out}
             return tf.concat([tf.reshape(out[t], (-1, 1)) for t in targets], axis=1)
 
-        def grads(x):
+        def grads(x, fixed):
             with tf.GradientTape(persistent=True) as tape:
                 tape.watch(x)
-                y = outputs(x)
+                y = outputs({**x, **fixed})
                 parts = [tf.reduce_sum(y[:, j]) for j in range(len(targets))]
             return y, [tape.gradient(s, x) for s in parts]
 
         self._out = tf.function(outputs, reduce_retracing=True)
         self._grads = tf.function(grads, reduce_retracing=True)
         self._tf = tf
+
+    def fixed(self, rows) -> dict:
+        """The fixed inputs of the samples ``rows``."""
+        if not self.p.fixed_inputs:
+            return {}
+        if rows is None:
+            raise ValueError("the problem has fixed inputs: say which sample each row stands for (rows)")
+        rows = np.asarray(rows)
+        return {k: self._tf.constant(np.asarray(v)[rows]) for k, v in self.p.fixed_inputs.items()}
 
     def feeds(self, dos, structure) -> dict:
         """Named model inputs of (dos (m, L, K), structure (m, F)) arrays."""
@@ -151,21 +167,22 @@ class Forward:
             x[self.p.structure_input] = self._tf.constant(np.asarray(structure, dtype=np.float32))
         return x
 
-    def __call__(self, dos, structure) -> np.ndarray:
-        m = len(dos) if dos is not None else len(structure)
+    def __call__(self, dos, structure, rows=None) -> np.ndarray:
+        m = len(dos) if dos is not None else len(structure) if structure is not None else len(rows)
         out = np.empty((m, len(self.p.targets)))
         for i in range(0, m, self.batch_rows):
-            z = self._out(self.feeds(None if dos is None else dos[i:i + self.batch_rows],
-                                     None if structure is None else structure[i:i + self.batch_rows]))
+            z = self._out({**self.feeds(None if dos is None else dos[i:i + self.batch_rows],
+                                        None if structure is None else structure[i:i + self.batch_rows]),
+                           **self.fixed(None if rows is None else rows[i:i + self.batch_rows])})
             out[i:i + self.batch_rows] = np.asarray(z, dtype=np.float64)
         self.rows += m
         return out * self.p.y_scale + self.p.y_mean
 
-    def gradients(self, dos, structure):
+    def gradients(self, dos, structure, rows=None):
         """(m, T) physical predictions, (T, m, L, K) d prediction / d dos (or None), (T, m, F)
         d prediction / d structure (or None), all in physical target units per standardised unit."""
         x = self.feeds(dos, structure)
-        z, g = self._grads(x)
+        z, g = self._grads(x, self.fixed(rows))
         self.gradient_rows += int(z.shape[0])
         scale = np.asarray(self.p.y_scale, dtype=np.float64)
         gd = gs = None
@@ -247,7 +264,8 @@ def occlusion(problem: Problem, settings: Settings, forward: Forward, base_pred:
                     _, _, a, z = windows[w]
                     batch[j][:, a:z, chans[g]] = fill[a:z][:, chans[g]]  # batch[j]: a view, one advanced index
                 sb = None if st is None else np.tile(st, (len(vs), 1))
-                pred = forward(batch.reshape(-1, L, K), sb).reshape(len(vs), m, -1)
+                rows = np.tile(np.arange(s0, s0 + m), len(vs))
+                pred = forward(batch.reshape(-1, L, K), sb, rows).reshape(len(vs), m, -1)
                 sum_abs[v0:v0 + len(vs)] += np.abs(pred - y[None]).sum(axis=1)
                 bar.update(len(vs) * m)
     base = mae(base_pred, p.y_true)
@@ -259,7 +277,8 @@ def occlusion(problem: Problem, settings: Settings, forward: Forward, base_pred:
 def permutation(problem: Problem, settings: Settings, forward: Forward, base_pred: np.ndarray, part: str,
                 blocks: dict) -> dict:
     """Rise of the MAE when each block of ``part`` ("dos": channel indices of the last axis;
-    "structure": column indices) is shuffled across the samples.
+    "structure": column indices; "fixed": every fixed input at once, indices unused) is shuffled
+    across the samples.
 
     blocks: ``{kind: {label: indices}}``. Returns ``kinds`` (B,), ``labels`` (B,), ``delta``
     (R, B, T), ``mean`` and ``std`` (B, T; std with ddof = 1) and ``base_mae`` (T,).
@@ -279,13 +298,14 @@ def permutation(problem: Problem, settings: Settings, forward: Forward, base_pre
                     sl, src = slice(i, i + rows), perm[i:i + rows]
                     dos = None if p.dos is None else p.dos[sl]
                     st = None if p.structure is None else p.structure[sl]
+                    own = np.arange(i, i + len(src))
                     if part == "dos":
                         dos = dos.copy()
                         dos[..., idx] = p.dos[src][..., idx]
-                    else:
+                    elif part == "structure":
                         st = st.copy()
                         st[:, idx] = p.structure[src][:, idx]
-                    sum_abs += np.abs(forward(dos, st) - p.y_true[sl]).sum(axis=0)
+                    sum_abs += np.abs(forward(dos, st, src if part == "fixed" else own) - p.y_true[sl]).sum(axis=0)
                     bar.update(len(src))
                 delta[r, k] = sum_abs / p.n - base
     std = delta.std(axis=0, ddof=1) if len(perms) > 1 else np.zeros(delta.shape[1:])
@@ -343,7 +363,7 @@ def integrated_gradients(problem: Problem, settings: Settings, forward: Forward)
             if has_st:
                 ds = p.structure[sl] - sfill[None]
                 path_s = (sfill[None, None] + alphas[None, :, None].astype(np.float32) * ds[:, None]).reshape(m * S, -1)
-            out, gd, gs = forward.gradients(path_d, path_s)
+            out, gd, gs = forward.gradients(path_d, path_s, np.repeat(np.arange(s0, s0 + m), S))
             out = out.reshape(m, S, T)
             f_x[:, sl], f_0[:, sl] = out[:, -1].T, out[:, 0].T
             if has_dos:
@@ -411,7 +431,7 @@ def analyse(problem: Problem, settings: Settings | None = None, log=print) -> di
         log(f"  {name}: {sec:.0f} s ({forward.rows - r0} forward rows, {forward.gradient_rows - g0} gradient rows)")
         return out
 
-    base = timed("predictions", lambda: forward(p.dos, p.structure))
+    base = timed("predictions", lambda: forward(p.dos, p.structure, np.arange(p.n)))
     res["base_pred"], res["base_mae"] = base, mae(base, p.y_true)
     if p.dos is not None:
         res["occlusion"] = timed("occlusion", lambda: occlusion(p, settings, forward, base))
@@ -426,12 +446,19 @@ def analyse(problem: Problem, settings: Settings | None = None, log=print) -> di
         blocks = {"feature": {str(lab): [i] for i, lab in enumerate(p.structure_labels)}, "family": fams}
         res["permutation_structure"] = timed("structure permutation",
                                              lambda: permutation(p, settings, forward, base, "structure", blocks))
-    else:
+    elif not p.fixed_inputs:
         res["notes"].append("The model has no structure input (fusion `none`): structure permutation importance "
                             "and structure attributions are skipped.")
-    ig = timed("integrated gradients", lambda: integrated_gradients(p, settings, forward))
-    ig["completeness"] = completeness(ig)
-    res["ig"] = ig
+    if p.fixed_inputs:
+        res["permutation_fixed"] = timed(f"{p.fixed_label} permutation",
+                                         lambda: permutation(p, settings, forward, base, "fixed",
+                                                             {"inputs": {p.fixed_label: []}}))
+    if p.dos is not None or p.structure is not None:
+        ig = timed("integrated gradients", lambda: integrated_gradients(p, settings, forward))
+        ig["completeness"] = completeness(ig)
+        res["ig"] = ig
+    else:
+        res["notes"].append("Every input is held fixed: integrated gradients are skipped.")
     res["timing"]["total"] = {"seconds": round(time.time() - t_all, 1), "forward_rows": forward.rows,
                               "gradient_rows": forward.gradient_rows}
     return res
@@ -501,7 +528,10 @@ def write_report(out_dir, res: dict, title: str = "Feature importance", context:
         files += _permutation_outputs(out, p, res["permutation_dos"], "dos", summary)
     if "permutation_structure" in res:
         files += _permutation_outputs(out, p, res["permutation_structure"], "structure", summary)
-    files += _ig_outputs(out, p, s, res["ig"], res.get("occlusion"), summary)
+    if "permutation_fixed" in res:
+        files += _permutation_outputs(out, p, res["permutation_fixed"], "fixed", summary)
+    if "ig" in res:
+        files += _ig_outputs(out, p, s, res["ig"], res.get("occlusion"), summary)
     (out / "importance.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "importance.md").write_text(markdown(summary, p, title, context))
     return summary
@@ -784,6 +814,12 @@ def markdown(summary: dict, p: Problem, title: str = "Feature importance", conte
                       + "; ".join(f"{x['label']} {_fmt(x['mean'])} ± {_fmt(x['std'])}" for x in ps["family"])
                       + f"{u}.",
                       ""]
+        if "permutation_fixed" in summary:
+            (x,) = summary["permutation_fixed"]["per_target"][ti]["inputs"]
+            lines += [f"**{x['label'][:1].upper()}{x['label'][1:]} (permutation).** Shuffled across the samples as "
+                      f"one block: ΔMAE {_fmt(x['mean'])} ± {_fmt(x['std'])}{u}.", ""]
+        if "integrated_gradients" not in summary:
+            continue
         ig = summary["integrated_gradients"]
         lines += ["**Integrated gradients.**"]
         per = [x for x in ig["per_target"] if x["target"] == t]

@@ -361,10 +361,6 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
     keys = [k for k in PARAM_RULES if k.startswith("importance_")]  # --params' settings
     missing = {k: v for k, v in params.items() if k not in raw}  # keys added after the run was made
     run_params = validate_params({**missing, **raw, **{k: params[k] for k in keys}})
-    if uses_bonds(run_params):
-        raise TrainError(f"--importance: {run_dir} reads the bond table (structure_input "
-                         f"{run_params['structure_input']!r}), which the importance methods do not analyse yet; "
-                         "train a structure_input 'vector' run to explain it")
     path = resolve_data_file(data_path or run_params["data_file"], "--importance: the run's data_file, or --data FILE")
     data = load_data(path, run_params)
     scalers = scalers_from_json(js, data)
@@ -388,7 +384,8 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
         fill = ((total / len(tr) - scalers.dos.mean) / scalers.dos.scale).astype(np.float32)
     orbitals = ORBITAL_GROUPS if c == N_ORBITALS else {str(j): (j,) for j in range(c)}
     atom_group = {f"{r}:{g}": [a * c + i for i in idx] for a, r in enumerate(roles) for g, idx in orbitals.items()}
-    blocks = {"channel": {lab: [k] for k, lab in enumerate(data.channel_labels)},
+    blocks = {"whole DOS": {"all channels": list(range(len(roles) * c))},
+              "channel": {lab: [k] for k, lab in enumerate(data.channel_labels)},
               "atom": {r: list(range(a * c, (a + 1) * c)) for a, r in enumerate(roles)},
               "orbital group": {g: [a * c + i for a in range(len(roles)) for i in idx] for g, idx in orbitals.items()},
               "atom x orbital group": atom_group}
@@ -401,7 +398,9 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
         occlusion_groups=atom_group, channel_blocks=blocks, structure=x.get("structure"),
         structure_input="structure" if "structure" in x else None,
         structure_labels=[data.structure_labels[i] for i in cols],
-        structure_families=[data.structure_families[i] for i in cols], sample_labels=data.element[rows["test"]],
+        structure_families=[data.structure_families[i] for i in cols],
+        fixed_inputs={k: v for k, v in x.items() if k != "structure"},  # the bond table, if the model reads it
+        fixed_label="bond table (every bond of the site)", sample_labels=data.element[rows["test"]],
         units=TARGET_UNITS, reference_note=f"E = 0: VBM (gap > {GAP_THRESHOLD_EV:g} eV) or Fermi level")
     settings = importance.Settings(window_ev=run_params["importance_window_ev"],
                                    step_ev=run_params["importance_step_ev"],
@@ -419,7 +418,9 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
         f"{len(rows['train'])} training rows of the DOS at each energy and channel, in standardised units. It is "
         "not the all-zero standardised input: the DOS scaler standardises each channel over all energies "
         "together, so zero would be a flat spectrum at the channel's mean level. The structure baseline is the "
-        "training mean of each column, which is exactly 0 after standardisation.",
+        "training mean of each column, which is exactly 0 after standardisation."
+        + (" The bond table (structure_input bonds or both) keeps each sample's own bonds in every method; "
+           "it is shuffled across the samples as one block." if uses_bonds(run_params) else ""),
         "",
         "Caveats: these numbers describe what this model uses, not physics. Neighbouring energies and the "
         "channels of one atom are correlated, so importance is shared between them (occlusion and block "

@@ -33,8 +33,9 @@ PEAK_EV = -2.5
 FEATURE = "g1"
 
 
-def write_planted_h5(path, n_materials=300, sites=2, seed=0):
-    """An h5 in data_prep's layout (data_prep/h5schema.py) with the planted targets described above."""
+def write_planted_h5(path, n_materials=300, sites=2, seed=0, bonds=False):
+    """An h5 in data_prep's layout (data_prep/h5schema.py) with the planted targets described above
+    (``bonds``: with a random bond table, which plants nothing)."""
     from data_prep.build import grouped_split
     from data_prep.layout import EnergyGrid, channel_index, channel_labels
 
@@ -59,8 +60,19 @@ def write_planted_h5(path, n_materials=300, sites=2, seed=0):
     of = grouped_split(mids, (0.6, 0.2, 0.2), 88)
     write_minimal_h5(path, dos=dos, structure=structure, labels=labels, families=["site"] * 2 + ["global"] * 4,
                      bvs=bvs, valence=valence, mids=mids, elements=rng.choice(["Ti", "O", "Fe", "Mg"], size=n),
-                     split=[of[m] for m in mids], sites=sites, grid=grid)
+                     split=[of[m] for m in mids], sites=sites, grid=grid, bonds=_random_bonds(n) if bonds else None)
     return path
+
+
+def _random_bonds(n, k=8, seed=1):
+    from data_prep.bonds import BondTable
+
+    rng = np.random.default_rng(seed)
+    count = rng.integers(2, k + 1, n)
+    mask = (np.arange(k)[None, :] < count[:, None]).astype(np.uint8)
+    d = np.sort(rng.uniform(1.8, 6.0, (n, k)), axis=1).astype(np.float32) * mask
+    z = (rng.integers(1, 84, (n, k)) * mask).astype(np.int16)
+    return BondTable(d, z, mask, rng.integers(1, 84, n).astype(np.int16), count.astype(np.int32))
 
 
 def _params(h5, out_dir, **over):
@@ -229,6 +241,27 @@ def test_a_one_input_run_skips_the_other_with_a_note(planted, tmp_path, fusion):
         assert (tmp_path / "imp" / "ig_structure.csv").is_file() and not (tmp_path / "imp" / "ig_dos.csv").exists()
 
 
+def test_a_bond_table_run_keeps_each_samples_bonds_and_shuffles_them_as_one_block(tmp_path):
+    """DOS + bonds (structure_input bonds), one epoch, cheap settings: the DOS methods run with the
+    bond table held at each sample's own bonds, and the table is permuted as a whole."""
+    h5 = write_planted_h5(tmp_path / "bonds.h5", n_materials=40, bonds=True)
+    p = _params(h5, tmp_path, structure_input="bonds", bond_units=[16], bond_rbf=8, bond_embedding=4, epochs=1,
+                importance_window_ev=4.0, importance_step_ev=4.0, importance_repeats=2, importance_ig_steps=4)
+    (tmp_path / "params.json").write_text(json.dumps(p))
+    run_experiment(p, load_data(h5, p), tmp_path / "run", Log(quiet=True))
+    assert train.main(["--params", str(tmp_path / "params.json"), "--importance", str(tmp_path / "run")]) == 0
+    out = tmp_path / "run" / "importance"
+    s = json.loads((out / "importance.json").read_text())
+    md = (out / "importance.md").read_text()
+    assert "permutation_structure" not in s and s["occlusion"]["n_windows"] == 5
+    fixed = s["permutation_fixed"]["per_target"]
+    assert [x["inputs"][0]["label"] for x in fixed] == ["bond table (every bond of the site)"] * 2
+    assert "Bond table (every bond of the site) (permutation)" in md and "keeps each sample's own bonds" in md
+    assert s["permutation_dos"]["per_target"][0]["whole DOS"][0]["label"] == "all channels"
+    assert (out / "permutation_fixed.csv").is_file() and (out / "ig_dos.csv").is_file()
+    assert all(c["max_abs_error"] >= 0 for c in s["integrated_gradients"]["completeness"])
+
+
 def test_importance_flags_give_one_line_errors(tmp_path, capsys):
     params = tmp_path / "params.json"
     params.write_text(json.dumps(_params(tmp_path / "none.h5", tmp_path)))
@@ -331,6 +364,56 @@ def test_occlusion_and_permutation_match_numpy_on_a_linear_model():
         expect = np.abs(f(d, p.structure) - p.y_true).mean(axis=0) - base_mae
         assert perm["delta"][r, 2] == pytest.approx(expect, abs=1e-4)
     assert perm["std"][2] == pytest.approx(perm["delta"][:, 2].std(axis=0, ddof=1))
+
+
+def test_fixed_inputs_follow_their_samples_on_a_linear_model():
+    """A linear model that also reads two fixed inputs (a float table and an integer one): every
+    method must feed each row its own sample's fixed values (batches that tile and cut the samples),
+    permute them as one block, and keep them out of the attributions."""
+    import keras
+
+    rng = np.random.default_rng(3)
+    Lx, C, n = 6, 2, 7
+    a1 = keras.Input((Lx, C), name="atom1_dos")
+    bx, bz = keras.Input((4,), name="bond_x"), keras.Input((2,), name="bond_z", dtype="int32")
+    flat = keras.layers.Concatenate()([keras.layers.Flatten()(a1), bx,
+                                       keras.layers.Lambda(lambda z: keras.ops.cast(z, "float32"))(bz)])
+    model = keras.Model([a1, bx, bz], {"bvs_vu": keras.layers.Dense(1, name="bvs_vu")(flat)})
+    w, b = rng.normal(size=(Lx * C + 6, 1)), rng.normal(size=1)
+    model.get_layer("bvs_vu").set_weights([w.astype("float32"), b.astype("float32")])
+    dos = rng.normal(size=(n, Lx, C)).astype(np.float32)
+    fixed = {"bond_x": rng.normal(size=(n, 4)).astype(np.float32), "bond_z": rng.integers(0, 5, (n, 2)).astype(np.int32)}
+    fill = rng.normal(size=(Lx, C)).astype(np.float32)
+    p = importance.Problem(model=model, targets=["bvs_vu"], y_true=rng.normal(size=(n, 1)), y_mean=np.array([0.5]),
+                           y_scale=np.array([2.0]), dos=dos, dos_inputs=["atom1_dos"], dos_fill=fill,
+                           energies_ev=np.arange(Lx) * 1.0, channel_labels=["s", "p"], occlusion_groups={"p": [1]},
+                           channel_blocks={"channel": {"s": [0]}}, fixed_inputs=fixed, fixed_label="bonds")
+
+    def f(d, fx):
+        flat = np.concatenate([d.reshape(len(d), -1), fx["bond_x"], fx["bond_z"]], axis=1)
+        return (flat @ w + b) * 2.0 + 0.5
+
+    settings = importance.Settings(window_ev=2.0, step_ev=1.0, repeats=3, ig_steps=2, batch_rows=5, seed=2,
+                                   progress=False)
+    res = importance.analyse(p, settings, log=lambda *_: None)
+    assert res["base_pred"] == pytest.approx(f(dos, fixed), abs=1e-4)
+    base_mae = np.abs(f(dos, fixed) - p.y_true).mean(axis=0)
+    occ = res["occlusion"]
+    for wi, (_, _, a, z) in enumerate(occ["windows"]):
+        d = dos.copy()
+        d[:, a:z, 1] = fill[a:z, 1]
+        assert occ["delta_mae"][wi, 0] == pytest.approx(np.abs(f(d, fixed) - p.y_true).mean(axis=0) - base_mae,
+                                                         abs=1e-4)
+    perm = res["permutation_fixed"]
+    assert perm["labels"] == ["bonds"]
+    r = np.random.default_rng(2)
+    for k, pi in enumerate([r.permutation(n) for _ in range(3)]):
+        shuffled = {name: v[pi] for name, v in fixed.items()}
+        assert perm["delta"][k, 0] == pytest.approx(np.abs(f(dos, shuffled) - p.y_true).mean(axis=0) - base_mae,
+                                                    abs=1e-4)
+    ig = res["ig"]  # the baseline keeps the sample's own fixed inputs: only the DOS is attributed
+    expect = f(dos, fixed)[:, 0] - f(np.broadcast_to(fill, dos.shape), fixed)[:, 0]
+    assert ig["attribution_sum"][0] == pytest.approx(expect, abs=1e-4)
 
 
 def test_energy_windows_on_the_default_grid():
