@@ -249,20 +249,6 @@ def test_older_run_params_read_as_vector(tmp_path):
     assert load_params(tmp_path / "old.json")["structure_input"] == "vector"
 
 
-def test_importance_refuses_bond_runs_in_one_line(tmp_path):
-    from dosnet_bv.runs import run_importance
-
-    run = tmp_path / "run"
-    run.mkdir()
-    p = _params(fusion="late")
-    for name, text in (("params.json", json.dumps(p)), ("scalers.json", "{}"), ("model.keras", ""),
-                       ("metrics.json", "{}")):
-        (run / name).write_text(text)
-    with pytest.raises(TrainError, match="bond table") as exc:
-        run_importance(run, _params(structure_input="vector"))
-    assert "\n" not in str(exc.value)
-
-
 def test_bond_inputs_stream_like_in_memory(tmp_path):
     """The streamed pipeline (data.in_memory false) feeds the bond inputs that the in-memory path
     does (``scalers.model_inputs``), row for row."""
