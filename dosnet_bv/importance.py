@@ -596,6 +596,18 @@ def _permutation_outputs(out: Path, p: Problem, perm: dict, part: str, summary: 
     _write_csv(out / f"{name}.csv", ["target", "kind", "label", "delta_mae_mean", "delta_mae_std", "repeats"]
                + [f"delta_mae_repeat{r + 1}" for r in range(perm["delta"].shape[0])], rows)
     kinds = list(dict.fromkeys(perm["kinds"]))
+    per_target = []
+    for ti, t in enumerate(targets):
+        entry = {"target": t}
+        for kind in kinds:
+            idx = [k for k, kk in enumerate(perm["kinds"]) if kk == kind]
+            ranked = sorted(idx, key=lambda k: -perm["mean"][k, ti])
+            entry[kind] = [{"label": perm["labels"][k], "mean": float(perm["mean"][k, ti]),
+                            "std": float(perm["std"][k, ti])} for k in ranked]
+        per_target.append(entry)
+    summary[name] = {"repeats": int(perm["delta"].shape[0]), "kinds": kinds, "per_target": per_target}
+    if len(perm["labels"]) == 1:  # one block (the fixed inputs): its number is in the report, a bar says no more
+        return [f"{name}.csv"]
     plt = pyplot()
     widths = []
     for kind in kinds:
@@ -603,14 +615,10 @@ def _permutation_outputs(out: Path, p: Problem, perm: dict, part: str, summary: 
     fig, axes = plt.subplots(len(targets), len(kinds), figsize=(0.25 * sum(widths) + 2.5 * len(kinds),
                                                                  4.2 * len(targets)),
                              squeeze=False, gridspec_kw={"width_ratios": widths})
-    per_target = []
     for ti, t in enumerate(targets):
-        entry = {"target": t}
         for ki, kind in enumerate(kinds):
             idx = [k for k, kk in enumerate(perm["kinds"]) if kk == kind]
             ranked = sorted(idx, key=lambda k: -perm["mean"][k, ti])
-            entry[kind] = [{"label": perm["labels"][k], "mean": float(perm["mean"][k, ti]),
-                            "std": float(perm["std"][k, ti])} for k in ranked]
             shown = ranked[:30] if len(idx) > 30 else idx  # many features: the 30 largest
             ax = axes[ti, ki]
             ax.bar(range(len(shown)), perm["mean"][shown, ti], yerr=perm["std"][shown, ti], capsize=1.5,
@@ -620,11 +628,9 @@ def _permutation_outputs(out: Path, p: Problem, perm: dict, part: str, summary: 
             ax.axhline(0, color="0.5", lw=0.5)
             ax.set_title(f"{t}: {kind}" + (" (30 largest)" if len(idx) > 30 else ""), fontsize=8)
             ax.set_ylabel(f"ΔMAE{_paren(p, t)}, mean ± std")
-        per_target.append(entry)
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
-    summary[name] = {"repeats": int(perm["delta"].shape[0]), "kinds": kinds, "per_target": per_target}
     return [f"{name}.csv", f"{name}.png"]
 
 
