@@ -55,7 +55,8 @@ class Problem:
     dos: (n, L, K) float32 standardised DOS, or None (a model without DOS input).
     dos_inputs: names of the A model inputs that the K channels are split into, in order.
     dos_fill: (L, K) float32 standardised reference DOS: occlusion fill and integrated-gradients
-    baseline. energies_ev: (L,) eV relative to the reference level. channel_labels: (K,).
+    baseline; or (G, L, K), one reference per group, with ``dos_fill_index`` (n,) naming each
+    sample's (e.g. the mean DOS of the sample's element). energies_ev: (L,) eV relative to the reference level. channel_labels: (K,).
     occlusion_groups: ``{label: channel indices}``, the rows of the occlusion heatmap (e.g. atom x
     orbital group); ``all channels`` is added. channel_blocks: ``{kind: {label: channel indices}}``
     permuted one block at a time (e.g. kinds channel, atom, orbital group).
@@ -76,6 +77,7 @@ class Problem:
     dos: np.ndarray | None = None
     dos_inputs: list = field(default_factory=list)
     dos_fill: np.ndarray | None = None
+    dos_fill_index: np.ndarray | None = None
     energies_ev: np.ndarray | None = None
     channel_labels: list = field(default_factory=list)
     occlusion_groups: dict = field(default_factory=dict)
@@ -94,6 +96,13 @@ class Problem:
     @property
     def n(self) -> int:
         return len(self.y_true)
+
+    def fill_for(self, rows: slice) -> np.ndarray:
+        """The reference DOS of the samples ``rows``: (m, L, K), or (1, L, K) when all share one."""
+        fill = np.asarray(self.dos_fill, dtype=np.float32)
+        if self.dos_fill_index is None:
+            return fill[None]
+        return fill[np.asarray(self.dos_fill_index)[rows]]
 
 
 @dataclass
@@ -245,7 +254,6 @@ def occlusion(problem: Problem, settings: Settings, forward: Forward, base_pred:
     groups["all channels"] = list(range(p.dos.shape[-1]))
     chans = [np.asarray(v, dtype=int) for v in groups.values()]
     variants = [(w, g) for w in range(len(windows)) for g in range(len(chans))]
-    fill = np.asarray(p.dos_fill, dtype=np.float32)
     n, L, K = p.dos.shape
     per_call = max(1, settings.batch_rows)
     b = min(n, per_call)  # samples per batch; variants per forward call so that rows ~ batch_rows
@@ -254,6 +262,7 @@ def occlusion(problem: Problem, settings: Settings, forward: Forward, base_pred:
     with _bar(n * len(variants), "occlusion", settings.progress) as bar:
         for s0 in range(0, n, b):
             x = p.dos[s0:s0 + b]
+            fill = p.fill_for(slice(s0, s0 + b))  # (m or 1, L, K)
             st = None if p.structure is None else p.structure[s0:s0 + b]
             y = p.y_true[s0:s0 + b]
             m = len(x)
@@ -262,7 +271,7 @@ def occlusion(problem: Problem, settings: Settings, forward: Forward, base_pred:
                 batch = np.repeat(x[None], len(vs), axis=0)  # (v, m, L, K)
                 for j, (w, g) in enumerate(vs):
                     _, _, a, z = windows[w]
-                    batch[j][:, a:z, chans[g]] = fill[a:z][:, chans[g]]  # batch[j]: a view, one advanced index
+                    batch[j][:, a:z, chans[g]] = fill[:, a:z][:, :, chans[g]]  # batch[j]: a view, one advanced index
                 sb = None if st is None else np.tile(st, (len(vs), 1))
                 rows = np.tile(np.arange(s0, s0 + m), len(vs))
                 pred = forward(batch.reshape(-1, L, K), sb, rows).reshape(len(vs), m, -1)
@@ -337,7 +346,6 @@ def integrated_gradients(problem: Problem, settings: Settings, forward: Forward)
     alphas, w = trapezoid_path(settings.ig_steps)
     S, T, n = len(alphas), len(p.targets), p.n
     has_dos, has_st = p.dos is not None, p.structure is not None
-    fill = None if not has_dos else np.asarray(p.dos_fill, dtype=np.float32)
     sfill = None
     if has_st:
         sfill = np.zeros(p.structure.shape[1], np.float32) if p.structure_fill is None \
@@ -357,8 +365,9 @@ def integrated_gradients(problem: Problem, settings: Settings, forward: Forward)
             m = len(p.y_true[sl])
             dd = ds = path_d = path_s = None
             if has_dos:
-                dd = p.dos[sl] - fill[None]  # (m, L, K)
-                path_d = (fill[None, None] + alphas[None, :, None, None].astype(np.float32) * dd[:, None])
+                fill = p.fill_for(sl)  # (m or 1, L, K)
+                dd = p.dos[sl] - fill  # (m, L, K)
+                path_d = (fill[:, None] + alphas[None, :, None, None].astype(np.float32) * dd[:, None])
                 path_d = path_d.reshape((m * S,) + dd.shape[1:])
             if has_st:
                 ds = p.structure[sl] - sfill[None]

@@ -213,6 +213,8 @@ PARAM_RULES: dict = {
     "importance_step_ev": (lambda v: _num(v) and v > 0, "a positive number (eV)"),
     "importance_repeats": (lambda v: _int(v) and v >= 2, "an integer >= 2"),
     "importance_ig_steps": (lambda v: _int(v) and v >= 1, "a positive integer"),
+    "importance_reference": (lambda v: v in ("mean", "element"), "'mean' (the training rows' mean DOS) or 'element' "
+                             "(the mean DOS of the training rows with the sample's centre element)"),
     "out_dir": (lambda v: isinstance(v, str) and v != "", "a folder (string)"),
     "tune": (lambda v: tune_section_problem(v) is None, TUNE_SECTION_RULE),
 }
@@ -261,7 +263,7 @@ def validate_params(params: dict) -> dict:
 #: an older run folder still predicts (``--predict``, ``python -m dosnet_bv predict``).
 ADDED_KEYS = {"structure_input": "vector", "bond_rbf": 32, "bond_cutoff_ang": 6.0, "bond_embedding": 16,
               "bond_units": [64, 64], "augment_shift_ev": 0.0, "dos_scaling": "channel",
-              "dos_filters": [50, 75, 100, 125, 150]}
+              "dos_filters": [50, 75, 100, 125, 150], "importance_reference": "mean"}
 
 
 #: How the split and every cross-validation group samples: by family (data_prep.families) or material.

@@ -336,6 +336,37 @@ def predict_run(run_dir, data_path, out_dir=None, log: Log | None = None) -> Pat
     return out
 
 
+def reference_dos(data: Dataset, scalers, train_rows, test_rows, by_element: bool) -> tuple:
+    """The importance methods' reference DOS, standardised: the training rows' mean DOS at each
+    energy and channel, (L, K) (``by_element`` False), or one such mean per centre element of the
+    training rows plus the overall mean, (G + 1, L, K), with each test row's index into it (its
+    element's, the overall mean for an element without training rows); and a sentence saying which.
+    Summed in chunks (no copy of the training rows)."""
+    elements = np.asarray(data.element)
+    keys = sorted(set(elements[train_rows])) if by_element else []
+    totals, counts = np.zeros((len(keys) + 1,) + data.dos.shape[1:]), np.zeros(len(keys) + 1)
+    slot = {e: i for i, e in enumerate(keys)}
+    for i in range(0, len(train_rows), 256):
+        chunk = np.sort(train_rows[i:i + 256])
+        block = data.dos[chunk].astype(np.float64)
+        totals[-1] += block.sum(axis=0)
+        counts[-1] += len(chunk)
+        for e in set(elements[chunk]) & set(slot):
+            sel = elements[chunk] == e
+            totals[slot[e]] += block[sel].sum(axis=0)
+            counts[slot[e]] += sel.sum()
+    fill = ((totals / counts[:, None, None] - scalers.dos.mean) / scalers.dos.scale).astype(np.float32)
+    n = len(train_rows)
+    if not by_element:
+        return fill[-1], None, f"the mean over the {n} training rows of the DOS at each energy and channel"
+    index = np.array([slot.get(e, len(keys)) for e in elements[test_rows]])
+    unseen = int((index == len(keys)).sum())
+    return fill, index, (f"per centre element, the mean DOS at each energy and channel of the training rows with "
+                         f"the test sample's centre element ({len(keys)} elements, {n} training rows; "
+                         f"{unseen} test samples whose element has no training row take the mean of all of them), "
+                         f"so a method asks what sets a site apart from others of its element")
+
+
 def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log | None = None) -> dict:
     """``--importance RUN_DIR``: feature importance of the model saved in ``run_dir`` on its test
     split (the methods are ``dosnet_bv.importance``; this decides what they see).
@@ -376,12 +407,11 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
     roles = atom_roles(run_params["n_neighbours"])
     dos_names = [f"atom{i + 1}_dos" for i in range(len(roles))] if fusion != "structure_only" else []
     dos = np.concatenate([x.pop(k) for k in dos_names], axis=-1) if dos_names else None
-    fill = None
-    if dos is not None:  # training-mean DOS per energy and channel, chunked (no copy of the training rows)
-        tr, total = rows["train"], np.zeros(data.dos.shape[1:])
-        for i in range(0, len(tr), 256):
-            total += data.dos[tr[i:i + 256]].sum(axis=0, dtype=np.float64)
-        fill = ((total / len(tr) - scalers.dos.mean) / scalers.dos.scale).astype(np.float32)
+    fill = fill_index = None
+    reference_text = "-"
+    by_element = run_params["importance_reference"] == "element"
+    if dos is not None:
+        fill, fill_index, reference_text = reference_dos(data, scalers, rows["train"], rows["test"], by_element)
     orbitals = ORBITAL_GROUPS if c == N_ORBITALS else {str(j): (j,) for j in range(c)}
     atom_group = {f"{r}:{g}": [a * c + i for i in idx] for a, r in enumerate(roles) for g, idx in orbitals.items()}
     blocks = {"whole DOS": {"all channels": list(range(len(roles) * c))},
@@ -393,7 +423,7 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
     problem = importance.Problem(
         model=model, targets=targets, y_true=target_matrix(data, targets)[rows["test"]],
         y_mean=scalers.targets.mean, y_scale=scalers.targets.scale, dos=dos, dos_inputs=dos_names,
-        dos_fill=fill, energies_ev=data.energies_ev if data.energies_ev is not None
+        dos_fill=fill, dos_fill_index=fill_index, energies_ev=data.energies_ev if data.energies_ev is not None
         else EnergyGrid(n_points=data.dos.shape[1]).energies_ev, channel_labels=list(data.channel_labels),
         occlusion_groups=atom_group, channel_blocks=blocks, structure=x.get("structure"),
         structure_input="structure" if "structure" in x else None,
@@ -414,11 +444,10 @@ def run_importance(run_dir, params: dict, data_path=None, out_dir=None, log: Log
         f"({len(rows['test'])} samples, {len(set(data.material_id[rows['test']]))} materials); every target of the "
         f"run ({', '.join(targets)}); sample labels = the centre site's element.",
         "",
-        "Reference DOS (occlusion fill and integrated-gradients baseline): the mean over the "
-        f"{len(rows['train'])} training rows of the DOS at each energy and channel, in standardised units. It is "
-        "not the all-zero standardised input: the DOS scaler standardises each channel over all energies "
-        "together, so zero would be a flat spectrum at the channel's mean level. The structure baseline is the "
-        "training mean of each column, which is exactly 0 after standardisation."
+        f"Reference DOS (occlusion fill and integrated-gradients baseline): {reference_text}, "
+        "in standardised units. It is not the all-zero standardised input: the DOS scaler standardises each "
+        "channel over all energies together, so zero would be a flat spectrum at the channel's mean level. The "
+        "structure baseline is the training mean of each column, which is exactly 0 after standardisation."
         + (" The bond table (structure_input bonds or both) keeps each sample's own bonds in every method; "
            "it is shuffled across the samples as one block." if uses_bonds(run_params) else ""),
         "",

@@ -246,7 +246,8 @@ def test_a_bond_table_run_keeps_each_samples_bonds_and_shuffles_them_as_one_bloc
     bond table held at each sample's own bonds, and the table is permuted as a whole."""
     h5 = write_planted_h5(tmp_path / "bonds.h5", n_materials=40, bonds=True)
     p = _params(h5, tmp_path, structure_input="bonds", bond_units=[16], bond_rbf=8, bond_embedding=4, epochs=1,
-                importance_window_ev=4.0, importance_step_ev=4.0, importance_repeats=2, importance_ig_steps=4)
+                importance_window_ev=4.0, importance_step_ev=4.0, importance_repeats=2, importance_ig_steps=4,
+                importance_reference="element")
     (tmp_path / "params.json").write_text(json.dumps(p))
     run_experiment(p, load_data(h5, p), tmp_path / "run", Log(quiet=True))
     assert train.main(["--params", str(tmp_path / "params.json"), "--importance", str(tmp_path / "run")]) == 0
@@ -257,6 +258,7 @@ def test_a_bond_table_run_keeps_each_samples_bonds_and_shuffles_them_as_one_bloc
     fixed = s["permutation_fixed"]["per_target"]
     assert [x["inputs"][0]["label"] for x in fixed] == ["bond table (every bond of the site)"] * 2
     assert "Bond table (every bond of the site) (permutation)" in md and "keeps each sample's own bonds" in md
+    assert "per centre element" in md and "(4 elements" in md
     assert s["permutation_dos"]["per_target"][0]["whole DOS"][0]["label"] == "all channels"
     assert (out / "permutation_fixed.csv").is_file() and (out / "ig_dos.csv").is_file()
     assert all(c["max_abs_error"] >= 0 for c in s["integrated_gradients"]["completeness"])
@@ -414,6 +416,52 @@ def test_fixed_inputs_follow_their_samples_on_a_linear_model():
     ig = res["ig"]  # the baseline keeps the sample's own fixed inputs: only the DOS is attributed
     expect = f(dos, fixed)[:, 0] - f(np.broadcast_to(fill, dos.shape), fixed)[:, 0]
     assert ig["attribution_sum"][0] == pytest.approx(expect, abs=1e-4)
+
+
+def test_a_reference_per_group_on_a_linear_model():
+    """dos_fill (G, L, K) with dos_fill_index: occlusion fills and the integrated-gradients baseline
+    take each sample's own reference (batches that cut the samples)."""
+    p, f, _ = _linear_problem(2)
+    rng = np.random.default_rng(5)
+    fills = rng.normal(size=(3,) + p.dos_fill.shape).astype(np.float32)
+    p.dos_fill, p.dos_fill_index = fills, np.array([0, 2, 1, 1, 0, 2, 2])
+    own = fills[p.dos_fill_index]  # (n, L, K)
+    settings = importance.Settings(window_ev=1.0, step_ev=1.0, ig_steps=2, batch_rows=3, progress=False)
+    fwd = importance.Forward(p, settings.batch_rows)
+    base = fwd(p.dos, p.structure)
+    base_mae = np.abs(base - p.y_true).mean(axis=0)
+    occ = importance.occlusion(p, settings, fwd, base)
+    for wi, (_, _, a, z) in enumerate(occ["windows"]):
+        d = p.dos.copy()
+        d[:, a:z, :2] = own[:, a:z, :2]  # group "a": channels 0, 1
+        assert occ["delta_mae"][wi, 0] == pytest.approx(np.abs(f(d, p.structure) - p.y_true).mean(axis=0) - base_mae,
+                                                         abs=1e-4)
+    ig = importance.integrated_gradients(p, settings, fwd)
+    expect = f(p.dos, p.structure) - f(own, np.zeros_like(p.structure))
+    assert ig["attribution_sum"].T == pytest.approx(expect, abs=1e-4)
+
+
+def test_reference_dos_per_element_is_the_mean_of_that_elements_training_rows():
+    from types import SimpleNamespace
+
+    from dosnet_bv.runs import reference_dos
+
+    rng = np.random.default_rng(0)
+    dos = rng.normal(size=(9, 4, 2))
+    data = SimpleNamespace(dos=dos, element=np.array(list("OOFOFTiOOF"[:9])))
+    scalers = SimpleNamespace(dos=SimpleNamespace(mean=np.float64(1.0), scale=np.float64(2.0)))
+    train, test = np.array([0, 1, 2, 3, 4, 5]), np.array([6, 7, 8])
+    fill, index, text = reference_dos(data, scalers, train, test, by_element=False)
+    assert index is None and fill == pytest.approx(((dos[train].mean(axis=0) - 1) / 2), abs=1e-6)
+    fill, index, text = reference_dos(data, scalers, train, test, by_element=True)
+    elements = sorted(set(data.element[train]))  # F, O, T
+    assert fill.shape == (len(elements) + 1, 4, 2) and "1 test samples" in text
+    for k, e in enumerate(elements):
+        rows = train[data.element[train] == e]
+        assert fill[k] == pytest.approx((dos[rows].mean(axis=0) - 1) / 2, abs=1e-6)
+    # test rows 6 (i: no training row -> the overall mean), 7 (O), 8 (O)
+    assert list(index) == [len(elements), elements.index("O"), elements.index("O")]
+    assert fill[-1] == pytest.approx((dos[train].mean(axis=0) - 1) / 2, abs=1e-6)
 
 
 def test_energy_windows_on_the_default_grid():
