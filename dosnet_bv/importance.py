@@ -19,9 +19,9 @@ Methods (``analyse``; every one on the same n samples):
   x group (and for all channels at once). All windows and groups of a batch of samples are
   evaluated together in forward calls of ``batch_rows`` rows.
 - permutation: the values of one block (a DOS channel's whole spectrum, a group of channels, a
-  structure feature or family, all fixed inputs together) are shuffled across the samples, jointly
-  within the block (the same permutation for all its columns, so correlations inside it stay); the rise of the MAE,
-  mean and sample standard deviation over ``repeats`` permutations (the same R permutations for
+  structure feature or family, all fixed inputs together) are shuffled across the samples,
+  jointly within the block (the same permutation for all its columns, so correlations inside it
+  stay); the rise of the MAE, mean and sample standard deviation over ``repeats`` permutations (the same R permutations for
   every block, so blocks are compared on equal draws).
 - integrated gradients (Sundararajan, Taly & Yan, ICML 2017): attribution of input i =
   (x_i - x'_i) * integral over a in [0, 1] of dF/dx_i at x' + a (x - x'), by the trapezoid rule
@@ -56,7 +56,8 @@ class Problem:
     dos_inputs: names of the A model inputs that the K channels are split into, in order.
     dos_fill: (L, K) float32 standardised reference DOS: occlusion fill and integrated-gradients
     baseline; or (G, L, K), one reference per group, with ``dos_fill_index`` (n,) naming each
-    sample's (e.g. the mean DOS of the sample's element). energies_ev: (L,) eV relative to the reference level. channel_labels: (K,).
+    sample's (e.g. the mean DOS of the sample's element). energies_ev: (L,) eV relative to the
+    reference level. channel_labels: (K,).
     occlusion_groups: ``{label: channel indices}``, the rows of the occlusion heatmap (e.g. atom x
     orbital group); ``all channels`` is added. channel_blocks: ``{kind: {label: channel indices}}``
     permuted one block at a time (e.g. kinds channel, atom, orbital group).
@@ -127,9 +128,10 @@ class Forward:
     """``Problem.model`` as a function of the (dos, structure) arrays, in chunks of ``batch_rows``.
 
     ``__call__(dos (m, L, K), structure (m, F), rows (m,))`` -> (m, T) physical predictions;
-    ``gradients(...)`` -> predictions and their gradients per target. ``rows``: the sample each
-    row stands for, whose fixed inputs it gets (needed only when the problem has fixed inputs).
-    ``rows`` counts the rows evaluated (forward) and ``gradient_rows`` those differentiated.
+    ``gradients(...)`` -> predictions and their gradients per target. The argument ``rows`` names
+    the sample each row stands for, whose fixed inputs it gets (needed only when the problem has
+    fixed inputs). The attributes ``rows`` and ``gradient_rows`` count the rows evaluated (forward)
+    and those differentiated.
     """
 
     def __init__(self, problem: Problem, batch_rows: int = 256):
