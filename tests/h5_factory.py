@@ -33,3 +33,15 @@ def write_minimal_h5(path, *, dos, structure, labels, families, bvs, valence, mi
             w.bonds(bonds, bond_cutoff_ang)
         w.materials(material_id=np.unique(mids))
     return path
+
+
+def random_bonds(n, k=12, seed=1):
+    """A random padded bond table of ``n`` sites, 3 to ``k`` neighbours each, 1.8-6 Å (sorted)."""
+    from data_prep.bonds import BondTable
+
+    rng = np.random.default_rng(seed)
+    count = rng.integers(3, k + 1, n)
+    mask = (np.arange(k)[None, :] < count[:, None]).astype(np.uint8)
+    d = np.sort(rng.uniform(1.8, 6.0, (n, k)), axis=1).astype(np.float32) * mask
+    z = (rng.integers(1, 84, (n, k)) * mask).astype(np.int16)
+    return BondTable(d, z, mask, rng.integers(1, 84, n).astype(np.int16), count.astype(np.int32))

@@ -8,7 +8,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from h5_factory import write_minimal_h5
+from h5_factory import random_bonds, write_minimal_h5
 from pymatgen.core import Lattice, Structure
 
 from conftest import ROOT
@@ -103,15 +103,6 @@ def _tiny_h5(path, n, bonds=None, seed=0):
                             grid=EnergyGrid(n_points=L), bonds=bonds)
 
 
-def _random_bonds(n, k=12, seed=1):
-    rng = np.random.default_rng(seed)
-    count = rng.integers(3, k + 1, n)
-    mask = (np.arange(k)[None, :] < count[:, None]).astype(np.uint8)
-    d = np.sort(rng.uniform(1.8, 6.0, (n, k)), axis=1).astype(np.float32) * mask
-    z = (rng.integers(1, 84, (n, k)) * mask).astype(np.int16)
-    return BondTable(d, z, mask, rng.integers(1, 84, n).astype(np.int16), count.astype(np.int32))
-
-
 def test_build_writes_the_bond_table(tmp_path):
     from data_prep.build import BuildConfig, build_h5
     from records_factory import structures, write_records
@@ -147,7 +138,7 @@ def _bond_model(**over):
 
 
 def _inputs(n, k=12, seed=2):
-    t = _random_bonds(n, k, seed)
+    t = random_bonds(n, k, seed)
     return {"bond_distance_ang": t.distance_ang.astype(np.float32), "bond_neighbour_z": t.neighbour_z.astype(np.int32),
             "bond_mask": t.mask.astype(np.float32), "centre_z": t.centre_z.astype(np.int32).reshape(-1, 1),
             "structure": np.random.default_rng(seed).normal(size=(n, 3)).astype(np.float32)}
@@ -194,7 +185,7 @@ def test_bond_model_trains_saves_and_predicts(tmp_path):
     from dosnet_bv.runs import predict_run, run_experiment
 
     n = 60
-    path = _tiny_h5(tmp_path / "b.h5", n, bonds=_random_bonds(n))
+    path = _tiny_h5(tmp_path / "b.h5", n, bonds=random_bonds(n))
     p = _params(fusion="late", epochs=4, learning_rate=0.003, data_file=str(path), targets=["bvs_vu"])
     (tmp_path / "p.json").write_text(json.dumps(p))
     out = tmp_path / "run"
@@ -223,7 +214,7 @@ def test_bond_model_on_a_file_without_bonds_is_one_line(tmp_path):
     data = load_data(path, _params(fusion="late", structure_input="vector"))  # the vector model reads it
     assert data.bonds is None
     load_data(path, _params(fusion="none", structure_input="bonds"))  # no structure branch: bonds unused
-    wide = _tiny_h5(tmp_path / "b.h5", 12, bonds=_random_bonds(12))
+    wide = _tiny_h5(tmp_path / "b.h5", 12, bonds=random_bonds(12))
     with pytest.raises(TrainError, match="bond_cutoff_ang"):
         load_data(wide, _params(fusion="late", bond_cutoff_ang=8.0))
 
@@ -256,7 +247,7 @@ def test_bond_inputs_stream_like_in_memory(tmp_path):
     from dosnet_bv.fit import stream_input
     from dosnet_bv.scalers import fit_scalers, model_inputs
 
-    path = _tiny_h5(tmp_path / "b.h5", 40, bonds=_random_bonds(40))
+    path = _tiny_h5(tmp_path / "b.h5", 40, bonds=random_bonds(40))
     p = _params(fusion="early", structure_input="both", structure_families=["site"], targets=["bvs_vu"],
                 data={"in_memory": False, "block_samples": 8, "shuffle_buffer": 0}, data_file=str(path))
     data = load_data(path, p)
@@ -283,7 +274,7 @@ def test_bond_valence_baselines_back_off_and_cross_fit_the_form_under_the_trees(
     from dosnet_bv.outputs import Log
 
     n = 60
-    path = _tiny_h5(tmp_path / "b.h5", n, bonds=_random_bonds(n))
+    path = _tiny_h5(tmp_path / "b.h5", n, bonds=random_bonds(n))
     p = _params(data_file=str(path), structure_input="bonds", targets=["bvs_vu", "valence"], structure_families=["site"])
     data = load_data(path, p)
     train, val, test = (np.flatnonzero(data.split == s) for s in ("train", "val", "test"))
@@ -326,7 +317,7 @@ def test_network_on_the_form_trains_on_the_cross_fitted_residual_and_adds_the_fo
     from dosnet_bv.outputs import Log
 
     n = 60
-    path = _tiny_h5(tmp_path / "b.h5", n, bonds=_random_bonds(n))
+    path = _tiny_h5(tmp_path / "b.h5", n, bonds=random_bonds(n))
     p = _params(data_file=str(path), targets=["bvs_vu", "valence"], structure_families=["site"])
     data = load_data(path, p)
     train, val, test = (np.flatnonzero(data.split == s) for s in ("train", "val", "test"))
@@ -363,7 +354,7 @@ def test_cross_fitted_form_is_shared_by_one_fold_and_never_by_another_dataset(tm
     from dosnet_bv.data import load_data
 
     n = 40
-    path = _tiny_h5(tmp_path / "b.h5", n, bonds=_random_bonds(n))
+    path = _tiny_h5(tmp_path / "b.h5", n, bonds=random_bonds(n))
     p = _params(data_file=str(path), targets=["bvs_vu"], structure_families=["site"])
     data = load_data(path, p)
     train, val = (np.flatnonzero(data.split == s) for s in ("train", "val"))

@@ -15,7 +15,7 @@ import os
 import h5py
 import numpy as np
 import pytest
-from h5_factory import write_minimal_h5
+from h5_factory import random_bonds, write_minimal_h5
 
 from conftest import ROOT
 
@@ -60,19 +60,8 @@ def write_planted_h5(path, n_materials=300, sites=2, seed=0, bonds=False):
     of = grouped_split(mids, (0.6, 0.2, 0.2), 88)
     write_minimal_h5(path, dos=dos, structure=structure, labels=labels, families=["site"] * 2 + ["global"] * 4,
                      bvs=bvs, valence=valence, mids=mids, elements=rng.choice(["Ti", "O", "Fe", "Mg"], size=n),
-                     split=[of[m] for m in mids], sites=sites, grid=grid, bonds=_random_bonds(n) if bonds else None)
+                     split=[of[m] for m in mids], sites=sites, grid=grid, bonds=random_bonds(n, k=8) if bonds else None)
     return path
-
-
-def _random_bonds(n, k=8, seed=1):
-    from data_prep.bonds import BondTable
-
-    rng = np.random.default_rng(seed)
-    count = rng.integers(2, k + 1, n)
-    mask = (np.arange(k)[None, :] < count[:, None]).astype(np.uint8)
-    d = np.sort(rng.uniform(1.8, 6.0, (n, k)), axis=1).astype(np.float32) * mask
-    z = (rng.integers(1, 84, (n, k)) * mask).astype(np.int16)
-    return BondTable(d, z, mask, rng.integers(1, 84, n).astype(np.int16), count.astype(np.int32))
 
 
 def _params(h5, out_dir, **over):
