@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all patches demo clean data compute-env
+.PHONY: train test test-all patches demo clean data compute-env answer
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(XDIST) -m "slow or not slow"
+
+# Issue 13's studies on the PBE records, in order and resumable (hours; bench/answer.py --help)
+answer: $(STAMP)
+	$(PY) bench/answer.py
 
 patches: $(STAMP)
 	$(PY) patches/patchtool.py refresh

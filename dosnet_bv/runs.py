@@ -167,7 +167,11 @@ def cv_splits(group_ids, k: int, val_fraction: float, seed: int) -> list:
     for f in range(k):
         test = np.flatnonzero(fold == f)
         rest_ids = np.array(sorted(set(material_ids[fold != f])))
-        n_val = max(1, int(round(val_fraction * len(rest_ids))))
+        if len(rest_ids) < 2:  # one large group alone outside this test part: nothing left to train on
+            raise TrainError(f"--cv {k}: fold {f + 1} leaves {len(rest_ids)} group outside its test part, no room "
+                             f"for both training and validation groups (the largest group holds "
+                             f"{counts.max()} of {len(material_ids)} samples); use fewer folds or more data")
+        n_val = min(len(rest_ids) - 1, max(1, int(round(val_fraction * len(rest_ids)))))
         val_ids = set(rest_ids[np.random.default_rng(seed + 1000 + f).permutation(len(rest_ids))[:n_val]])
         is_val = np.array([m in val_ids for m in material_ids])
         out.append((np.flatnonzero((fold != f) & ~is_val), np.flatnonzero((fold != f) & is_val), test))

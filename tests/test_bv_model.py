@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import train  # noqa: E402
 from dosnet_bv.data import load_data  # noqa: E402
 from dosnet_bv.outputs import Log  # noqa: E402
-from dosnet_bv.params import BV_TARGETS, FUSIONS, LOSSES, LR_SCHEDULES, PARAM_RULES  # noqa: E402
+from dosnet_bv.params import BV_TARGETS, FUSIONS, LOSSES, LR_SCHEDULES, PARAM_RULES, TrainError  # noqa: E402
 from dosnet_bv.runs import cv_splits, run_experiment  # noqa: E402
 from dosnet_bv.scalers import STRUCTURE_CLIP, Scaler  # noqa: E402
 
@@ -307,6 +307,17 @@ def test_cross_validation_grouped_by_material(small_h5, tmp_path):
         assert set.union(*sets) == set(mids)
     tests = np.concatenate([te for _, _, te in cv_splits(mids, 4, 0.2, 88)])
     assert sorted(tests) == list(range(len(mids)))
+
+
+def test_cv_refuses_a_fold_with_nothing_to_train_on():
+    """A fold whose rest is one group (one large family beside a few small ones) would train on
+    nothing once a validation group is held out: refused in one line, not an empty fit."""
+    lopsided = np.array(["big"] * 10 + ["a", "b", "c"])
+    with pytest.raises(TrainError, match="fold 2 leaves 1 group outside its test part"):
+        cv_splits(lopsided, 2, 0.1, 88)
+    # two groups outside the test part: one trains, one validates, however large val_fraction is
+    for tr, va, te in cv_splits(np.array(["big"] * 4 + ["a", "b", "c"]), 3, 0.9, 88):
+        assert len(tr) and len(va) and len(te)
 
 
 def test_same_seed_same_metrics(small_h5, tmp_path):
