@@ -35,7 +35,6 @@ those commands resume where they stopped, so rerunning this script continues the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -44,6 +43,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data_prep.cli import OneLineParser, error_tail
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("build", "ablation", "draws", "material", "curve", "importance", "xtb", "side")
@@ -240,7 +241,7 @@ def _list(text: str) -> list:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="answer.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=Path, default=ROOT / "data_prep" / "embedded" / "spectra_pbe")
     ap.add_argument("--out", type=Path, default=Path("runs") / "answer")
     ap.add_argument("--params", default=str(ROOT / "params.json"))
@@ -265,8 +266,11 @@ def parse_args(argv=None):
         ap.error(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
     if not args.records.is_dir() and "build" in args.stages and not (args.out / "data.h5").is_file():
         ap.error(f"records folder not found: {args.records}")
-    if not Path(args.params).is_file():
-        ap.error(f"params file not found: {args.params}")
+    try:
+        if not isinstance(json.loads(Path(args.params).read_text()), dict):
+            ap.error(f"params file {args.params} does not hold a JSON object")
+    except (OSError, json.JSONDecodeError) as exc:
+        ap.error(f"cannot read params file {args.params}: {exc}")
     args.stages = [s for s in STAGES if s in args.stages]  # always in the order of the study
     args.out, args.records = args.out.resolve(), args.records.resolve()  # the commands run from the root
     return args
@@ -274,15 +278,12 @@ def parse_args(argv=None):
 
 def main(argv=None, call=default_call) -> int:
     args = parse_args(argv)
-    try:
+
+    def work() -> int:
         run(args, call)
-    except AnswerError as exc:
-        print(f"answer: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("answer: interrupted; finished work is kept, the same command resumes", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return error_tail("answer", work, (AnswerError, OSError), "interrupted; finished work is kept, the same command resumes")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from records_factory import write_records
 
 import train
@@ -91,3 +93,16 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "answer" / "data.h5").exists()
     imp = json.loads((tmp_path / "answer" / "params-dos-bonds.json").read_text())
     assert imp["structure_input"] == "bonds" and imp["importance_reference"] == "element"
+
+
+def test_user_mistakes_are_one_line(tmp_path, capsys):
+    write_records(tmp_path / "records", NAMES)
+    bad_params = tmp_path / "p.json"
+    bad_params.write_text("{not json")
+    for more, words in ((["--stages", "ablation,fold"], "unknown stage 'fold'"),
+                        (["--params", str(bad_params)], "cannot read params file"),
+                        (["--records", str(tmp_path / "none")], "records folder not found")):
+        with pytest.raises(SystemExit) as exc:  # a flag given twice: the last one counts
+            answer.main(_argv(tmp_path, *more), _in_process([]))
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and words in err and err.count("\n") == 1
