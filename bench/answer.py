@@ -129,7 +129,8 @@ def plan(name: str, args, base: dict) -> Stage:
             s.commands.append([py, "train.py", "--resume", str(run)] if (run / "params.json").is_file() else
                               [py, "train.py", "--params", str(p), "--out", str(run)]
                               + (["--epochs", str(args.epochs)] if args.epochs else []))
-        s.commands.append([py, "train.py", "--params", str(p), "--importance", str(run)])
+        if not (run / "importance" / "importance.json").is_file():  # written once the analysis is done
+            s.commands.append([py, "train.py", "--params", str(p), "--importance", str(run)])
         s.report = "dos-bonds/importance/importance.md"
     elif name == "xtb":
         xtb = out / "xtb.h5"

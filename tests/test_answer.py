@@ -93,6 +93,17 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "answer" / "data.h5").exists()
     imp = json.loads((tmp_path / "answer" / "params-dos-bonds.json").read_text())
     assert imp["structure_input"] == "bonds" and imp["importance_reference"] == "element"
+    # an interrupted run resumes from its folder; a finished run and analysis are not redone
+    run = tmp_path / "answer" / "dos-bonds"
+    run.mkdir()
+    (run / "params.json").write_text("{}")
+    answer.main(_argv(tmp_path, "--dry-run", "--stages", "importance"), _in_process([]))
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"train.py --resume {run}")
+    (run / "metrics.json").write_text("{}")
+    (run / "importance").mkdir()
+    (run / "importance" / "importance.json").write_text("{}")
+    answer.main(_argv(tmp_path, "--dry-run", "--stages", "importance"), _in_process([]))
+    assert capsys.readouterr().out == ""
 
 
 def test_user_mistakes_are_one_line(tmp_path, capsys):
