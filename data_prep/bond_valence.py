@@ -373,6 +373,66 @@ def global_instability_index(bvs, valences) -> float:
     return float(np.sqrt(np.mean(d * d)))
 
 
+# Two anions that both carry their full valence closer than this fraction of the sum of their
+# ionic radii are bonded to each other (an S2 dimer, a Te chain) or sit in a wrong structure: the
+# all-ionic valences misdescribe the material (pyrite: S2- everywhere and Fe4+, where the
+# chemistry is Fe2+ and (S2)2-). Measured on the embedded real structures (2026-12-07): S-S dimers
+# 0.63-0.65, Te chains 0.68-0.76, coesite's entry with an O-O contact of 1.97 A 0.78 (unrelaxed
+# substitutions up to 0.80); the closest legitimate contacts are the O-O edges of nitrite and
+# carbonate groups (0.85-0.90).
+MIN_ANION_CONTACT_RATIO: float = 0.8
+
+
+@dataclass(frozen=True)
+class AnionContact:
+    """The closest contact between two full-valence anions, relative to their ionic radii."""
+
+    ratio: float  # distance / (r_i + r_j)
+    distance_ang: float
+    site_i: int
+    site_j: int
+    text: str  # e.g. "S2- at site 4 and S2- at site 7, 2.16 A"
+
+
+def closest_anion_contact(structure: Structure, valences, below_ratio: float = MIN_ANION_CONTACT_RATIO
+                          ) -> AnionContact | None:
+    """The closest pair of anions that both carry their element's most negative common oxidation
+    state (O2-, S2-, N3-, F-, ...; an S- of a disulfide already admits the bond and is not
+    counted) at less than ``below_ratio`` times the sum of their ionic radii (pymatgen's
+    ``Species.ionic_radius``: O2- 1.26 A, S2- 1.70 A), periodic images included; None if there is
+    none (or a radius is unknown)."""
+    import warnings
+
+    from pymatgen.core import Element, Species
+
+    v = [int(round(x)) for x in valences]
+    radius = {}
+    for i, site in enumerate(structure):
+        el = site.specie.symbol
+        if v[i] < 0 and v[i] == min(Element(el).common_oxidation_states, default=0):
+            with warnings.catch_warnings():  # pymatgen warns where it falls back on another radius table
+                warnings.simplefilter("ignore")
+                r = Species(el, v[i]).ionic_radius
+            if r:
+                radius[i] = float(r)
+    if len(radius) < 1 or below_ratio <= 0:
+        return None
+    best = None
+    reach = below_ratio * 2 * max(radius.values())
+    for i in radius:
+        for n in structure.get_neighbors(structure[i], reach):
+            j = n.index
+            if j not in radius:
+                continue
+            ratio = n.nn_distance / (radius[i] + radius[j])
+            if ratio < below_ratio and (best is None or ratio < best.ratio):
+                ion = [f"{structure[k].specie.symbol}{'' if v[k] == -1 else -v[k]}- at site {k}" for k in (i, j)]
+                other = "its periodic image" if i == j else ion[1]  # a chain along a short lattice vector
+                best = AnionContact(float(ratio), float(n.nn_distance), i, int(j),
+                                    f"{ion[0]} and {other}, {n.nn_distance:.2f} A")
+    return best
+
+
 def compute_targets(structure: Structure, cutoff_ang: float = DEFAULT_CUTOFF_ANG,
                     valences=None, table: BVParams | None = None) -> dict:
     """All bond valence targets of one material.

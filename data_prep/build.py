@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import __version__, h5schema
+from data_prep.bond_valence import MIN_ANION_CONTACT_RATIO
 from data_prep.bonds import DEFAULT_CUTOFF_ANG as BOND_CUTOFF_ANG, DEFAULT_SLOTS as BOND_SLOTS, BondTable
 from data_prep.h5schema import SPLITS, TARGETS, BuildError  # noqa: F401  (re-exported for build's callers)
 from data_prep.layout import DEFAULT_N_NEIGHBOURS, REFERENCE_RULE, EnergyGrid, channel_labels
@@ -52,6 +53,10 @@ class BuildConfig:
     split_by: str = "family"  # "family" (data_prep.families) or "material" (for comparison)
     bond_cutoff_ang: float = BOND_CUTOFF_ANG  # the bond table (data_prep.bonds): neighbours within this
     bond_slots: int = BOND_SLOTS  # ... padded or truncated (nearest kept) to this many per sample
+    # skip a material with two full-valence anions closer than this fraction of the sum of their
+    # ionic radii (bond_valence.closest_anion_contact); 0 keeps them (the h5 of figures measured
+    # before 2026-12-07)
+    min_anion_contact_ratio: float = MIN_ANION_CONTACT_RATIO
 
     def __post_init__(self):
         if self.split_by not in SPLIT_BY:
@@ -73,6 +78,8 @@ class BuildConfig:
                   "symprec": (_positive(self.symprec), "a positive number (Angstrom)"),
                   "bond_cutoff_ang": (_positive(self.bond_cutoff_ang), "a positive number (Angstrom)"),
                   "bond_slots": (_count(self.bond_slots, 1), "a positive integer (neighbour slots per sample)"),
+                  "min_anion_contact_ratio": (_finite(self.min_anion_contact_ratio) and 0 <= self.min_anion_contact_ratio
+                                              < 1.5, "a number in [0, 1.5) (0: no check)"),
                   "split_seed": (_count(self.split_seed, 0) and self.split_seed < 2 ** 32, "an integer in [0, 2**32)")}
         bad = next((k for k, (ok, _) in checks.items() if not ok), None)
         if bad:
@@ -83,7 +90,7 @@ class BuildConfig:
                 "bv_cutoff_ang": self.bv_cutoff_ang, "structure_families": list(self.structure_families),
                 "split_fractions": list(self.split_fractions), "split_seed": self.split_seed,
                 "symprec": self.symprec, "split_by": self.split_by, "bond_cutoff_ang": self.bond_cutoff_ang,
-                "bond_slots": self.bond_slots}
+                "bond_slots": self.bond_slots, "min_anion_contact_ratio": self.min_anion_contact_ratio}
 
     @classmethod
     def from_params(cls, params: dict) -> "BuildConfig":
@@ -181,7 +188,7 @@ class MaterialSamples:
 
 def featurise_record(record: MaterialRecord, cfg: BuildConfig):
     """One record -> ``MaterialSamples``, or ``(material_id, reason)`` when it must be skipped."""
-    from data_prep.bond_valence import BondValenceError, assign_valences, compute_targets
+    from data_prep.bond_valence import BondValenceError, assign_valences, closest_anion_contact, compute_targets
     from data_prep.bonds import bond_table
     from data_prep.samples import SampleSelectionError, sample_dos, select_samples
     from data_prep.structure_features import StructureFeaturizer
@@ -206,6 +213,11 @@ def featurise_record(record: MaterialRecord, cfg: BuildConfig):
         if len(bad):
             return mid, (f"implausible valence {v[bad[0]]:g} at site {bad[0]} "
                          f"(|valence| must be <= {h5schema.TARGET_LIMIT:g})")
+        contact = closest_anion_contact(s, valences, cfg.min_anion_contact_ratio)
+        if contact is not None:
+            return mid, (f"bond valence: anion-anion contact {contact.text} ({contact.ratio:.2f} x the sum of their "
+                         f"ionic radii, below {cfg.min_anion_contact_ratio:g}): bonded anions (a dimer, a chain) or a "
+                         f"wrong structure, which the all-ionic valences misdescribe")
         t = compute_targets(s, cfg.bv_cutoff_ang, valences=valences)
     except BondValenceError as exc:
         return mid, f"bond valence: {exc}"

@@ -296,3 +296,40 @@ def test_sensitivity_table(tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0].split(",") == list(COLUMNS)
     assert lines[1].startswith("Ni+2-S-2,")  # largest change first
+
+
+# --- anions bonded to anions -------------------------------------------------------------------
+def pyrite() -> Structure:
+    """FeS2 (Pa-3, a = 5.417 A, S at x = 0.385): S2 dimers of 2.16 A."""
+    return Structure.from_spacegroup("Pa-3", Lattice.cubic(5.417), ["Fe", "S"], [[0, 0, 0], [0.385] * 3])
+
+
+def calcite() -> Structure:
+    """CaCO3 (R-3c, a = 4.99, c = 17.06 A, O at x = 0.257): the O-O edge of a CO3 group, 2.22 A."""
+    return Structure.from_spacegroup("R-3c", Lattice.hexagonal(4.99, 17.06), ["Ca", "C", "O"],
+                                     [[0, 0, 0], [0, 0, 0.25], [0.257, 0, 0.25]])
+
+
+def test_anion_dimers_are_found_and_legitimate_short_edges_are_not():
+    s_ = pyrite()
+    v = bv.assign_valences(s_)
+    assert sorted(set(v)) == [-2, 4]  # BVAnalyzer's all-ionic answer: Fe4+ and S2-, not Fe2+ and (S2)2-
+    c = bv.closest_anion_contact(s_, v)
+    assert c is not None and c.distance_ang == pytest.approx(2.158, abs=0.005)
+    r_s = 1.70  # pymatgen's ionic radius of S2-
+    assert c.ratio == pytest.approx(c.distance_ang / (2 * r_s), rel=0.01) and "S2- at site" in c.text
+    assert {s_[c.site_i].specie.symbol, s_[c.site_j].specie.symbol} == {"S"}
+    # valences that admit the bond (S- of a disulfide) are not contradicted by it
+    assert bv.closest_anion_contact(s_, [2 if x > 0 else -1 for x in v]) is None
+    # the closest legitimate contacts: the O-O edge of a carbonate group (ratio 0.88), rock salt
+    cal = calcite()
+    assert bv.closest_anion_contact(cal, bv.assign_valences(cal)) is None
+    assert bv.closest_anion_contact(cal, bv.assign_valences(cal), below_ratio=0.9).distance_ang == pytest.approx(
+        2.22, abs=0.01)
+    nacl = rocksalt(5.64, "Na", "Cl")
+    assert bv.closest_anion_contact(nacl, bv.assign_valences(nacl)) is None
+    # a crushed cell: Cl- against Cl- at 2.67 A (0.80 of 2 x 1.67 A) is caught just below the rule
+    crushed = nacl.copy()
+    crushed.scale_lattice(nacl.volume * 0.299)
+    assert bv.closest_anion_contact(crushed, bv.assign_valences(nacl)) is not None
+    assert bv.closest_anion_contact(s_, v, below_ratio=0) is None  # 0: no check

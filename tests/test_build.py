@@ -206,6 +206,23 @@ def test_bad_records_go_to_manifest(tmp_path):
         build_h5(sorted(folder.glob("*.npz")), tmp_path / "y.h5", n_procs=1, progress=False)
 
 
+def test_bonded_anions_skip_the_material_unless_the_rule_is_off(tmp_path):
+    """Pyrite under BVAnalyzer's all-ionic valences (S2- beside S2- at 2.16 A, Fe4+) is skipped with
+    the contact named; min_anion_contact_ratio 0 keeps it (the h5 of earlier figures)."""
+    folder = tmp_path / "recs"
+    write_records(folder, names=["NaCl", "MgO"])
+    pyrite = Structure.from_spacegroup("Pa-3", Lattice.cubic(5.417), ["Fe", "S"], [[0, 0, 0], [0.385] * 3])
+    make_record("pyrite", pyrite).save(folder / "test-pyrite.npz")
+    paths = sorted(folder.glob("*.npz"))
+    s = build_h5(paths, tmp_path / "a.h5", n_procs=1, progress=False)
+    assert s["n_materials"] == 2 and list(s["skipped"]) == ["test-pyrite"]
+    assert "anion-anion contact S2- at site" in s["skipped"]["test-pyrite"] and "2.16 A" in s["skipped"]["test-pyrite"]
+    off = build_h5(paths, tmp_path / "b.h5", BuildConfig(min_anion_contact_ratio=0), n_procs=1, progress=False)
+    assert off["n_materials"] == 3 and off["skipped"] == {}
+    with pytest.raises(BuildError, match="min_anion_contact_ratio"):
+        BuildConfig.from_params({"min_anion_contact_ratio": -0.1})
+
+
 def test_cli_errors_one_line(tmp_path, built):
     out, _, d = built
     trunc = tmp_path / "trunc.h5"
