@@ -36,7 +36,6 @@ those commands resume where they stopped, so rerunning this script continues the
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_prep.cli import OneLineParser, error_tail
+from dosnet_bv.outputs import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("build", "ablation", "draws", "material", "curve", "importance", "xtb", "side")
@@ -75,14 +75,8 @@ class Stage:
 def derived_params(base: dict, out: Path, name: str, **changes) -> Path:
     """``base`` with ``changes`` written to ``<out>/params-<name>.json`` (kept: the record of what ran)."""
     path = out / f"params-{name}.json"
-    write_atomic(path, json.dumps({**base, **changes}, indent=1) + "\n")
+    write_json(path, {**base, **changes})
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plan(name: str, args, base: dict) -> Stage:
@@ -95,6 +89,11 @@ def plan(name: str, args, base: dict) -> Stage:
     budget = ["--full"] if args.full else []
     draw_models = ",".join(args.draw_models)
     fam = derived_params(base, out, "family", data_file=str(data), split_by="family")
+
+    def cv_ablation(params: Path, folder: str, n_seeds: str, models: str) -> list:
+        return [py, "train.py", "--params", str(params), "--ablation", "--cv", k, "--seeds", n_seeds,
+                "--models", models, "--out", str(out / folder), *budget]
+
     s = Stage(name)
     if name == "build":
         if not data.is_file():
@@ -102,19 +101,16 @@ def plan(name: str, args, base: dict) -> Stage:
                                "--out", str(data)])
         s.report = "data.json"
     elif name == "ablation":
-        s.commands.append([py, "train.py", "--params", str(fam), "--ablation", "--cv", k, "--seeds", seeds,
-                           "--models", ",".join(args.models), "--out", str(out / "ablation"), *budget])
+        s.commands.append(cv_ablation(fam, "ablation", seeds, ",".join(args.models)))
         s.report = "ablation/cv_ablation.md"
     elif name == "draws":
         for d in args.draws:
             p = derived_params(base, out, f"draw-{d}", data_file=str(data), split_by="family", split_seed=d)
-            s.commands.append([py, "train.py", "--params", str(p), "--ablation", "--cv", k, "--seeds", draw_seeds,
-                               "--models", draw_models, "--out", str(out / f"draw-{d}"), *budget])
+            s.commands.append(cv_ablation(p, f"draw-{d}", draw_seeds, draw_models))
         s.report = "side_by_side.md"
     elif name == "material":
         p = derived_params(base, out, "material", data_file=str(data), split_by="material")
-        s.commands.append([py, "train.py", "--params", str(p), "--ablation", "--cv", k, "--seeds", draw_seeds,
-                           "--models", draw_models, "--out", str(out / "material"), *budget])
+        s.commands.append(cv_ablation(p, "material", draw_seeds, draw_models))
         s.report = "material/cv_ablation.md"
     elif name == "curve":
         s.commands.append([py, "train.py", "--params", str(fam), "--learning-curve", "--cv", k, "--seeds", seeds,
@@ -138,8 +134,7 @@ def plan(name: str, args, base: dict) -> Stage:
             s.commands.append([py, "-m", "data_prep", "build", "--source", "embedded", "--out", str(xtb)])
         for split_by in ("family", "material"):
             p = derived_params(base, out, f"xtb-{split_by}", data_file=str(xtb), split_by=split_by)
-            s.commands.append([py, "train.py", "--params", str(p), "--ablation", "--cv", k, "--seeds", draw_seeds,
-                               "--models", draw_models, "--out", str(out / f"xtb-{split_by}"), *budget])
+            s.commands.append(cv_ablation(p, f"xtb-{split_by}", draw_seeds, draw_models))
         s.report = "side_by_side.md"
     elif name == "side":
         studies = [(f"PBE, family, split_seed {base.get('split_seed')}", "ablation")]
@@ -164,13 +159,13 @@ def load_state(out: Path) -> dict:
 
 
 def save_state(out: Path, state: dict) -> None:
-    write_atomic(out / "answer.json", json.dumps(state, indent=1) + "\n")
+    write_json(out / "answer.json", state)
 
 
 def default_call(argv: list, log_path: Path) -> int:
     """Run one command from the repository root with this interpreter, its output to the terminal
     and appended to the log."""
-    argv = [sys.executable if a == "python" and i == 0 else a for i, a in enumerate(argv)]
+    argv = [sys.executable, *argv[1:]] if argv[0] == "python" else argv
     with open(log_path, "a") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
@@ -208,12 +203,12 @@ def run(args, call=default_call) -> dict:
         if stage.name == "build":
             from data_prep.dataset import summary
 
-            write_atomic(args.out / "data.json", json.dumps(summary(args.out / "data.h5"), indent=1) + "\n")
+            write_json(args.out / "data.json", summary(args.out / "data.h5"))
         entry.update(state="done", seconds=entry["seconds"] + time.time() - t0,
                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
         save_state(args.out, state)
     if not args.dry_run:
-        write_atomic(args.out / "answer.md", index(args.out, state))
+        write_text(args.out / "answer.md", index(args.out, state))
     return state
 
 
