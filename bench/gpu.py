@@ -164,7 +164,7 @@ def main(argv=None) -> int:
             Path(args.json).write_text(json.dumps({**head, "results": results, "seconds": round(time.time() - t0)},
                                                   indent=1))
     ref = {b: results.get(f"dosnet (upstream), batch {b}, float32", {}).get("samples_per_s") for b in args.batch}
-    print(f"\n| configuration | samples/s | vs upstream, same batch, float32 |\n|---|---:|---:|")
+    print("\n| configuration | samples/s | vs upstream, same batch, float32 |\n|---|---:|---:|")
     for name, r in results.items():
         if "error" in r:
             print(f"| {name} | failed | |")

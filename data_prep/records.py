@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from pymatgen.core import Structure
 
-from data_prep.layout import GAP_THRESHOLD_EV, N_ORBITALS, ORBITALS
+from data_prep.layout import GAP_THRESHOLD_EV, N_ORBITALS
 
 ORIGINS = ("mineral", "prototype", "pymatgen-example", "substituted", "mp", "user",
            "ase-cod", "dans-diffraction", "crystals", "xrayutilities", "pyxtal", "cif2cell", "ncrystal")

@@ -246,15 +246,26 @@ class FittedBondValence:
             s, _ = bond_valences(x)
             return np.concatenate([s_c * np.bincount(site, s, n) - y, np.sqrt(lam) * x[nz:]])
 
+        # the Jacobian's sparsity is fixed: sort its entries (site rows: d/dr_c, d/dr_a, d/ddelta,
+        # d/dlog b per bond; then the ridge rows) into CSR order once, and per call only sum the
+        # entries that share a cell (several bonds of a site to one element) into that layout
+        n_par, n_ridge = nz + npair + ncat, npair + ncat
+        rows = np.concatenate([np.tile(site, 4), n + np.arange(n_ridge)])
+        cols = np.concatenate([i, j, p_col, c_col, nz + np.arange(n_ridge)])
+        order = np.lexsort((cols, rows))
+        cell = rows[order] * n_par + cols[order]
+        starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
+        indices = cols[order][starts]
+        indptr = np.searchsorted(rows[order][starts], np.arange(n + n_ridge + 1))
+        ridge = np.full(n_ridge, np.sqrt(lam))
+
         def jacobian(x):
             s, tb = bond_valences(x)
             b = self.b_ang * np.exp(x[c_col])
             v = s * s_c[site] / b  # d s / d R0, signed like the site
             w = -s * s_c[site] * tb  # d s / d log b
-            top = sparse.csr_matrix((np.concatenate([v, v, v, w]), (np.tile(site, 4), np.concatenate([i, j, p_col, c_col]))),
-                                    shape=(n, nz + npair + ncat))
-            ridge = sparse.hstack([sparse.csr_matrix((npair + ncat, nz)), np.sqrt(lam) * sparse.identity(npair + ncat)])
-            return sparse.vstack([top, ridge]).tocsr()
+            entries = np.concatenate([v, v, v, w, ridge])[order]
+            return sparse.csr_matrix((np.add.reduceat(entries, starts), indices, indptr), shape=(n + n_ridge, n_par))
 
         x0 = np.concatenate([np.full(nz, 0.9), np.zeros(npair + ncat)])
         x = least_squares(residuals, x0, jac=jacobian, method="trf", loss="soft_l1", f_scale=0.3,

@@ -4,10 +4,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def eager_steps():
+    """Keras train, validation and predict steps run eagerly for one test module (no tf.function
+    tracing). For the tiny files of the tests, tracing a step's graph costs more than all the steps
+    it then runs (the ablation fixture: 220 s traced, 117 s eager); what these modules test is the
+    protocol around the fits, not graph building. Graph mode stays covered by the modules that do not
+    ask for this (tests/test_dosnet.py, test_scale.py, test_train_faults.py, test_synthetic_bench.py)
+    and by every run a user starts. Use: ``pytestmark = pytest.mark.usefixtures("eager_steps")``."""
+    import tensorflow as tf
+    before = tf.config.functions_run_eagerly()
+    tf.config.run_functions_eagerly(True)
+    yield
+    tf.config.run_functions_eagerly(before)
 
 
 def run_cli(*args, cwd=ROOT, timeout=600):

@@ -26,6 +26,8 @@ from dosnet_bv import report  # noqa: E402
 from dosnet_bv.baselines import GBT, GroupMean, mean_predictor  # noqa: E402
 from dosnet_bv.descriptors import FEATURES, dos_descriptors, feature_names  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("eager_steps")  # tiny fits: see conftest.eager_steps
+
 L = 400  # short grid: -14 .. 6 eV in 0.05 eV steps
 
 
@@ -201,7 +203,7 @@ def write_tiny_h5(path, n_materials=40, sites=3, seed=0):
     structure columns in three families (site, coordination, global, with ``cn``); bvs_vu depends
     on the site's element, its coordination number and the centre of its d band."""
     from data_prep.build import grouped_split
-    from data_prep.layout import EnergyGrid, channel_labels
+    from data_prep.layout import EnergyGrid
 
     rng = np.random.default_rng(seed)
     grid = EnergyGrid(n_points=L)

@@ -11,7 +11,7 @@ from conftest import run_cli
 from data_prep.build import BuildConfig, BuildError, build_h5, grouped_split
 from data_prep.export import export_npy, export_upstream
 from data_prep.layout import DEFAULT_GRID, channel_labels
-from records_factory import make_record, random_spectrum, structures, write_records
+from records_factory import make_record, structures, write_records
 
 
 @pytest.fixture(scope="module")

@@ -107,21 +107,21 @@ def test_cv_scales_each_fold_once():
 
 
 # ------------------------------------------------------------------ the protocol end to end
-@pytest.mark.parametrize("multi", [0, 1])
-def test_protocol_both_run_modes(tmp_path, multi):
+@pytest.mark.parametrize("multi, mode", [(0, 0), (1, 1)])  # both run modes, both networks, in 6 fits
+def test_protocol_both_run_modes(tmp_path, multi, mode):
     path, *_ = _write(tmp_path, n=30, multi=bool(multi))
-    for mode, files in ((0, {"predict_train.txt": 24, "predict_test.txt": 6}), (1, {"CV_predict.txt": 30})):
-        out = tmp_path / f"run{mode}"
-        r = run_cli("-m", "DOSnet", "--data_dir", path, "--multi_adsorbate", multi, "--run_mode", mode,
-                    "--epochs", 1, "--batch_size", 16, "--out", out)
-        assert r.returncode == 0, r.stderr[-2000:]
-        for name, rows in files.items():
-            data = np.loadtxt(out / name)
-            assert data.shape == (rows, 2), name
-            assert np.all(np.isfinite(data))
-        metrics = json.loads((out / "metrics.json").read_text())
-        assert ("cv" in metrics) == (mode == 1)
-        assert "MAE" in r.stdout
+    files = {"predict_train.txt": 24, "predict_test.txt": 6} if mode == 0 else {"CV_predict.txt": 30}
+    out = tmp_path / f"run{mode}"
+    r = run_cli("-m", "DOSnet", "--data_dir", path, "--multi_adsorbate", multi, "--run_mode", mode,
+                "--epochs", 1, "--batch_size", 16, "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name, rows in files.items():
+        data = np.loadtxt(out / name)
+        assert data.shape == (rows, 2), name
+        assert np.all(np.isfinite(data))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert ("cv" in metrics) == (mode == 1)
+    assert "MAE" in r.stdout
 
 
 def test_same_seed_same_predictions_and_a_fixed_split(tmp_path):

@@ -219,7 +219,7 @@ def test_disk_full_simulated(records, tmp_path, monkeypatch):
     real = h5schema.Writer.dos
 
     def dos(self, *args, **kwargs):
-        ds = real(self, *args, **kwargs)
+        real(self, *args, **kwargs)
 
         class Full:
             def __setitem__(self, key, value):

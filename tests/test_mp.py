@@ -24,7 +24,7 @@ from data_prep.mp import FetchConfig, MergeError, fetch_mp, merge_folders, plan,
 from data_prep.mp.api import canonical_id, classify, redact
 from data_prep.mp.fetch import bv_crosscheck, method_from
 from data_prep.records import MaterialRecord, Spectrum
-from mp_server import running_standin, STANDIN_KEY, StandIn, build_standin, default_specs
+from mp_server import running_standin, STANDIN_KEY, default_specs
 
 DOS_KINDS = ("electronic_structure", "oxidation_states", "materials", "total_dos", "projected_dos")
 FAST = dict(backoff_s=0.02)

@@ -126,7 +126,7 @@ def test_object_store_errors_are_plain_and_name_status_and_host(srv, two_records
     rc, err, out, before = _cli(tmp_path, two_records, capsys)
     _assert_one_line(rc, err, out, before)
     assert "cannot open the Materials Project DOS store" in err and "API key" not in err
-    assert f"HTTP 403 from GET " in err and f"127.0.0.1:{srv.port}" in err and "HTML page" in err
+    assert "HTTP 403 from GET " in err and f"127.0.0.1:{srv.port}" in err and "HTML page" in err
     # one material's data file keeps answering 500: its failure reason is plain and names status and host
     srv.reset()
     srv.config(rules=[{"kind": "projected_dos", "action": "500", "times": 1000, "material": "mp-1003"}])
@@ -134,7 +134,7 @@ def test_object_store_errors_are_plain_and_name_status_and_host(srv, two_records
     (reason,) = [e["reason"] for e in m["failed"].values()]
     assert list(m["failed"]) == ["mp-1003"] and m["failed"]["mp-1003"]["category"] == "HTTP 500"
     assert not ANSI.search(reason) and "\n" not in reason
-    assert f"HTTP 500 from GET /materialsproject-parsed/core/electronic-structure/projected-dos/" in reason
+    assert "HTTP 500 from GET /materialsproject-parsed/core/electronic-structure/projected-dos/" in reason
     assert f"127.0.0.1:{srv.port}" in reason
 
 

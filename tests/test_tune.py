@@ -30,6 +30,8 @@ from dosnet_bv.fit import FitResult  # noqa: E402
 from dosnet_bv.params import TrainError, validate_params  # noqa: E402
 from dosnet_bv import tune  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("eager_steps")  # tiny fits: see conftest.eager_steps
+
 optuna = pytest.importorskip("optuna")
 L = 64
 ONE_LINE = "train.py: error:"

@@ -19,6 +19,8 @@ from dosnet_bv.data import load_data  # noqa: E402
 from dosnet_bv.fit import FitResult  # noqa: E402
 from dosnet_bv.runs import cv_splits  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("eager_steps")  # tiny fits: see conftest.eager_steps
+
 pytest.importorskip("optuna")
 
 
