@@ -28,7 +28,8 @@ train: $(STAMP) $(DATA)
 	$(PY) train.py --params params.json
 
 # Two pytest-xdist workers, one test file each at a time (--dist loadfile: a module's trained
-# fixtures are built once): 9.6 instead of 17.9 minutes on 2 cores (2026-12-06, a nice-19 job beside).
+# fixtures are built once): 9.6 instead of 17.9 minutes on 2 cores (2026-12-06, a nice-19 job beside);
+# 18.9 minutes on a slower machine (2026-12-07, after the cuts of that day; 22.8 before).
 XDIST := -n 2 --dist loadfile
 
 test: $(STAMP)
