@@ -265,7 +265,7 @@ def test_bond_inputs_stream_like_in_memory(tmp_path):
         assert a.dtype == want[k].dtype and np.array_equal(a, want[k]), k
 
 
-def test_bond_valence_baselines_back_off_and_cross_fit_the_form_under_the_trees(tmp_path, monkeypatch):
+def test_bond_valence_baselines_back_off_and_cross_fit_the_form_under_the_trees(tmp_path, monkeypatch, quick_form):
     """bv_fitted predicts every row of every target (sites of unknown polarity fall back to their
     element's mean); bv_gbt_* fit the trees on the form's out-of-fold values: no inner fit sees the rows it
     predicts, and a material's rows are never split between an inner fit and its prediction."""
@@ -307,7 +307,7 @@ def test_bond_valence_baselines_back_off_and_cross_fit_the_form_under_the_trees(
             assert not set(data.material_id[list(fit_rows)]) & set(data.material_id[list(rows)])
 
 
-def test_network_on_the_form_trains_on_the_cross_fitted_residual_and_adds_the_form_back(tmp_path, monkeypatch):
+def test_network_on_the_form_trains_on_the_cross_fitted_residual_and_adds_the_form_back(tmp_path, monkeypatch, quick_form):
     """form_* models: the network's training targets are the target minus the form fitted without
     the row's inner fold (not the in-sample form), its validation and test targets the target minus
     the form fitted on all training rows, and the form is added back to what it predicts."""
@@ -349,7 +349,7 @@ def test_network_on_the_form_trains_on_the_cross_fitted_residual_and_adds_the_fo
     assert np.array_equal(target_matrix(data, p["targets"]), y)  # the caller's dataset is untouched
 
 
-def test_cross_fitted_form_is_shared_by_one_fold_and_never_by_another_dataset(tmp_path):
+def test_cross_fitted_form_is_shared_by_one_fold_and_never_by_another_dataset(tmp_path, quick_form):
     from dosnet_bv import ablation
     from dosnet_bv.data import load_data
 

@@ -68,7 +68,8 @@ def _params(h5, out_dir, **over):
     p.update(data_file=str(h5), out_dir=str(out_dir), length=L, targets=["bvs_vu", "valence"], fusion="late",
              structure_families=["site", "global"], structure_units=[32, 32], epochs=25, batch_size=32,
              early_stopping_patience=25, lr_schedule="constant", seed=1,
-             importance_step_ev=0.5, importance_repeats=3)  # half the defaults' work; the planted signal stays clear
+             # half the default featurizer widths and importance work: the planted signal stays clear
+             dos_filters=[25, 38, 50, 63, 75], importance_step_ev=0.5, importance_repeats=3)
     p.update(over)
     return p
 
