@@ -29,7 +29,8 @@ train: $(STAMP) $(DATA)
 
 # Two pytest-xdist workers, one test file each at a time (--dist loadfile: a module's trained
 # fixtures are built once): 9.6 instead of 17.9 minutes on 2 cores (2026-12-06, a nice-19 job beside);
-# 18.9 minutes on a slower machine (2026-12-07, after the cuts of that day; 22.8 before).
+# on a slower machine 22.8, then 18.9 and 15.2 after two rounds of cuts (2026-12-07, clean clones).
+# Three workers on 2 cores were slower (17.4 minutes; two: 16.9 with a little more work): two it stays.
 XDIST := -n 2 --dist loadfile
 
 test: $(STAMP)
