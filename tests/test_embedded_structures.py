@@ -381,3 +381,21 @@ def test_element_and_anion_rules():
     # the PBE engine's guard is the same rule
     entry = S.StructureEntry("proto-NiAs", "NiAs", "prototype", nias, {"bv_valences": [3, 3, -3, -3]})
     assert bv_scope_reason(entry) == S.bv_anion_reason(nias, [3, 3, -3, -3])
+
+
+def test_not_ionic_rule():
+    """Elements and C-H bonded (organic) crystals are dropped before BVAnalyzer; ice, carbonates
+    and a C-H pair across the cell at a non-bonding distance are not."""
+    from pymatgen.core import Lattice, Structure
+
+    se = Structure(Lattice.hexagonal(4.37, 4.95), ["Se"] * 3, [[0.22, 0, 1 / 3], [0, 0.22, 2 / 3], [0.78, 0.78, 0]])
+    assert S.not_ionic_reason(se) == "element: no cation-anion bonds"
+    # methane-like molecule: C at the origin, H 1.09 A away through the periodic boundary (minimum image)
+    cube = Lattice.cubic(6.0)
+    ch4 = Structure(cube, ["C", "H", "H", "H", "H"],
+                    [[0, 0, 0], [1.09 / 6, 0, 0], [-1.09 / 6, 0, 0], [0, 1.09 / 6, 0], [0, -1.09 / 6, 0]])
+    assert S.not_ionic_reason(ch4) == "molecular organic crystal (C-H bonds)"
+    far = Structure(cube, ["C", "H", "O"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.2, 0, 0]])
+    assert S.not_ionic_reason(far) is None  # C and H 5.2 A apart
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    assert S.not_ionic_reason(nacl) is None

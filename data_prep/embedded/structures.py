@@ -49,6 +49,7 @@ Every kept structure
 - contains only elements GPAW has a PAW setup for (Z <= 83, Bi, except Tc: no Po, At, Fr, Ra, Ac
   and beyond) and no lanthanoid or actinoid (f states are not a channel); substitutions also
   never introduce H or noble gases;
+- is a compound of at least two elements and not a molecular organic crystal (no C-H bond);
 - is assigned oxidation states by pymatgen's ``BVAnalyzer``, its anions are among those bond
   valence theory is made for (``ANION_ELEMENTS``: O, F, Cl, Br, I, S, Se, Te, N; carbides,
   pnictides such as NiAs or TiAs, silicides and hydrides are dropped: their formal valences,
@@ -61,9 +62,10 @@ Every kept structure
 - duplicates no structure kept before it (``StructureMatcher``, grouped by reduced formula).
 
 Why candidates are dropped (``collect_structures(stats=...)["skipped"]``, defaults): most real
-candidates are elements or intermetallics (``BVAnalyzer`` assigns no valences: 74 minerals, 133
-prototypes, most of the package CIFs), duplicates of an earlier source (68 prototypes), f-block
-elements, or anions outside ``ANION_ELEMENTS`` (16 minerals, 29 prototypes).
+candidates are elements (35 minerals, 39 prototypes, 200 package entries: dropped before
+``BVAnalyzer``, see ``not_ionic_reason``), intermetallics (``BVAnalyzer`` assigns no valences: 39
+minerals, 94 prototypes), duplicates of an earlier source (68 prototypes), f-block elements, or
+anions outside ``ANION_ELEMENTS`` (15 minerals, 28 prototypes); 10 are molecular organic crystals.
 
 Substituted structures are picked deterministically: every parent's substitutions are ranked by
 probability; the parents (order shuffled once with ``seed``) take turns, each contributing its next
@@ -203,6 +205,32 @@ def _plain(structure: Structure) -> Structure:
     """Copy with plain elements: no oxidation states, no site properties."""
     return Structure(structure.lattice, [site.specie.symbol for site in structure],
                      structure.frac_coords, coords_are_cartesian=False)
+
+
+#: A carbon and a hydrogen closer than this (A) are a C-H bond (1.09 A in molecules, shorter in
+#: X-ray structures): the structure is a molecular organic crystal.
+CH_BOND_MAX_A = 1.2
+
+
+def not_ionic_reason(structure: Structure) -> str | None:
+    """Why a structure has no cation-anion bonds for bond valence theory to describe, or None.
+
+    Checked before ``BVAnalyzer``, which spends most of the collection's time searching
+    oxidation states for such cells and then assigns none (elements) or meaningless ones
+    (molecular organic crystals): an element (one species) or a crystal with C-H bonds
+    (``CH_BOND_MAX_A``).
+    """
+    symbols = [site.specie.symbol for site in structure]
+    if len(set(symbols)) == 1:
+        return "element: no cation-anion bonds"
+    carbons = [i for i, el in enumerate(symbols) if el == "C"]
+    hydrogens = [i for i, el in enumerate(symbols) if el == "H"]
+    if carbons and hydrogens:
+        frac = structure.frac_coords
+        d = structure.lattice.get_all_distances(frac[carbons], frac[hydrogens])  # minimum image
+        if (d < CH_BOND_MAX_A).any():
+            return "molecular organic crystal (C-H bonds)"
+    return None
 
 
 def _bv_valences(structure: Structure) -> list[int] | None:
@@ -732,6 +760,10 @@ def _collect_real(col: _Collection, max_sites: int, progress: bool, candidates: 
             col.skipped[f"{origin}: {reason}"] += 1
             continue
         prim, info = checked
+        reason = not_ionic_reason(prim)
+        if reason:
+            col.skipped[f"{origin}: {reason}"] += 1
+            continue
         valences = _bv_valences(prim)
         if valences is None:
             col.skipped[f"{origin}: BVAnalyzer cannot assign"] += 1
