@@ -4,7 +4,6 @@ import json
 import pickle
 
 import numpy as np
-import pytest
 
 from conftest import run_cli
 from DOSnet import protocol

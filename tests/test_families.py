@@ -162,3 +162,43 @@ def test_unknown_parent_is_placed_by_the_structure_itself(items):
     assert fam["sub-gone-NaBr"].prototype_group == "pg-gone"
     lonely = ("sub-gone-Cs", "substituted", "gone", Structure(Lattice.cubic(3.0), ["Cs"], [[0, 0, 0]]))
     assert assign_families(items + [lonely])["sub-gone-Cs"].family_id == "fam-gone"
+
+
+def test_reducing_matcher_answers_as_structure_matcher_and_reduces_each_structure_once(monkeypatch):
+    """The matcher of the families (and of the collection's deduplication) reduces each structure
+    once and gives StructureMatcher's answers, also for a supercell with shuffled sites and a strained
+    copy."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from data_prep.families import ReducingMatcher
+
+    nacl, mgo = rock_salt("Na", "Cl", 5.64), rock_salt("Mg", "O", 4.21)
+    big = mgo.copy()
+    big.make_supercell([2, 1, 1])
+    big = Structure.from_sites([big[i] for i in random.Random(3).sample(range(len(big)), len(big))])
+    strained = nacl.copy()
+    strained.apply_strain([0.3, 0.0, 0.0])  # 30 %: beyond the length tolerance
+    structures = [nacl, mgo, big, strained, wurtzite("Zn", "O", 3.25, 5.21), cscl("Cs", "Cl", 4.12)]
+    plain, reducing = StructureMatcher(), ReducingMatcher()
+    calls = []
+    real = Structure.get_reduced_structure
+    monkeypatch.setattr(Structure, "get_reduced_structure", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
+    fits = set()
+    for a in structures:
+        for b in structures:
+            assert reducing.fit(a, b) == plain.fit(a, b)
+            assert reducing.fit_anonymous(a, b) == plain.fit_anonymous(a, b)
+            fits.add((reducing.fit(a, b), reducing.fit_anonymous(a, b)))
+    assert fits == {(True, True), (False, True), (False, False)}  # every kind of answer came up
+    assert reducing.fit(mgo, big) and reducing.fit_anonymous(nacl, mgo) and not reducing.fit(nacl, mgo)
+    # a fresh one over 36 pairs, each fitted twice, reduces as often as reducing each structure once
+    calls.clear()
+    for a in structures:
+        a.get_reduced_structure(reduction_algo="niggli").get_primitive_structure()
+    once = len(calls)
+    calls.clear()
+    fresh = ReducingMatcher()
+    for a in structures:
+        for b in structures:
+            fresh.fit(a, b), fresh.fit_anonymous(a, b)
+    assert len(calls) == once

@@ -645,9 +645,9 @@ class _Deduplicator:
     """Structures kept so far, grouped by reduced formula, compared with ``StructureMatcher``."""
 
     def __init__(self):
-        from pymatgen.analysis.structure_matcher import StructureMatcher
+        from data_prep.families import ReducingMatcher
 
-        self.matcher = StructureMatcher()  # default tolerances; primitive cells, volumes scaled
+        self.matcher = ReducingMatcher()  # StructureMatcher's defaults, each structure reduced once
         self.groups: dict[str, list[tuple[str, Structure]]] = defaultdict(list)
 
     def find(self, structure: Structure) -> str | None:
