@@ -166,8 +166,8 @@ def test_unknown_parent_is_placed_by_the_structure_itself(items):
 
 def test_reducing_matcher_answers_as_structure_matcher_and_reduces_each_structure_once(monkeypatch):
     """The matcher of the families (and of the collection's deduplication) reduces each structure
-    once and gives StructureMatcher's answers, also for a supercell with shuffled sites and a strained
-    copy."""
+    once and gives StructureMatcher's answers, also for a supercell with shuffled sites and a copy
+    strained along one axis."""
     from pymatgen.analysis.structure_matcher import StructureMatcher
 
     from data_prep.families import ReducingMatcher
@@ -177,7 +177,7 @@ def test_reducing_matcher_answers_as_structure_matcher_and_reduces_each_structur
     big.make_supercell([2, 1, 1])
     big = Structure.from_sites([big[i] for i in random.Random(3).sample(range(len(big)), len(big))])
     strained = nacl.copy()
-    strained.apply_strain([0.3, 0.0, 0.0])  # 30 %: beyond the length tolerance
+    strained.apply_strain([0.3, 0.0, 0.0])  # 30 % along a: StructureMatcher still matches it
     structures = [nacl, mgo, big, strained, wurtzite("Zn", "O", 3.25, 5.21), cscl("Cs", "Cl", 4.12)]
     plain, reducing = StructureMatcher(), ReducingMatcher()
     calls = []
